@@ -1,0 +1,64 @@
+// Package health serves the admin listener: liveness (/healthz), readiness
+// (/readyz) and Prometheus metrics (/metrics). It never shares a port with
+// the proxy, so probes and scrapes keep working when the proxy port is
+// saturated, and the proxy never exposes them to clients.
+package health
+
+import (
+	"sync/atomic"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/valyala/fasthttp"
+)
+
+// State is the process's readiness. The zero value is not ready; call
+// SetReady once the proxy listener accepts connections.
+type State struct {
+	ready    atomic.Bool
+	draining atomic.Bool
+}
+
+// SetReady marks the process ready to receive traffic.
+func (s *State) SetReady() { s.ready.Store(true) }
+
+// StartDrain makes /readyz fail from now on, so load balancers and
+// Kubernetes stop sending before the listener closes.
+func (s *State) StartDrain() { s.draining.Store(true) }
+
+// Ready reports whether /readyz succeeds.
+func (s *State) Ready() bool { return s.ready.Load() && !s.draining.Load() }
+
+// Draining reports whether StartDrain was called.
+func (s *State) Draining() bool { return s.draining.Load() }
+
+// Handler returns the admin request handler.
+func Handler(s *State) fasthttp.RequestHandler {
+	return func(ctx *fasthttp.RequestCtx) {
+		if !ctx.IsGet() && !ctx.IsHead() {
+			ctx.Error("method not allowed\n", fasthttp.StatusMethodNotAllowed)
+			return
+		}
+		switch string(ctx.Path()) {
+		case "/healthz":
+			ctx.SetContentType("text/plain; charset=utf-8")
+			ctx.WriteString("ok\n") //nolint:errcheck
+		case "/readyz":
+			ctx.SetContentType("text/plain; charset=utf-8")
+			switch {
+			case s.draining.Load():
+				ctx.SetStatusCode(fasthttp.StatusServiceUnavailable)
+				ctx.WriteString("draining\n") //nolint:errcheck
+			case !s.ready.Load():
+				ctx.SetStatusCode(fasthttp.StatusServiceUnavailable)
+				ctx.WriteString("starting\n") //nolint:errcheck
+			default:
+				ctx.WriteString("ready\n") //nolint:errcheck
+			}
+		case "/metrics":
+			ctx.SetContentType("text/plain; version=0.0.4; charset=utf-8")
+			metrics.WritePrometheus(ctx, true)
+		default:
+			ctx.Error("not found\n", fasthttp.StatusNotFound)
+		}
+	}
+}

@@ -1,0 +1,300 @@
+// Command sidecar is a reverse proxy that sits in front of any HTTP/1.1
+// backend and makes it survive production load. See README.md.
+//
+// main only wires: flags, config, the proxy and admin listeners, signals,
+// drain and reload. Each concern lives in its package (policy, proxy,
+// health, demo).
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/valyala/fasthttp"
+
+	"github.com/sidecar-proxy/sidecar/demo"
+	"github.com/sidecar-proxy/sidecar/health"
+	"github.com/sidecar-proxy/sidecar/policy"
+	"github.com/sidecar-proxy/sidecar/proxy"
+)
+
+// version is stamped at build time: -ldflags "-X main.version=1.2.3".
+var version = "dev"
+
+func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+
+type options struct {
+	config   string
+	validate bool
+	version  bool
+	demo     bool
+	logLevel string
+	watch    time.Duration
+}
+
+func parseFlags(args []string, stderr io.Writer) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.config, "config", "sidecar.toml", "path of the config file")
+	fs.BoolVar(&o.validate, "validate", false, "check the config file, print every problem, and exit (non-zero if invalid)")
+	fs.BoolVar(&o.version, "version", false, "print the version and exit")
+	fs.BoolVar(&o.demo, "demo", false, "run on the embedded default config with a built-in demo upstream")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.DurationVar(&o.watch, "watch-interval", 2*time.Second, "how often to check the config file for changes (0 disables; SIGHUP always reloads)")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected argument %q (flags start with -)", fs.Arg(0))
+	}
+	if o.watch < 0 {
+		return o, fmt.Errorf("-watch-interval must not be negative, got %s", o.watch)
+	}
+	return o, nil
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	o, err := parseFlags(args, stderr)
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		fmt.Fprintln(stderr, "sidecar:", err)
+		return 2
+	}
+	if o.version {
+		fmt.Fprintf(stdout, "sidecar %s (%s)\n", version, runtime.Version())
+		return 0
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		fmt.Fprintf(stderr, "sidecar: -log-level: %v\n", err)
+		return 2
+	}
+	log := slog.New(slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: level}))
+
+	var snap *policy.Snapshot
+	var demoUp interface{ Close() error }
+	if o.demo {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			fmt.Fprintln(stderr, "sidecar: demo upstream:", err)
+			return 1
+		}
+		demoUp = demo.Start(ln)
+		defer demoUp.Close()
+		snap, err = policy.Parse("demo", demo.Config("http://"+ln.Addr().String()))
+		if err != nil {
+			fmt.Fprintln(stderr, "sidecar: BUG: demo config:", err)
+			return 1
+		}
+		o.config, o.watch = "", 0
+		log.Info("demo upstream started", "addr", ln.Addr().String(), "endpoints", demo.Endpoints)
+	} else {
+		snap, err = policy.Load(o.config)
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			if o.validate {
+				return 1
+			}
+			fmt.Fprintln(stderr, "sidecar: not started: fix the config (sidecar -validate -config FILE lists every problem)")
+			return 1
+		}
+	}
+	if o.validate {
+		fmt.Fprintf(stdout, "%s: ok\n%s", o.config, summary(snap))
+		return 0
+	}
+	return serve(o, snap, log, stderr)
+}
+
+func summary(s *policy.Snapshot) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "listen %s, admin %s\n", s.Server.Listen, s.Server.AdminListen)
+	for _, name := range s.UpstreamNames {
+		u := s.Upstreams[name]
+		urls := make([]string, len(u.Endpoints))
+		for i, e := range u.Endpoints {
+			urls[i] = e.URL
+		}
+		fmt.Fprintf(&b, "upstream %s: %s\n", name, strings.Join(urls, ", "))
+	}
+	for _, r := range s.Routes {
+		cond := "path_prefix " + r.PathPrefix
+		if r.Host != "" {
+			h := r.Host
+			if r.Wildcard {
+				h = "*" + h
+			}
+			cond += ", host " + h
+		}
+		if r.Methods != nil {
+			cond += ", methods " + strings.Join(r.Methods, "|")
+		}
+		fmt.Fprintf(&b, "route %s: %s -> %s\n", r.Name, cond, r.Upstream)
+	}
+	return b.String()
+}
+
+func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer) int {
+	metrics.ExposeMetadata(true)
+	set := metrics.NewSet()
+	metrics.RegisterSet(set)
+	set.GetOrCreateCounter(fmt.Sprintf(`sidecar_build_info{version=%q,goversion=%q}`, version, runtime.Version())).Set(1)
+	reloadOK := set.GetOrCreateCounter(`sidecar_config_reloads_total{result="success"}`)
+	reloadFail := set.GetOrCreateCounter(`sidecar_config_reloads_total{result="failure"}`)
+	lastReload := set.GetOrCreateGauge(`sidecar_config_last_reload_success_timestamp_seconds`, nil)
+	lastReload.Set(float64(time.Now().Unix()))
+
+	px := proxy.New(snap, proxy.Settings{Logger: log, Metrics: set})
+	defer px.Close()
+	srv := px.NewServer(&snap.Server)
+	set.GetOrCreateGauge(`sidecar_open_connections`, func() float64 { return float64(srv.GetOpenConnectionsCount()) })
+
+	ln, err := net.Listen("tcp", snap.Server.Listen)
+	if err != nil {
+		fmt.Fprintf(stderr, "sidecar: server.listen: %v\n", err)
+		return 1
+	}
+	aln, err := net.Listen("tcp", snap.Server.AdminListen)
+	if err != nil {
+		ln.Close()
+		fmt.Fprintf(stderr, "sidecar: server.admin_listen: %v\n", err)
+		return 1
+	}
+	var state health.State
+	admin := &fasthttp.Server{Handler: health.Handler(&state), ReadTimeout: 10 * time.Second,
+		IdleTimeout: time.Minute, NoDefaultServerHeader: true, CloseOnShutdown: true}
+	serveErr := make(chan error, 2)
+	go func() { serveErr <- srv.Serve(ln) }()
+	go func() { serveErr <- admin.Serve(aln) }()
+	state.SetReady()
+	log.Info("sidecar started", "version", version, "config", snap.Source,
+		"listen", ln.Addr().String(), "admin_listen", aln.Addr().String(),
+		"upstreams", len(snap.Upstreams), "routes", len(snap.Routes),
+		"gomaxprocs", runtime.GOMAXPROCS(0), "summary", summary(snap))
+
+	reload := func(why string) {
+		next, err := policy.Load(o.config)
+		if err != nil {
+			reloadFail.Inc()
+			log.Error("config reload rejected; the previous config keeps serving", "trigger", why, "error", err.Error())
+			return
+		}
+		if restart := needsRestart(px.Snapshot(), next); restart != "" {
+			log.Warn("config change needs a restart to take effect; the rest is applied", "keys", restart)
+		}
+		px.Apply(next)
+		reloadOK.Inc()
+		lastReload.Set(float64(time.Now().Unix()))
+		log.Info("config reloaded", "trigger", why, "summary", summary(next))
+	}
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	var tick <-chan time.Time
+	lastSum := fileSum(o.config)
+	if o.watch > 0 && o.config != "" {
+		t := time.NewTicker(o.watch)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case err := <-serveErr:
+			log.Error("listener failed", "error", err)
+			return 1
+		case <-tick:
+			// Kubernetes updates a mounted ConfigMap by swapping a symlink,
+			// with no signal; polling the content catches that and editors'
+			// rename-on-save alike.
+			if sum := fileSum(o.config); sum != nil && !bytes.Equal(sum, lastSum) {
+				lastSum = sum
+				reload("file change")
+			}
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				if o.config == "" {
+					log.Warn("SIGHUP ignored: -demo runs on the embedded config")
+					continue
+				}
+				lastSum = fileSum(o.config)
+				reload("SIGHUP")
+				continue
+			}
+			return drain(px.Snapshot(), srv, admin, &state, log)
+		}
+	}
+}
+
+// drain stops gracefully: /readyz fails first, then (after drain_delay) the
+// listener closes; requests already read complete, with Connection: close,
+// until drain_timeout, after which what is left is cut by the exit.
+func drain(snap *policy.Snapshot, srv, admin *fasthttp.Server, state *health.State, log *slog.Logger) int {
+	state.StartDrain()
+	log.Info("draining", "drain_delay", snap.Server.DrainDelay.String(), "drain_timeout", snap.Server.DrainTimeout.String(),
+		"open_connections", srv.GetOpenConnectionsCount())
+	time.Sleep(snap.Server.DrainDelay)
+	ctx, cancel := context.WithTimeout(context.Background(), snap.Server.DrainTimeout)
+	defer cancel()
+	if err := srv.ShutdownWithContext(ctx); err != nil {
+		log.Warn("drain deadline reached; cutting what is left", "open_connections", srv.GetOpenConnectionsCount())
+	} else {
+		log.Info("drained")
+	}
+	_ = admin.Shutdown()
+	return 0
+}
+
+// needsRestart names the changed settings that a reload cannot apply.
+func needsRestart(old, next *policy.Snapshot) string {
+	var keys []string
+	a, b := old.Server, next.Server
+	if a.Listen != b.Listen {
+		keys = append(keys, "server.listen")
+	}
+	if a.AdminListen != b.AdminListen {
+		keys = append(keys, "server.admin_listen")
+	}
+	if a.HeaderTimeout != b.HeaderTimeout {
+		keys = append(keys, "server.header_timeout")
+	}
+	if a.MaxHeaderBytes != b.MaxHeaderBytes {
+		keys = append(keys, "server.max_header_bytes")
+	}
+	if a.MaxConnections != b.MaxConnections {
+		keys = append(keys, "server.max_connections")
+	}
+	if a.MaxConnectionsPerIP != b.MaxConnectionsPerIP {
+		keys = append(keys, "server.max_connections_per_ip")
+	}
+	return strings.Join(keys, ", ")
+}
+
+func fileSum(path string) []byte {
+	if path == "" {
+		return nil
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	s := sha256.Sum256(data)
+	return s[:]
+}

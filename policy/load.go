@@ -1,0 +1,165 @@
+package policy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/pelletier/go-toml/v2"
+	"github.com/pelletier/go-toml/v2/unstable"
+)
+
+// ErrInvalid is wrapped by every error that Load and Parse return for a bad
+// config file, so callers can tell "the file is wrong" from "cannot read it".
+var ErrInvalid = errors.New("policy: invalid config")
+
+// Problem is one thing wrong with a config file.
+type Problem struct {
+	File string // path as given to Load, or the name given to Parse
+	Line int    // 1-based; 0 when the parser cannot tell
+	Col  int    // 1-based; 0 when unknown
+	Key  string // key path such as "routes[2].upstream"; empty for syntax errors
+	Msg  string
+}
+
+func (p Problem) String() string {
+	var b strings.Builder
+	b.WriteString(p.File)
+	if p.Line > 0 {
+		fmt.Fprintf(&b, ":%d", p.Line)
+		if p.Col > 0 {
+			fmt.Fprintf(&b, ":%d", p.Col)
+		}
+	}
+	b.WriteString(": ")
+	if p.Key != "" {
+		b.WriteString(p.Key)
+		b.WriteString(": ")
+	}
+	b.WriteString(p.Msg)
+	return b.String()
+}
+
+// Error lists every problem found in one config file, one per line.
+type Error struct{ Problems []Problem }
+
+func (e *Error) Error() string {
+	lines := make([]string, len(e.Problems))
+	for i, p := range e.Problems {
+		lines[i] = p.String()
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Unwrap lets errors.Is(err, ErrInvalid) succeed.
+func (e *Error) Unwrap() error { return ErrInvalid }
+
+// Load reads, strictly decodes, validates and compiles the config at path.
+func Load(path string) (*Snapshot, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("policy: read config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse is Load for a document already in memory; name is used in errors.
+func Parse(name string, data []byte) (*Snapshot, error) {
+	var f File
+	dec := toml.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&f); err != nil {
+		return nil, &Error{Problems: decodeProblems(name, err)}
+	}
+	pos := indexPositions(data)
+	v := validator{file: name, pos: pos}
+	snap := v.compile(&f)
+	if len(v.problems) > 0 {
+		return nil, &Error{Problems: v.problems}
+	}
+	snap.Source = name
+	return snap, nil
+}
+
+// decodeProblems turns go-toml's errors into Problems with positions.
+func decodeProblems(name string, err error) []Problem {
+	var sme *toml.StrictMissingError
+	if errors.As(err, &sme) {
+		out := make([]Problem, 0, len(sme.Errors))
+		for i := range sme.Errors {
+			de := &sme.Errors[i]
+			line, col := de.Position()
+			out = append(out, Problem{File: name, Line: line, Col: col,
+				Key: strings.Join(de.Key(), "."), Msg: "unknown key"})
+		}
+		return out
+	}
+	var de *toml.DecodeError
+	if errors.As(err, &de) {
+		line, col := de.Position()
+		return []Problem{{File: name, Line: line, Col: col, Key: strings.Join(de.Key(), "."), Msg: de.Error()}}
+	}
+	return []Problem{{File: name, Msg: err.Error()}}
+}
+
+// indexPositions maps key paths ("server.listen", "routes[1].upstream",
+// "upstreams.app") to where they stand in the document, so that validation
+// errors, which go-toml cannot place, still point at a line.
+func indexPositions(data []byte) map[string]unstable.Position {
+	pos := make(map[string]unstable.Position)
+	p := unstable.Parser{KeepComments: false}
+	p.Reset(data)
+	arrayIdx := map[string]int{}
+	table := ""
+	keyPath := func(it unstable.Iterator) []string {
+		var parts []string
+		for it.Next() {
+			parts = append(parts, string(it.Node().Data))
+		}
+		return parts
+	}
+	where := func(n *unstable.Node) unstable.Position {
+		if n == nil {
+			return unstable.Position{}
+		}
+		defer func() { _ = recover() }() // Range panics for data not in the input (escaped keys)
+		return p.Shape(p.Range(n.Data)).Start
+	}
+	for p.NextExpression() {
+		e := p.Expression()
+		switch e.Kind {
+		case unstable.Table:
+			table = strings.Join(keyPath(e.Key()), ".")
+			it := e.Key()
+			it.Next()
+			pos[table] = where(it.Node())
+		case unstable.ArrayTable:
+			name := strings.Join(keyPath(e.Key()), ".")
+			idx := arrayIdx[name]
+			arrayIdx[name] = idx + 1
+			table = name + "[" + strconv.Itoa(idx) + "]"
+			it := e.Key()
+			it.Next()
+			pos[table] = where(it.Node())
+		case unstable.KeyValue:
+			it := e.Key()
+			var first *unstable.Node
+			var parts []string
+			for it.Next() {
+				if first == nil {
+					first = it.Node()
+				}
+				parts = append(parts, string(it.Node().Data))
+			}
+			k := strings.Join(parts, ".")
+			if table != "" {
+				k = table + "." + k
+			}
+			pos[k] = where(first)
+		}
+	}
+	return pos
+}

@@ -1,0 +1,128 @@
+package policy
+
+import (
+	"bytes"
+	"net/netip"
+	"time"
+)
+
+// Snapshot is a validated, compiled config. It is immutable: the proxy
+// reads it concurrently without locks, and a reload replaces it whole.
+type Snapshot struct {
+	// Source is the file the snapshot was loaded from.
+	Source    string
+	Server    Server
+	Upstreams map[string]*Upstream
+	// UpstreamNames lists Upstreams' keys in sorted order.
+	UpstreamNames []string
+	Routes        []Route
+}
+
+// Server holds the [server] settings with defaults applied.
+type Server struct {
+	Listen              string
+	AdminListen         string
+	HeaderTimeout       time.Duration
+	IdleTimeout         time.Duration
+	MaxHeaderBytes      int
+	MaxBodyBytes        int64 // 0: unlimited
+	DrainDelay          time.Duration
+	DrainTimeout        time.Duration
+	MaxConnections      int
+	MaxConnectionsPerIP int // 0: unlimited
+	TrustedProxies      []netip.Prefix
+	RequestIDHeader     string
+}
+
+// Trusted reports whether addr is inside server.trusted_proxies.
+func (s *Server) Trusted(addr netip.Addr) bool {
+	addr = addr.Unmap()
+	for _, p := range s.TrustedProxies {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}
+
+// Upstream is one named backend with its endpoints and transport settings.
+// Two Upstreams that compare equal (reflect.DeepEqual) can share connection
+// pools across a reload.
+type Upstream struct {
+	Name               string
+	Endpoints          []Endpoint
+	ConnectTimeout     time.Duration
+	ResponseTimeout    time.Duration
+	MaxConnections     int
+	MaxIdleConnections int
+	ConnWaitTimeout    time.Duration
+	IdleConnTimeout    time.Duration
+	RewriteHost        bool
+}
+
+// Endpoint is one address of an upstream.
+type Endpoint struct {
+	URL  string // as configured
+	Addr string // host:port to dial
+}
+
+// Route decides which upstream serves a request.
+type Route struct {
+	Name       string
+	Index      int
+	Host       string // lower-case; "" matches any host
+	Wildcard   bool   // Host is "*.suffix": Host holds ".suffix"
+	PathPrefix string
+	Methods    []string // nil: any method
+	Upstream   string
+}
+
+// Match returns the first route whose conditions all hold, or nil.
+// host may carry a port; it is compared case-insensitively.
+func (s *Snapshot) Match(host, path, method []byte) *Route {
+	host = stripPort(host)
+	for i := range s.Routes {
+		r := &s.Routes[i]
+		if r.matches(host, path, method) {
+			return r
+		}
+	}
+	return nil
+}
+
+func (r *Route) matches(host, path, method []byte) bool {
+	if len(r.PathPrefix) > 1 && !bytes.HasPrefix(path, []byte(r.PathPrefix)) {
+		return false
+	}
+	if r.Host != "" {
+		if r.Wildcard {
+			if len(host) <= len(r.Host) || !bytes.EqualFold(host[len(host)-len(r.Host):], []byte(r.Host)) {
+				return false
+			}
+		} else if !bytes.EqualFold(host, []byte(r.Host)) {
+			return false
+		}
+	}
+	if r.Methods != nil {
+		for _, m := range r.Methods {
+			if string(method) == m {
+				return true
+			}
+		}
+		return false
+	}
+	return true
+}
+
+func stripPort(host []byte) []byte {
+	if len(host) > 0 && host[0] == '[' { // [v6]:port
+		if i := bytes.IndexByte(host, ']'); i > 0 {
+			return host[1:i]
+		}
+		return host
+	}
+	if i := bytes.LastIndexByte(host, ':'); i >= 0 && bytes.IndexByte(host[:i], ':') < 0 {
+		return host[:i]
+	}
+	return host
+}

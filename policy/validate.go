@@ -1,0 +1,302 @@
+package policy
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2/unstable"
+)
+
+// Defaults, as documented on the File fields and in sidecar.toml.
+const (
+	DefaultListen          = "127.0.0.1:8080"
+	DefaultAdminListen     = "127.0.0.1:9090"
+	DefaultHeaderTimeout   = 10 * time.Second
+	DefaultIdleTimeout     = 60 * time.Second
+	DefaultMaxHeaderBytes  = 16 << 10
+	DefaultMaxBodyBytes    = 100 << 20
+	DefaultDrainTimeout    = 30 * time.Second
+	DefaultMaxConnections  = 10000
+	DefaultRequestIDHeader = "X-Request-Id"
+
+	DefaultConnectTimeout     = time.Second
+	DefaultResponseTimeout    = 15 * time.Second
+	DefaultUpstreamMaxConns   = 1024
+	DefaultUpstreamMaxIdle    = 128
+	DefaultConnWaitTimeout    = 100 * time.Millisecond
+	DefaultIdleConnTimeout    = 30 * time.Second
+	minHeaderBytes, maxHeader = 1 << 10, 1 << 20
+)
+
+// nameRE bounds names that become metric label values.
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// tokenRE is RFC 9110's token, for methods and header names.
+var tokenRE = regexp.MustCompile("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+type validator struct {
+	file     string
+	pos      map[string]unstable.Position
+	problems []Problem
+}
+
+func (v *validator) addf(key, format string, args ...any) {
+	p := Problem{File: v.file, Key: key, Msg: fmt.Sprintf(format, args...)}
+	// Point at the key itself, or at the closest enclosing table.
+	for k := key; k != ""; {
+		if at, ok := v.pos[k]; ok {
+			p.Line, p.Col = at.Line, at.Column
+			break
+		}
+		i := strings.LastIndexAny(k, ".[")
+		if i < 0 {
+			break
+		}
+		k = k[:i]
+	}
+	v.problems = append(v.problems, p)
+}
+
+func (v *validator) duration(key string, d *Duration, def time.Duration, allowZero bool) time.Duration {
+	if d == nil {
+		return def
+	}
+	if d.Duration < 0 || (!allowZero && d.Duration == 0) {
+		v.addf(key, "must be greater than zero, got %q", d.String())
+		return def
+	}
+	return d.Duration
+}
+
+func (v *validator) intRange(key string, p *int, def, lo, hi int) int {
+	if p == nil {
+		return def
+	}
+	if *p < lo || *p > hi {
+		v.addf(key, "must be between %d and %d, got %d", lo, hi, *p)
+		return def
+	}
+	return *p
+}
+
+func (v *validator) addr(key string, p *string, def string) string {
+	if p == nil {
+		return def
+	}
+	host, port, err := net.SplitHostPort(*p)
+	if err != nil {
+		v.addf(key, "want host:port, got %q", *p)
+		return def
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		v.addf(key, "invalid port in %q", *p)
+	}
+	if host != "" && net.ParseIP(host) == nil && !validHostname(host) {
+		v.addf(key, "invalid host in %q", *p)
+	}
+	return *p
+}
+
+func (v *validator) compile(f *File) *Snapshot {
+	s := &Snapshot{Upstreams: make(map[string]*Upstream)}
+	v.server(&f.Server, &s.Server)
+	if len(f.Upstreams) == 0 {
+		v.addf("upstreams", "at least one [upstreams.NAME] table is required")
+	}
+	for name, uf := range f.Upstreams {
+		if u := v.upstream(name, &uf); u != nil {
+			s.Upstreams[name] = u
+			s.UpstreamNames = append(s.UpstreamNames, name)
+		}
+	}
+	sort.Strings(s.UpstreamNames)
+	if len(f.Routes) == 0 {
+		v.addf("routes", "at least one [[routes]] entry is required")
+	}
+	seen := map[string]int{}
+	for i := range f.Routes {
+		r := v.route(i, &f.Routes[i], f.Upstreams)
+		if prev, dup := seen[r.Name]; dup {
+			v.addf(fmt.Sprintf("routes[%d].name", i), "duplicate route name %q (also routes[%d])", r.Name, prev)
+		}
+		seen[r.Name] = i
+		s.Routes = append(s.Routes, r)
+	}
+	return s
+}
+
+func (v *validator) server(f *ServerFile, s *Server) {
+	s.Listen = v.addr("server.listen", f.Listen, DefaultListen)
+	s.AdminListen = v.addr("server.admin_listen", f.AdminListen, DefaultAdminListen)
+	if s.Listen == s.AdminListen {
+		v.addf("server.admin_listen", "must differ from server.listen (%q): the admin port is never the proxy port", s.Listen)
+	}
+	s.HeaderTimeout = v.duration("server.header_timeout", f.HeaderTimeout, DefaultHeaderTimeout, false)
+	s.IdleTimeout = v.duration("server.idle_timeout", f.IdleTimeout, DefaultIdleTimeout, false)
+	s.DrainDelay = v.duration("server.drain_delay", f.DrainDelay, 0, true)
+	s.DrainTimeout = v.duration("server.drain_timeout", f.DrainTimeout, DefaultDrainTimeout, true)
+	s.MaxHeaderBytes = v.intRange("server.max_header_bytes", f.MaxHeaderBytes, DefaultMaxHeaderBytes, minHeaderBytes, maxHeader)
+	s.MaxBodyBytes = DefaultMaxBodyBytes
+	if f.MaxBodyBytes != nil {
+		if *f.MaxBodyBytes < 0 {
+			v.addf("server.max_body_bytes", "must be 0 (unlimited) or positive, got %d", *f.MaxBodyBytes)
+		} else {
+			s.MaxBodyBytes = *f.MaxBodyBytes
+		}
+	}
+	s.MaxConnections = v.intRange("server.max_connections", f.MaxConnections, DefaultMaxConnections, 1, 1<<24)
+	s.MaxConnectionsPerIP = v.intRange("server.max_connections_per_ip", f.MaxConnectionsPerIP, 0, 0, 1<<24)
+	for i, c := range f.TrustedProxies {
+		p, err := parsePrefix(c)
+		if err != nil {
+			v.addf(fmt.Sprintf("server.trusted_proxies[%d]", i), "want a CIDR or IP address, got %q", c)
+			continue
+		}
+		s.TrustedProxies = append(s.TrustedProxies, p)
+	}
+	s.RequestIDHeader = DefaultRequestIDHeader
+	if f.RequestIDHeader != nil {
+		if !tokenRE.MatchString(*f.RequestIDHeader) {
+			v.addf("server.request_id_header", "not a valid header name: %q", *f.RequestIDHeader)
+		} else {
+			s.RequestIDHeader = *f.RequestIDHeader
+		}
+	}
+}
+
+func parsePrefix(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return p, err
+		}
+		if p.Addr().Is4In6() {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	a = a.Unmap()
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+func (v *validator) upstream(name string, f *UpstreamFile) *Upstream {
+	key := "upstreams." + name
+	if !nameRE.MatchString(name) {
+		v.addf(key, "upstream names may use letters, digits, '_', '.', '-' (at most 64), got %q", name)
+	}
+	u := &Upstream{Name: name}
+	var urls []string
+	var urlKey string
+	switch {
+	case f.URL != nil && len(f.URLs) > 0:
+		v.addf(key+".urls", "set either url or urls, not both")
+	case f.URL != nil:
+		urls, urlKey = []string{*f.URL}, key+".url"
+	case len(f.URLs) > 0:
+		urls, urlKey = f.URLs, key+".urls"
+	default:
+		v.addf(key, "url (or urls) is required")
+	}
+	for i, raw := range urls {
+		k := urlKey
+		if len(urls) > 1 || f.URL == nil {
+			k = fmt.Sprintf("%s[%d]", urlKey, i)
+		}
+		if ep, msg := parseEndpoint(raw); msg != "" {
+			v.addf(k, "%s", msg)
+		} else {
+			u.Endpoints = append(u.Endpoints, ep)
+		}
+	}
+	u.ConnectTimeout = v.duration(key+".connect_timeout", f.ConnectTimeout, DefaultConnectTimeout, false)
+	u.ResponseTimeout = v.duration(key+".response_timeout", f.ResponseTimeout, DefaultResponseTimeout, false)
+	u.ConnWaitTimeout = v.duration(key+".conn_wait_timeout", f.ConnWaitTimeout, DefaultConnWaitTimeout, true)
+	u.IdleConnTimeout = v.duration(key+".idle_conn_timeout", f.IdleConnTimeout, DefaultIdleConnTimeout, false)
+	u.MaxConnections = v.intRange(key+".max_connections", f.MaxConnections, DefaultUpstreamMaxConns, 1, 1<<20)
+	u.MaxIdleConnections = v.intRange(key+".max_idle_connections", f.MaxIdleConnections, min(DefaultUpstreamMaxIdle, u.MaxConnections), 0, u.MaxConnections)
+	u.RewriteHost = f.RewriteHost != nil && *f.RewriteHost
+	return u
+}
+
+func parseEndpoint(raw string) (Endpoint, string) {
+	pu, err := url.Parse(raw)
+	if err != nil || pu.Host == "" {
+		return Endpoint{}, fmt.Sprintf("want a URL such as \"http://127.0.0.1:3000\", got %q", raw)
+	}
+	switch pu.Scheme {
+	case "http":
+	case "https":
+		return Endpoint{}, fmt.Sprintf("%q: https upstreams are not supported yet", raw)
+	default:
+		return Endpoint{}, fmt.Sprintf("%q: scheme must be http", raw)
+	}
+	if (pu.Path != "" && pu.Path != "/") || pu.RawQuery != "" || pu.User != nil || pu.Fragment != "" {
+		return Endpoint{}, fmt.Sprintf("%q: only scheme://host:port is allowed; the client's path and query are forwarded unchanged", raw)
+	}
+	host, port := pu.Hostname(), pu.Port()
+	if port == "" {
+		port = "80"
+	}
+	if n, err := strconv.Atoi(port); err != nil || n <= 0 || n > 65535 {
+		return Endpoint{}, fmt.Sprintf("%q: invalid port", raw)
+	}
+	return Endpoint{URL: raw, Addr: net.JoinHostPort(host, port)}, ""
+}
+
+func (v *validator) route(i int, f *RouteFile, ups map[string]UpstreamFile) Route {
+	key := fmt.Sprintf("routes[%d]", i)
+	r := Route{Index: i, Name: fmt.Sprintf("route%d", i), PathPrefix: "/"}
+	if f.Name != nil {
+		if !nameRE.MatchString(*f.Name) {
+			v.addf(key+".name", "route names may use letters, digits, '_', '.', '-' (at most 64), got %q", *f.Name)
+		} else {
+			r.Name = *f.Name
+		}
+	}
+	if f.Host != nil {
+		h := strings.ToLower(*f.Host)
+		if strings.HasPrefix(h, "*.") {
+			r.Wildcard, h = true, h[1:]
+		}
+		if h == "" || !validHostname(strings.TrimPrefix(h, ".")) {
+			v.addf(key+".host", "invalid host %q", *f.Host)
+		}
+		r.Host = h
+	}
+	if f.PathPrefix != nil {
+		if !strings.HasPrefix(*f.PathPrefix, "/") {
+			v.addf(key+".path_prefix", "must start with '/', got %q", *f.PathPrefix)
+		}
+		r.PathPrefix = *f.PathPrefix
+	}
+	for j, m := range f.Methods {
+		if !tokenRE.MatchString(m) || strings.ToUpper(m) != m {
+			v.addf(fmt.Sprintf("%s.methods[%d]", key, j), "want an upper-case method name such as \"GET\", got %q", m)
+		}
+		r.Methods = append(r.Methods, m)
+	}
+	if f.Upstream == nil {
+		v.addf(key, "upstream is required")
+	} else {
+		r.Upstream = *f.Upstream
+		if _, ok := ups[r.Upstream]; !ok {
+			v.addf(key+".upstream", "unknown upstream %q (define it as [upstreams.%s])", r.Upstream, r.Upstream)
+		}
+	}
+	return r
+}
+
+var hostnameRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$`)
+
+func validHostname(h string) bool { return len(h) <= 253 && hostnameRE.MatchString(h) }

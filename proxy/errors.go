@@ -1,0 +1,110 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"syscall"
+
+	"github.com/valyala/fasthttp"
+)
+
+// Sentinel errors of the forwarding path. Only this package maps them to
+// HTTP statuses (statusFor); the text sent to clients is the fixed message
+// below, never err.Error(), which may quote upstream bytes.
+var (
+	ErrNoRoute         = errors.New("proxy: no route matches the request")
+	ErrBadRequest      = errors.New("proxy: malformed request")
+	ErrBodyTooLarge    = errors.New("proxy: request body too large")
+	ErrConnectRefused  = errors.New("proxy: upstream refused the connection")
+	ErrConnectTimeout  = errors.New("proxy: upstream connect timed out")
+	ErrUpstreamBusy    = errors.New("proxy: no free upstream connection")
+	ErrResponseTimeout = errors.New("proxy: upstream response timed out")
+	ErrUpstreamReset   = errors.New("proxy: upstream closed the connection")
+	ErrUpstreamProto   = errors.New("proxy: upstream sent a malformed response")
+	ErrClientBody      = errors.New("proxy: reading the client's request body failed")
+	ErrPanic           = errors.New("proxy: internal error")
+)
+
+// errorKind is the bounded label for sidecar_upstream_errors_total.
+func errorKind(err error) string {
+	switch {
+	case errors.Is(err, ErrConnectRefused):
+		return "refused"
+	case errors.Is(err, ErrConnectTimeout):
+		return "connect_timeout"
+	case errors.Is(err, ErrUpstreamBusy):
+		return "pool_exhausted"
+	case errors.Is(err, ErrResponseTimeout):
+		return "timeout"
+	case errors.Is(err, ErrUpstreamReset):
+		return "reset"
+	case errors.Is(err, ErrUpstreamProto):
+		return "protocol"
+	default:
+		return "other"
+	}
+}
+
+func statusFor(err error) (int, string) {
+	switch {
+	case errors.Is(err, ErrNoRoute):
+		return fasthttp.StatusNotFound, "no route for this request"
+	case errors.Is(err, ErrBadRequest):
+		return fasthttp.StatusBadRequest, "malformed request"
+	case errors.Is(err, ErrBodyTooLarge):
+		return fasthttp.StatusRequestEntityTooLarge, "request body too large"
+	case errors.Is(err, ErrClientBody):
+		return fasthttp.StatusBadRequest, "malformed request body"
+	case errors.Is(err, ErrUpstreamBusy):
+		return fasthttp.StatusServiceUnavailable, "upstream saturated"
+	case errors.Is(err, ErrConnectTimeout), errors.Is(err, ErrResponseTimeout):
+		return fasthttp.StatusGatewayTimeout, "upstream timed out"
+	case errors.Is(err, ErrPanic):
+		return fasthttp.StatusInternalServerError, "internal error"
+	default:
+		return fasthttp.StatusBadGateway, "upstream unavailable"
+	}
+}
+
+// writeError replaces whatever response was being built with a short JSON
+// error: {"error":"...","request_id":"..."}.
+func writeError(ctx *fasthttp.RequestCtx, status int, msg string, requestID []byte, idHeader string) {
+	ctx.Response.Reset()
+	ctx.Response.SetStatusCode(status)
+	ctx.Response.Header.SetContentType("application/json")
+	if len(requestID) > 0 {
+		ctx.Response.Header.SetBytesV(idHeader, requestID)
+	}
+	b := ctx.Response.Body()[:0]
+	b = append(b, `{"error":"`...)
+	b = append(b, msg...)
+	b = append(b, `","request_id":"`...)
+	b = append(b, requestID...) // validated: visible ASCII without quotes or backslashes
+	b = append(b, "\"}\n"...)
+	ctx.Response.SetBodyRaw(b)
+}
+
+// classifyDialErr maps a dial failure to a sentinel.
+func classifyDialErr(err error) error {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return errors.Join(ErrConnectTimeout, err)
+	}
+	return errors.Join(ErrConnectRefused, err)
+}
+
+// classifyReadErr maps a failure while waiting for response headers.
+func classifyReadErr(err error) error {
+	var ne net.Error
+	switch {
+	case errors.As(err, &ne) && ne.Timeout(), errors.Is(err, os.ErrDeadlineExceeded):
+		return errors.Join(ErrResponseTimeout, err)
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, net.ErrClosed):
+		return errors.Join(ErrUpstreamReset, err)
+	default:
+		return errors.Join(ErrUpstreamProto, err)
+	}
+}

@@ -1,0 +1,605 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/sidecar-proxy/sidecar/policy"
+)
+
+// syncBodyLimit is the largest Content-Length body written on the handler
+// goroutine before the response is read. Anything this small fits in the
+// upstream socket's buffers, so the write cannot block on an upstream that
+// answers early; larger and chunked bodies are pumped by a goroutine while
+// the handler reads the response (full duplex).
+const syncBodyLimit = 64 << 10
+
+// copyBufSize is the buffer for body copies in both directions (and the
+// chunk size for chunked responses).
+const copyBufSize = 32 << 10
+
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
+// exchange is one request's trip through the proxy. It is pooled, and it
+// is the response body stream fasthttp reads after the handler returns:
+// its CloseWithError ends the exchange (connection back to the pool,
+// metrics recorded). Nothing here is touched by another request.
+type exchange struct {
+	p    *Proxy
+	ctx  *fasthttp.RequestCtx
+	st   *state
+	srv  *policy.Server
+	rt   *routeRuntime
+	ep   *endpoint
+	conn *upConn
+	resp fasthttp.Response
+
+	start   time.Time
+	reqID   []byte
+	scratch []byte
+	method  []byte
+	http11  bool
+
+	// Request body.
+	body      io.Reader // the client's body stream; nil without a body
+	bodyLen   int       // Content-Length, or -1 for chunked
+	first     []byte    // chunked bodies: the first read, taken before dialing
+	firstEOF  bool
+	firstBuf  *[]byte
+	pumpDone  chan error  // set while a pump goroutine runs
+	pumpErr   error       // its result, once joined
+	clientEOF atomic.Bool // the pump read the client's body to its end
+	awaiting  atomic.Bool // waiting for the response head: uploads extend its deadline
+	sent      int64       // body bytes written upstream (pump: read after join)
+
+	// Response body.
+	stream     io.Reader
+	bodyEOF    bool
+	bytesOut   int64
+	writeArmed time.Time
+	status     int
+	upErr      error
+	done       bool
+	gen        uint64 // incremented on release: tells a stale reference
+}
+
+var exchangePool = sync.Pool{New: func() any { return &exchange{pumpDone: make(chan error, 1)} }}
+
+// Handler is the proxy's fasthttp.RequestHandler.
+func (p *Proxy) Handler(ctx *fasthttp.RequestCtx) {
+	p.m.inFlight.Add(1)
+	x := exchangePool.Get().(*exchange)
+	x.p, x.ctx, x.start = p, ctx, time.Now()
+	gen := x.gen
+	defer func() {
+		if r := recover(); r != nil {
+			p.recovered(ctx, x, gen, r)
+		}
+	}()
+	x.serve()
+}
+
+// recovered turns a panic in the request path into a 500 and keeps the
+// process serving. The exchange is dropped, not pooled: its state is
+// unknown.
+func (p *Proxy) recovered(ctx *fasthttp.RequestCtx, x *exchange, gen uint64, r any) {
+	p.m.panics.Inc()
+	var reqID []byte
+	idHeader := policy.DefaultRequestIDHeader
+	if x.gen == gen { // not yet released: it is ours to clean up
+		reqID = append(reqID, x.reqID...)
+		idHeader = x.idHeader()
+		if x.conn != nil {
+			_ = x.conn.Conn.Close()
+		}
+		if !x.done {
+			x.done = true
+			p.m.inFlight.Add(-1)
+		}
+	}
+	p.log.Error("panic in request path recovered", "panic", fmt.Sprint(r), "request_id", string(reqID))
+	writeError(ctx, fasthttp.StatusInternalServerError, "internal error", reqID, idHeader)
+	ctx.SetConnectionClose()
+}
+
+func (x *exchange) idHeader() string {
+	if x.srv == nil {
+		return policy.DefaultRequestIDHeader
+	}
+	return x.srv.RequestIDHeader
+}
+
+func (x *exchange) serve() {
+	ctx := x.ctx
+	x.st = x.p.state.Load()
+	x.srv = &x.st.snap.Server
+	h := &ctx.Request.Header
+
+	if id := h.Peek(x.srv.RequestIDHeader); validRequestID(id) {
+		x.reqID = append(x.reqID[:0], id...)
+	} else {
+		x.reqID = x.p.ids.next(x.reqID[:0])
+	}
+	x.method = append(x.method[:0], h.Method()...)
+	x.http11 = h.IsHTTP11()
+
+	x.rt = x.st.match(ctx)
+	if !checkRawHeaders(h) {
+		x.p.m.badReqs.Inc()
+		x.fail(ErrBadRequest)
+		ctx.SetConnectionClose()
+		return
+	}
+	if x.rt == nil {
+		x.fail(ErrNoRoute)
+		return
+	}
+	cl := h.ContentLength()
+	if x.srv.MaxBodyBytes > 0 && int64(cl) > x.srv.MaxBodyBytes {
+		x.fail(ErrBodyTooLarge)
+		return
+	}
+	if cl > 0 || cl == -1 {
+		x.body, x.bodyLen = ctx.RequestBodyStream(), cl
+		// The server armed header_timeout for the head; the body is
+		// governed by the idle timeout from here on.
+		_ = ctx.SetReadDeadline(x.start.Add(x.srv.IdleTimeout))
+		if cl == -1 {
+			// Read the first chunk before anything goes upstream, so a
+			// malformed chunked body is refused with nothing forwarded.
+			x.firstBuf = copyBufPool.Get().(*[]byte)
+			n, err := io.ReadAtLeast(x.body, *x.firstBuf, 1)
+			x.first = (*x.firstBuf)[:n]
+			switch {
+			case err == io.EOF || (err == nil && n == 0):
+				x.firstEOF = true
+			case err != nil:
+				x.fail(fmt.Errorf("%w: %w", ErrClientBody, err))
+				ctx.SetConnectionClose()
+				return
+			}
+			if x.srv.MaxBodyBytes > 0 && int64(n) > x.srv.MaxBodyBytes {
+				x.fail(ErrBodyTooLarge)
+				ctx.SetConnectionClose()
+				return
+			}
+		}
+	}
+
+	upgrade := x.prepareRequest(h, cl)
+	x.ep = x.rt.up.pick()
+	if x.rt.up.spec.RewriteHost {
+		h.SetHost(x.ep.addr)
+	}
+	if err := x.roundTrip(); err != nil {
+		x.rt.up.m.errorInc(err)
+		hadBody := x.body != nil
+		x.fail(err)
+		if hadBody {
+			ctx.SetConnectionClose() // the body may be partly read
+		}
+		return
+	}
+	x.respond(upgrade)
+}
+
+// prepareRequest rewrites the client's request head in place into the one
+// sent upstream, and returns the protocol the client asks to upgrade to.
+func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int) (upgrade []byte) {
+	if up := upgradeType(h); up != nil {
+		upgrade = append([]byte(nil), up...)
+	}
+	x.scratch = stripHopHeaders(h, x.scratch)
+	h.Del("Expect") // 100-continue was answered by the server already
+	if upgrade != nil {
+		h.Set("Connection", "Upgrade")
+		h.SetBytesV("Upgrade", upgrade)
+	}
+	h.SetProtocol("HTTP/1.1") // keep-alive and chunking upstream, whatever the client spoke
+	x.scratch = setForwardedHeaders(x.ctx, x.srv, peerAddr(x.ctx), x.scratch)
+	h.SetBytesV(x.srv.RequestIDHeader, x.reqID)
+	if cl >= -1 {
+		h.SetContentLength(cl) // regenerates framing: Content-Length, or chunked
+	}
+	h.ResetConnectionClose()
+	return upgrade
+}
+
+// roundTrip sends the request head (and body, or starts the pump) and
+// reads the response head into x.resp.
+func (x *exchange) roundTrip() error {
+	up := x.rt.up.spec
+	for attempt := 0; ; attempt++ {
+		now := time.Now()
+		c, err := x.ep.acquire(now)
+		if err != nil {
+			return err
+		}
+		if c.reused && x.body != nil && !c.alive() {
+			// A body cannot be replayed, so make sure the pooled
+			// connection was not closed by the upstream while idle.
+			x.ep.release(c, false, now)
+			if attempt < 3 {
+				continue
+			}
+			return ErrUpstreamReset
+		}
+		x.conn = c
+		c.writeTimeout, c.writeArmed = x.srv.IdleTimeout, time.Time{}
+		c.setReadTimeout(up.ResponseTimeout, now)
+
+		err = x.ctx.Request.Header.Write(c.bw)
+		started := false
+		if err == nil {
+			switch {
+			case x.body == nil:
+				err = c.bw.Flush()
+			case x.bodyLen >= 0 && x.bodyLen <= syncBodyLimit:
+				started = true
+				err = x.copyBody(c)
+				if errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge) {
+					x.abandonConn()
+					return err
+				}
+			default:
+				started = true
+				x.awaiting.Store(true)
+				x.startPump(c)
+			}
+		}
+		if err != nil {
+			if c.reused && !started && attempt == 0 {
+				x.abandonConn()
+				continue // stale keep-alive connection: nothing was sent yet
+			}
+			x.abandonConn()
+			return classifyReadErr(err)
+		}
+
+		x.resp.StreamBody = true
+		x.resp.SkipBody = string(x.method) == "HEAD"
+		x.resp.Header.SetNoDefaultContentType(true)
+		err = x.resp.Read(c.br)
+		x.awaiting.Store(false)
+		if err == nil {
+			return nil
+		}
+		if x.pumpDone != nil {
+			// The pump may be what failed (client gone, body too large):
+			// stop it and report its error rather than the symptom.
+			x.abortPump()
+			if errors.Is(x.pumpErr, ErrClientBody) || errors.Is(x.pumpErr, ErrBodyTooLarge) {
+				x.abandonConn()
+				return x.pumpErr
+			}
+		}
+		retry := c.reused && x.body == nil && attempt == 0 && errors.Is(err, io.EOF)
+		x.abandonConn()
+		if retry {
+			continue
+		}
+		return classifyReadErr(err)
+	}
+}
+
+// abandonConn closes the upstream connection and frees its slot.
+func (x *exchange) abandonConn() {
+	if x.conn != nil {
+		x.resp.CloseBodyStream() //nolint:errcheck // releases fasthttp's stream before its reader goes
+		x.ep.release(x.conn, false, time.Now())
+		x.conn = nil
+	}
+}
+
+func (x *exchange) startPump(c *upConn) {
+	go func() {
+		err := x.copyBody(c)
+		if err != nil && (errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge)) {
+			// The upstream waits for body bytes that will never come:
+			// unblock the handler's read of the response head.
+			_ = c.Conn.Close()
+		}
+		x.pumpDone <- err
+	}()
+	x.pumpErr = errPumpRunning
+}
+
+var errPumpRunning = errors.New("pump running")
+
+// joinPump waits for the pump if one ran. If the client has not finished
+// its upload (the upstream answered early), the upload is cut: the client's
+// read deadline is moved to now and the upstream connection closed.
+func (x *exchange) joinPump() {
+	if x.pumpErr != errPumpRunning {
+		return
+	}
+	if !x.clientEOF.Load() {
+		x.abortPump()
+		return
+	}
+	x.pumpErr = <-x.pumpDone
+}
+
+func (x *exchange) abortPump() {
+	if x.pumpErr != errPumpRunning {
+		return
+	}
+	_ = x.ctx.SetReadDeadline(time.Now())
+	if x.conn != nil {
+		_ = x.conn.Conn.SetWriteDeadline(time.Now())
+	}
+	x.pumpErr = <-x.pumpDone
+	if x.pumpErr == nil {
+		return
+	}
+	x.ctx.SetConnectionClose()
+}
+
+// copyBody streams the client's body upstream: Content-Length bodies as
+// they are, others re-chunked. Client-side failures are wrapped in
+// ErrClientBody, so callers can tell them from upstream ones.
+func (x *exchange) copyBody(c *upConn) error {
+	bufp := x.firstBuf
+	if bufp == nil {
+		bufp = copyBufPool.Get().(*[]byte)
+	}
+	x.firstBuf = nil
+	defer copyBufPool.Put(bufp)
+	buf := *bufp
+	chunked := x.bodyLen < 0
+	limit := x.srv.MaxBodyBytes
+	idle := x.srv.IdleTimeout
+	var armed time.Time
+
+	write := func(p []byte) error {
+		if chunked {
+			var hdr [18]byte
+			h := strconv.AppendUint(hdr[:0], uint64(len(p)), 16)
+			h = append(h, '\r', '\n')
+			if _, err := c.bw.Write(h); err != nil {
+				return err
+			}
+		}
+		if _, err := c.bw.Write(p); err != nil {
+			return err
+		}
+		if chunked {
+			if _, err := c.bw.Write(crlf); err != nil {
+				return err
+			}
+		}
+		return c.bw.Flush()
+	}
+
+	if len(x.first) > 0 {
+		n := len(x.first)
+		// first aliases buf: write it before buf is reused.
+		x.first = nil
+		if err := write(buf[:n]); err != nil {
+			return err
+		}
+		x.sent += int64(n)
+	}
+	eof := x.firstEOF
+	for !eof {
+		n, rerr := x.body.Read(buf)
+		if n > 0 {
+			if limit > 0 && x.sent+int64(n) > limit {
+				return ErrBodyTooLarge
+			}
+			now := time.Now()
+			if rearm(now, armed, idle) {
+				armed = now
+				_ = x.ctx.SetReadDeadline(now.Add(idle))
+				if x.awaiting.Load() {
+					// Upload progress counts as progress for the response
+					// timeout too: a long upload is not a slow upstream.
+					_ = c.Conn.SetReadDeadline(now.Add(x.rt.up.spec.ResponseTimeout))
+				}
+			}
+			if err := write(buf[:n]); err != nil {
+				return err
+			}
+			x.sent += int64(n)
+		}
+		switch {
+		case rerr == io.EOF:
+			eof = true
+		case rerr != nil:
+			return fmt.Errorf("%w: %w", ErrClientBody, rerr)
+		}
+	}
+	x.clientEOF.Store(true)
+	if chunked {
+		if _, err := c.bw.Write(lastChunk); err != nil {
+			return err
+		}
+	}
+	return c.bw.Flush()
+}
+
+var (
+	crlf      = []byte("\r\n")
+	lastChunk = []byte("0\r\n\r\n")
+)
+
+// respond turns the upstream response head into the client's response and
+// hands the body stream to fasthttp.
+func (x *exchange) respond(upgrade []byte) {
+	ctx := x.ctx
+	r := &x.resp
+	x.status = r.StatusCode()
+	if x.status == fasthttp.StatusSwitchingProtocols {
+		if upgrade == nil {
+			x.rt.up.m.errorInc(ErrUpstreamProto)
+			x.abortPump()
+			x.abandonConn()
+			x.fail(ErrUpstreamProto)
+			return
+		}
+		x.tunnel()
+		return
+	}
+	r.Header.CopyTo(&ctx.Response.Header)
+	rh := &ctx.Response.Header
+	x.scratch = stripHopHeaders(rh, x.scratch)
+	rh.ResetConnectionClose()
+	rh.SetBytesV(x.srv.RequestIDHeader, x.reqID)
+
+	stream := r.BodyStream()
+	if stream == nil { // HEAD, 1xx, 204, 304: no body
+		x.bodyEOF = true
+		x.finish(nil)
+		return
+	}
+	x.stream = stream
+	cl := r.Header.ContentLength()
+	if cl < 0 {
+		if !x.http11 {
+			x.closeDelimited() // HTTP/1.0 clients cannot take chunked framing
+			return
+		}
+		cl = -1
+		ctx.Response.ImmediateHeaderFlush = true // streams (SSE) show their head at once
+	}
+	ctx.Response.SetBodyStream(x, cl)
+}
+
+// Read implements io.Reader for fasthttp, which copies the upstream body
+// to the client by calling it: one read upstream per write downstream, so
+// a slow client slows the upstream read (backpressure). It re-arms the
+// client's write deadline as data moves.
+func (x *exchange) Read(p []byte) (int, error) {
+	if now := time.Now(); rearm(now, x.writeArmed, x.srv.IdleTimeout) {
+		x.writeArmed = now
+		_ = x.ctx.SetWriteDeadline(now.Add(x.srv.IdleTimeout))
+	}
+	if x.conn.readTimeout != x.srv.IdleTimeout {
+		x.conn.setReadTimeout(x.srv.IdleTimeout, time.Now())
+	}
+	n, err := x.stream.Read(p)
+	x.bytesOut += int64(n)
+	switch {
+	case err == io.EOF:
+		x.bodyEOF = true
+	case err != nil:
+		x.upErr = classifyReadErr(err)
+	}
+	return n, err
+}
+
+// SupportsBodyWriteTo opts in to WriteTo (see fasthttp.BodyWriterTo): the
+// chunked path then frames 32 KiB chunks instead of 4 KiB ones.
+func (x *exchange) SupportsBodyWriteTo() bool { return true }
+
+// WriteTo copies the body to w through a pooled buffer.
+func (x *exchange) WriteTo(w io.Writer) (int64, error) {
+	bufp := copyBufPool.Get().(*[]byte)
+	defer copyBufPool.Put(bufp)
+	buf := *bufp
+	var total int64
+	for {
+		n, err := x.Read(buf)
+		if n > 0 {
+			m, werr := w.Write(buf[:n])
+			total += int64(m)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// CloseWithError is called by fasthttp once the response is written (or
+// failed: err is the client write error). It ends the exchange.
+func (x *exchange) CloseWithError(err error) error {
+	x.finish(err)
+	return nil
+}
+
+// finish releases the upstream connection (pooled only when both bodies
+// ended cleanly), records metrics and recycles the exchange.
+func (x *exchange) finish(clientErr error) {
+	if x.done {
+		return
+	}
+	x.done = true
+	x.joinPump()
+	now := time.Now()
+	if x.conn != nil {
+		reusable := x.bodyEOF && clientErr == nil && x.pumpErr == nil &&
+			!x.resp.ConnectionClose() && x.resp.Header.ContentLength() != -2
+		x.resp.CloseBodyStream() //nolint:errcheck
+		x.ep.release(x.conn, reusable, now)
+		x.conn = nil
+	}
+	if x.upErr != nil {
+		x.rt.up.m.errorInc(x.upErr)
+	}
+	x.record(now)
+	x.release()
+}
+
+func (x *exchange) record(now time.Time) {
+	m := x.st.noRoute
+	if x.rt != nil {
+		m = x.rt.m
+	}
+	status := x.status
+	if status == 0 {
+		status = x.ctx.Response.StatusCode()
+	}
+	m.request(x.method, status).Inc()
+	m.duration.Update(now.Sub(x.start).Seconds())
+	if x.sent > 0 {
+		m.bytesIn.Add(int(x.sent))
+	}
+	if x.bytesOut > 0 {
+		m.bytesOut.Add(int(x.bytesOut))
+	}
+	x.p.m.inFlight.Add(-1)
+}
+
+// fail answers the client with the error's status and ends the exchange.
+func (x *exchange) fail(err error) {
+	status, msg := statusFor(err)
+	writeError(x.ctx, status, msg, x.reqID, x.idHeader())
+	x.status = status
+	x.abortPump()
+	x.finish(nil)
+}
+
+// release recycles the exchange. Buffers and the response object are kept;
+// everything else is zeroed field by field (fasthttp.Response must not be
+// copied).
+func (x *exchange) release() {
+	if x.firstBuf != nil {
+		copyBufPool.Put(x.firstBuf)
+	}
+	x.resp.Reset()
+	x.gen++
+	x.p, x.ctx, x.st, x.srv, x.rt, x.ep, x.conn = nil, nil, nil, nil, nil, nil, nil
+	x.start = time.Time{}
+	x.reqID, x.scratch, x.method = x.reqID[:0], x.scratch[:0], x.method[:0]
+	x.http11 = false
+	x.body, x.bodyLen, x.first, x.firstEOF, x.firstBuf = nil, 0, nil, false, nil
+	x.pumpErr, x.sent = nil, 0
+	x.clientEOF.Store(false)
+	x.awaiting.Store(false)
+	x.stream, x.bodyEOF, x.bytesOut, x.writeArmed = nil, false, 0, time.Time{}
+	x.status, x.upErr, x.done = 0, nil, false
+	exchangePool.Put(x)
+}

@@ -1,0 +1,126 @@
+package proxy
+
+import (
+	"fmt"
+	"sync/atomic"
+
+	"github.com/VictoriaMetrics/metrics"
+)
+
+// Label values here come only from config (route and upstream names, which
+// policy restricts to [A-Za-z0-9_.-]) or from closed enums (method, status
+// class, error kind). Never a path, client address or header value.
+
+var methodNames = [...]string{"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "other"}
+
+func methodIndex(m []byte) int {
+	switch string(m) { // no allocation: the compiler special-cases string(b) in switch
+	case "GET":
+		return 0
+	case "HEAD":
+		return 1
+	case "POST":
+		return 2
+	case "PUT":
+		return 3
+	case "DELETE":
+		return 4
+	case "PATCH":
+		return 5
+	case "OPTIONS":
+		return 6
+	case "CONNECT":
+		return 7
+	case "TRACE":
+		return 8
+	}
+	return 9
+}
+
+// durationBuckets suit a proxy: 0.5 ms to ~30 s.
+var durationBuckets = metrics.ExponentialBuckets(0.0005, 2, 17)
+
+// proxyMetrics are the process-wide series of the forwarding path.
+type proxyMetrics struct {
+	set      *metrics.Set
+	inFlight atomic.Int64
+	panics   *metrics.Counter
+	badReqs  *metrics.Counter
+}
+
+func newProxyMetrics(set *metrics.Set) *proxyMetrics {
+	m := &proxyMetrics{set: set}
+	set.GetOrCreateGauge(`sidecar_requests_in_flight`, func() float64 { return float64(m.inFlight.Load()) })
+	m.panics = set.GetOrCreateCounter(`sidecar_panics_recovered_total`)
+	m.badReqs = set.GetOrCreateCounter(`sidecar_requests_rejected_total{reason="malformed"}`)
+	return m
+}
+
+// routeMetrics are one route's series. Counters are created on first use
+// so that /metrics does not list 50 zero series per route; GetOrCreate
+// keeps them (and their values) across reloads for routes that stay.
+type routeMetrics struct {
+	set      *metrics.Set
+	name     string
+	requests [len(methodNames)][6]atomic.Pointer[metrics.Counter]
+	duration *metrics.PrometheusHistogram
+	bytesIn  *metrics.Counter
+	bytesOut *metrics.Counter
+}
+
+func newRouteMetrics(set *metrics.Set, route string) *routeMetrics {
+	return &routeMetrics{
+		set:      set,
+		name:     route,
+		duration: set.GetOrCreatePrometheusHistogramExt(fmt.Sprintf(`sidecar_request_duration_seconds{route=%q}`, route), durationBuckets),
+		bytesIn:  set.GetOrCreateCounter(fmt.Sprintf(`sidecar_request_body_bytes_total{route=%q}`, route)),
+		bytesOut: set.GetOrCreateCounter(fmt.Sprintf(`sidecar_response_body_bytes_total{route=%q}`, route)),
+	}
+}
+
+var statusClasses = [...]string{"1xx", "1xx", "2xx", "3xx", "4xx", "5xx"}
+
+func (m *routeMetrics) request(method []byte, status int) *metrics.Counter {
+	mi, ci := methodIndex(method), status/100
+	if ci < 1 || ci > 5 {
+		ci = 5
+	}
+	p := &m.requests[mi][ci]
+	if c := p.Load(); c != nil {
+		return c
+	}
+	c := m.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_requests_total{route=%q,method=%q,status_class=%q}`,
+		m.name, methodNames[mi], statusClasses[ci]))
+	p.Store(c)
+	return c
+}
+
+// upstreamMetrics are one upstream's series.
+type upstreamMetrics struct {
+	set    *metrics.Set
+	name   string
+	errors [7]atomic.Pointer[metrics.Counter]
+	dials  *metrics.Counter
+}
+
+var errorKinds = [...]string{"refused", "connect_timeout", "pool_exhausted", "timeout", "reset", "protocol", "other"}
+
+func newUpstreamMetrics(set *metrics.Set, name string) *upstreamMetrics {
+	return &upstreamMetrics{set: set, name: name,
+		dials: set.GetOrCreateCounter(fmt.Sprintf(`sidecar_upstream_dials_total{upstream=%q}`, name))}
+}
+
+func (m *upstreamMetrics) errorInc(err error) {
+	kind := errorKind(err)
+	i := 0
+	for i < len(errorKinds)-1 && errorKinds[i] != kind {
+		i++
+	}
+	p := &m.errors[i]
+	c := p.Load()
+	if c == nil {
+		c = m.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_upstream_errors_total{upstream=%q,kind=%q}`, m.name, errorKinds[i]))
+		p.Store(c)
+	}
+	c.Inc()
+}

@@ -1,0 +1,205 @@
+// Package proxy is the request path of sidecar: the fasthttp handler that
+// matches a route, rewrites headers (hop-by-hop, X-Forwarded-*, request id),
+// forwards to an upstream over its own keep-alive connections, and streams
+// both bodies with backpressure. It is also the only package that turns
+// errors into HTTP statuses.
+//
+// Upstream connections are handled here rather than by fasthttp.HostClient,
+// because HostClient writes the whole request before reading any response:
+// that turns an early answer (401 before a large upload is read) into a 502
+// and deadlocks a full-duplex echo. We reuse fasthttp's header parsing and
+// writing and its chunked decoder (Response.Read with StreamBody) and own
+// only the connection handling.
+package proxy
+
+import (
+	"errors"
+	"log/slog"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/valyala/fasthttp"
+
+	"github.com/sidecar-proxy/sidecar/policy"
+)
+
+// Settings configures a Proxy. The zero value is usable.
+type Settings struct {
+	// Logger receives operational logs. Default: slog.Default().
+	Logger *slog.Logger
+	// Metrics is where the proxy registers its series. Default: a new set
+	// registered globally with metrics.RegisterSet.
+	Metrics *metrics.Set
+}
+
+// Proxy forwards requests according to the current policy snapshot.
+// Apply swaps the snapshot atomically; requests in flight finish on the
+// snapshot they started with.
+type Proxy struct {
+	log   *slog.Logger
+	set   *metrics.Set
+	m     *proxyMetrics
+	ids   *requestIDs
+	state atomic.Pointer[state]
+
+	applyMu sync.Mutex // serialises Apply
+	stop    chan struct{}
+	wg      sync.WaitGroup
+}
+
+// state is everything the handler needs, built from one snapshot.
+type state struct {
+	snap      *policy.Snapshot
+	upstreams map[string]*upstream
+	routes    []routeRuntime // parallel to snap.Routes
+	noRoute   *routeMetrics
+}
+
+type routeRuntime struct {
+	route *policy.Route
+	up    *upstream
+	m     *routeMetrics
+}
+
+// New builds a Proxy serving snap.
+func New(snap *policy.Snapshot, s Settings) *Proxy {
+	if s.Logger == nil {
+		s.Logger = slog.Default()
+	}
+	if s.Metrics == nil {
+		s.Metrics = metrics.NewSet()
+		metrics.RegisterSet(s.Metrics)
+	}
+	p := &Proxy{log: s.Logger, set: s.Metrics, ids: newRequestIDs(), stop: make(chan struct{})}
+	p.m = newProxyMetrics(s.Metrics)
+	p.Apply(snap)
+	p.wg.Add(1)
+	go p.reapIdle()
+	return p
+}
+
+// Snapshot returns the policy currently served.
+func (p *Proxy) Snapshot() *policy.Snapshot { return p.state.Load().snap }
+
+// Apply makes snap the served policy. Upstreams whose settings did not
+// change keep their connection pools; the pools of removed or changed
+// upstreams are closed once idle. Route and upstream counters continue
+// (they are looked up by name).
+func (p *Proxy) Apply(snap *policy.Snapshot) {
+	p.applyMu.Lock()
+	defer p.applyMu.Unlock()
+	old := p.state.Load()
+	st := &state{snap: snap, upstreams: make(map[string]*upstream, len(snap.Upstreams))}
+	for name, spec := range snap.Upstreams {
+		if old != nil {
+			if u, ok := old.upstreams[name]; ok && reflect.DeepEqual(u.spec, spec) &&
+				old.snap.Server.IdleTimeout == snap.Server.IdleTimeout {
+				st.upstreams[name] = u
+				continue
+			}
+		}
+		st.upstreams[name] = newUpstream(spec, newUpstreamMetrics(p.set, name), snap.Server.IdleTimeout)
+	}
+	for i := range snap.Routes {
+		r := &snap.Routes[i]
+		st.routes = append(st.routes, routeRuntime{route: r, up: st.upstreams[r.Upstream], m: newRouteMetrics(p.set, r.Name)})
+	}
+	st.noRoute = newRouteMetrics(p.set, "none")
+	p.state.Store(st)
+	if old != nil {
+		for name, u := range old.upstreams {
+			if st.upstreams[name] != u {
+				u.closeIdle() // in-flight requests still release into it; it closes them
+			}
+		}
+	}
+}
+
+// Close stops background work and closes idle upstream connections.
+func (p *Proxy) Close() {
+	close(p.stop)
+	p.wg.Wait()
+	for _, u := range p.state.Load().upstreams {
+		u.closeIdle()
+	}
+}
+
+// reapIdle closes pooled upstream connections past their idle timeout, so
+// idle pools do not hold sockets the upstream has long given up on.
+func (p *Proxy) reapIdle() {
+	defer p.wg.Done()
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case now := <-t.C:
+			for _, u := range p.state.Load().upstreams {
+				for _, ep := range u.endpoints {
+					ep.closeIdle(now.Add(-u.spec.IdleConnTimeout))
+					// closeIdle with a non-zero cutoff never retires the endpoint
+				}
+			}
+		}
+	}
+}
+
+func (st *state) match(ctx *fasthttp.RequestCtx) *routeRuntime {
+	r := st.snap.Match(ctx.Host(), ctx.Path(), ctx.Method())
+	if r == nil {
+		return nil
+	}
+	return &st.routes[r.Index]
+}
+
+// NewServer returns the fasthttp server for the proxy listener, configured
+// from the snapshot's [server] table. These settings need a restart to
+// change; everything else reloads.
+func (p *Proxy) NewServer(srv *policy.Server) *fasthttp.Server {
+	return &fasthttp.Server{
+		Handler:                       p.Handler,
+		StreamRequestBody:             true, // the handler runs once the head is in
+		DisablePreParseMultipartForm:  true, // else multipart bodies are consumed by fasthttp
+		ReadBufferSize:                srv.MaxHeaderBytes,
+		WriteBufferSize:               32 << 10,
+		ReadTimeout:                   srv.HeaderTimeout, // armed per request head; the body re-arms
+		IdleTimeout:                   srv.IdleTimeout,
+		Concurrency:                   srv.MaxConnections,
+		MaxConnsPerIP:                 srv.MaxConnectionsPerIP,
+		NoDefaultServerHeader:         true,
+		NoDefaultContentType:          true,
+		CloseOnShutdown:               true, // responses during drain carry Connection: close
+		DisableHeaderNamesNormalizing: false,
+		ErrorHandler:                  p.serverError,
+		Logger:                        fasthttpLogger{p.log},
+		SecureErrorLogMessage:         true,
+	}
+}
+
+// serverError answers errors fasthttp detects before the handler runs.
+func (p *Proxy) serverError(ctx *fasthttp.RequestCtx, err error) {
+	p.m.badReqs.Inc()
+	status, msg := fasthttp.StatusBadRequest, "malformed request"
+	var small *fasthttp.ErrSmallBuffer
+	switch {
+	case errors.As(err, &small):
+		status, msg = fasthttp.StatusRequestHeaderFieldsTooLarge, "request header too large"
+	case errors.Is(err, fasthttp.ErrBodyTooLarge):
+		status, msg = fasthttp.StatusRequestEntityTooLarge, "request body too large"
+	}
+	if ne, ok := err.(interface{ Timeout() bool }); ok && ne.Timeout() {
+		status, msg = fasthttp.StatusRequestTimeout, "request header timeout"
+	}
+	writeError(ctx, status, msg, nil, "")
+	ctx.SetConnectionClose()
+}
+
+type fasthttpLogger struct{ l *slog.Logger }
+
+func (f fasthttpLogger) Printf(format string, args ...any) {
+	f.l.Debug("fasthttp", "msg", format, "args", args)
+}

@@ -1,0 +1,222 @@
+package proxy
+
+import (
+	"bufio"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sidecar-proxy/sidecar/policy"
+)
+
+// upstream is the runtime side of a policy.Upstream: its endpoints and their
+// connection pools. It outlives a reload when its settings are unchanged.
+type upstream struct {
+	spec      *policy.Upstream
+	endpoints []*endpoint
+	next      atomic.Uint32
+	m         *upstreamMetrics
+}
+
+func newUpstream(spec *policy.Upstream, m *upstreamMetrics, idle time.Duration) *upstream {
+	u := &upstream{spec: spec, m: m}
+	for _, ep := range spec.Endpoints {
+		u.endpoints = append(u.endpoints, &endpoint{
+			addr: ep.Addr, spec: spec, idleTimeout: idle, m: m,
+			busy: make(chan struct{}, spec.MaxConnections),
+		})
+	}
+	return u
+}
+
+// pick returns the next endpoint, round-robin.
+func (u *upstream) pick() *endpoint {
+	if len(u.endpoints) == 1 {
+		return u.endpoints[0]
+	}
+	return u.endpoints[int(u.next.Add(1)-1)%len(u.endpoints)]
+}
+
+func (u *upstream) closeIdle() {
+	for _, ep := range u.endpoints {
+		ep.closeIdle(time.Time{})
+	}
+}
+
+// endpoint is one address of an upstream with its pool of keep-alive
+// connections. busy is a semaphore: one slot per connection in use, so at
+// most spec.MaxConnections requests hold a connection at once.
+type endpoint struct {
+	addr        string
+	spec        *policy.Upstream
+	idleTimeout time.Duration // per-read/write progress timeout (server.idle_timeout)
+	m           *upstreamMetrics
+	busy        chan struct{}
+
+	mu     sync.Mutex
+	idle   []*upConn // LIFO: the most recently used connection is the warmest
+	closed bool
+}
+
+// acquire returns a connection with a busy slot held: a pooled one when
+// there is one, a new one otherwise. wait bounds the wait for a slot.
+func (ep *endpoint) acquire(now time.Time) (*upConn, error) {
+	select {
+	case ep.busy <- struct{}{}:
+	default:
+		if ep.spec.ConnWaitTimeout <= 0 {
+			return nil, ErrUpstreamBusy
+		}
+		t := time.NewTimer(ep.spec.ConnWaitTimeout)
+		select {
+		case ep.busy <- struct{}{}:
+			t.Stop()
+		case <-t.C:
+			return nil, ErrUpstreamBusy
+		}
+	}
+	if c := ep.popIdle(now); c != nil {
+		return c, nil
+	}
+	c, err := ep.dial()
+	if err != nil {
+		<-ep.busy
+		return nil, err
+	}
+	return c, nil
+}
+
+func (ep *endpoint) popIdle(now time.Time) *upConn {
+	ep.mu.Lock()
+	for n := len(ep.idle); n > 0; n = len(ep.idle) {
+		c := ep.idle[n-1]
+		ep.idle[n-1] = nil
+		ep.idle = ep.idle[:n-1]
+		if now.Sub(c.lastUsed) < ep.spec.IdleConnTimeout {
+			ep.mu.Unlock()
+			c.reused = true
+			return c
+		}
+		_ = c.Conn.Close()
+	}
+	ep.mu.Unlock()
+	return nil
+}
+
+func (ep *endpoint) dial() (*upConn, error) {
+	ep.m.dials.Inc()
+	raw, err := net.DialTimeout("tcp", ep.addr, ep.spec.ConnectTimeout)
+	if err != nil {
+		return nil, classifyDialErr(err)
+	}
+	c := &upConn{Conn: raw, ep: ep}
+	c.br = bufio.NewReaderSize(c, 16<<10) // also the largest response head accepted
+	c.bw = bufio.NewWriterSize(c, 16<<10)
+	return c, nil
+}
+
+// release hands a connection back: to the pool when reusable, closed
+// otherwise. Either way the busy slot is freed.
+func (ep *endpoint) release(c *upConn, reusable bool, now time.Time) {
+	if reusable {
+		c.lastUsed = now
+		c.reused = false
+		ep.mu.Lock()
+		if !ep.closed && len(ep.idle) < ep.spec.MaxIdleConnections {
+			ep.idle = append(ep.idle, c)
+			ep.mu.Unlock()
+			<-ep.busy
+			return
+		}
+		ep.mu.Unlock()
+	}
+	_ = c.Conn.Close()
+	<-ep.busy
+}
+
+// closeIdle closes pooled connections unused since before cutoff; a zero
+// cutoff closes them all and retires the endpoint (after a reload).
+func (ep *endpoint) closeIdle(cutoff time.Time) {
+	ep.mu.Lock()
+	keep := ep.idle[:0]
+	for _, c := range ep.idle {
+		if cutoff.IsZero() || c.lastUsed.Before(cutoff) {
+			_ = c.Conn.Close()
+		} else {
+			keep = append(keep, c)
+		}
+	}
+	clear(ep.idle[len(keep):])
+	ep.idle = keep
+	if cutoff.IsZero() {
+		ep.closed = true
+	}
+	ep.mu.Unlock()
+}
+
+// upConn is one upstream connection. Every Read and Write re-arms its own
+// deadline, which turns fasthttp-style absolute timeouts into progress
+// timeouts: a transfer that keeps moving is never cut, a stalled one is
+// cut after readTimeout/writeTimeout.
+type upConn struct {
+	net.Conn
+	ep       *endpoint
+	br       *bufio.Reader
+	bw       *bufio.Writer
+	lastUsed time.Time
+	reused   bool
+
+	// readTimeout is the response timeout while waiting for the head, then
+	// the idle timeout while the body streams. Set by the handler goroutine
+	// between reads only.
+	readTimeout  time.Duration
+	readArmed    time.Time
+	writeArmed   time.Time
+	writeTimeout time.Duration
+}
+
+// rearm reports whether a deadline armed at armed with timeout d should be
+// pushed forward; re-arming on every call would cost a timer update per
+// read, so it happens once d/8 has passed.
+func rearm(now, armed time.Time, d time.Duration) bool {
+	return now.Sub(armed) > d>>3
+}
+
+func (c *upConn) Read(p []byte) (int, error) {
+	if now := time.Now(); rearm(now, c.readArmed, c.readTimeout) {
+		c.readArmed = now
+		_ = c.Conn.SetReadDeadline(now.Add(c.readTimeout))
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *upConn) Write(p []byte) (int, error) {
+	if now := time.Now(); rearm(now, c.writeArmed, c.writeTimeout) {
+		c.writeArmed = now
+		_ = c.Conn.SetWriteDeadline(now.Add(c.writeTimeout))
+	}
+	return c.Conn.Write(p)
+}
+
+// setReadTimeout switches the progress timeout for reads and arms it now.
+func (c *upConn) setReadTimeout(d time.Duration, now time.Time) {
+	c.readTimeout = d
+	c.readArmed = now
+	_ = c.Conn.SetReadDeadline(now.Add(d))
+}
+
+// alive reports whether a pooled connection still looks open: a read that
+// would block means yes; EOF or a reset means the upstream closed it while
+// idle. Used before sending a body that could not be replayed.
+func (c *upConn) alive() bool {
+	if c.br.Buffered() > 0 {
+		return false // unsolicited bytes: the connection is out of sync
+	}
+	_ = c.Conn.SetReadDeadline(time.Unix(1, 0))
+	var b [1]byte
+	_, err := c.Conn.Read(b[:])
+	c.readArmed = time.Time{}
+	ne, ok := err.(net.Error)
+	return ok && ne.Timeout()
+}
