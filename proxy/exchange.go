@@ -175,8 +175,8 @@ func (x *exchange) serve() {
 
 	upgrade := x.prepareRequest(h, cl)
 	x.ep = x.rt.up.pick()
-	if x.rt.up.spec.RewriteHost {
-		h.SetHost(x.ep.addr)
+	if x.rt.up.spec.RewriteHost || len(h.Host()) == 0 {
+		h.SetHost(x.ep.addr) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
 	}
 	if err := x.roundTrip(); err != nil {
 		x.rt.up.m.errorInc(err)

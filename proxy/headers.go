@@ -113,7 +113,11 @@ func setForwardedHeaders(ctx *fasthttp.RequestCtx, srv *policy.Server, peer neti
 		}
 	}
 	if !trusted || len(h.Peek("X-Forwarded-Host")) == 0 {
-		h.SetBytesV("X-Forwarded-Host", h.Host())
+		if host := h.Host(); len(host) > 0 {
+			h.SetBytesV("X-Forwarded-Host", host)
+		} else {
+			h.Del("X-Forwarded-Host")
+		}
 	}
 	if !trusted {
 		h.Del("Forwarded")

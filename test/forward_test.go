@@ -1,0 +1,399 @@
+package test
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestForwardingHeaders(t *testing.T) {
+	var got http.Header
+	var gotHost, gotURI, gotProto string
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		got, gotHost, gotURI, gotProto = r.Header.Clone(), r.Host, r.RequestURI, r.Proto
+		w.Header().Set("Connection", "X-Up-Hop, keep-alive")
+		w.Header().Set("X-Up-Hop", "secret")
+		w.Header().Set("Keep-Alive", "timeout=5")
+		w.Header().Set("Proxy-Authenticate", "Basic")
+		w.Header().Set("X-Up-Visible", "yes")
+		io.WriteString(w, "ok")
+	})
+	sc := startSidecar(t, routeTo(be.url(), ""))
+
+	req := "GET /a%2Fb/../c//d?x=1&y=%20z&&q HTTP/1.1\r\n" +
+		"Host: example.test:8443\r\n" +
+		"Connection: X-Hop, keep-alive\r\n" +
+		"X-Hop: drop me\r\n" +
+		"Keep-Alive: timeout=9\r\n" +
+		"Proxy-Authorization: Basic Zm9vOmJhcg==\r\n" +
+		"Te: trailers\r\n" +
+		"X-Forwarded-For: 6.6.6.6\r\n" +
+		"X-Forwarded-Proto: https\r\n" +
+		"X-Forwarded-Host: evil.test\r\n" +
+		"Forwarded: for=6.6.6.6\r\n" +
+		"X-Keep: kept\r\n" +
+		"\r\n"
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, req)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+
+	if gotURI != "/a%2Fb/../c//d?x=1&y=%20z&&q" {
+		t.Errorf("request-target changed: %q", gotURI)
+	}
+	if gotHost != "example.test:8443" {
+		t.Errorf("Host not preserved: %q", gotHost)
+	}
+	if gotProto != "HTTP/1.1" {
+		t.Errorf("upstream protocol %q", gotProto)
+	}
+	for _, h := range []string{"X-Hop", "Keep-Alive", "Proxy-Authorization", "Te", "Connection", "Forwarded"} {
+		if v := got.Get(h); v != "" {
+			t.Errorf("hop-by-hop or untrusted %s forwarded: %q", h, v)
+		}
+	}
+	if got.Get("X-Keep") != "kept" {
+		t.Errorf("end-to-end header lost")
+	}
+	if xff := got.Get("X-Forwarded-For"); xff != "127.0.0.1" {
+		t.Errorf("X-Forwarded-For from an untrusted peer = %q, want it started afresh as 127.0.0.1", xff)
+	}
+	if v := got.Get("X-Forwarded-Proto"); v != "http" {
+		t.Errorf("X-Forwarded-Proto = %q, want http", v)
+	}
+	if v := got.Get("X-Forwarded-Host"); v != "example.test:8443" {
+		t.Errorf("X-Forwarded-Host = %q", v)
+	}
+	id := got.Get("X-Request-Id")
+	if id == "" || resp.Header.Get("X-Request-Id") != id {
+		t.Errorf("request id upstream %q, downstream %q: want one generated and passed both ways", id, resp.Header.Get("X-Request-Id"))
+	}
+	for _, h := range []string{"X-Up-Hop", "Keep-Alive", "Proxy-Authenticate"} {
+		if v := resp.Header.Get(h); v != "" {
+			t.Errorf("hop-by-hop response header %s relayed: %q", h, v)
+		}
+	}
+	if resp.Header.Get("X-Up-Visible") != "yes" {
+		t.Errorf("end-to-end response header lost")
+	}
+	if resp.Close {
+		t.Errorf("upstream's Connection header closed the client connection")
+	}
+}
+
+func TestTrustedProxyAppendsForwardedFor(t *testing.T) {
+	var got http.Header
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { got = r.Header.Clone() })
+	sc := startSidecar(t, "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n"+routeTo(be.url(), ""))
+	req, _ := http.NewRequest("GET", sc.url("/"), nil)
+	req.Header.Set("X-Forwarded-For", "203.0.113.7, 10.0.0.1")
+	req.Header.Set("X-Forwarded-Proto", "https")
+	req.Header.Set("X-Forwarded-Host", "public.test")
+	req.Header.Set("X-Request-Id", "client-chosen-42")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if v := got.Get("X-Forwarded-For"); v != "203.0.113.7, 10.0.0.1, 127.0.0.1" {
+		t.Errorf("X-Forwarded-For = %q", v)
+	}
+	if got.Get("X-Forwarded-Proto") != "https" || got.Get("X-Forwarded-Host") != "public.test" {
+		t.Errorf("trusted X-Forwarded-Proto/Host not kept: %q %q", got.Get("X-Forwarded-Proto"), got.Get("X-Forwarded-Host"))
+	}
+	if got.Get("X-Request-Id") != "client-chosen-42" || resp.Header.Get("X-Request-Id") != "client-chosen-42" {
+		t.Errorf("client request id not passed both ways")
+	}
+}
+
+func TestRewriteHost(t *testing.T) {
+	var host string
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { host = r.Host })
+	sc := startSidecar(t, routeTo(be.url(), "rewrite_host = true"))
+	resp, err := http.Get(sc.url("/"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if host != be.Addr {
+		t.Errorf("Host = %q, want upstream's %q", host, be.Addr)
+	}
+}
+
+func TestRoutingByHostPathMethod(t *testing.T) {
+	api := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "api") })
+	web := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "web") })
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.api]
+url = %q
+[upstreams.web]
+url = %q
+[[routes]]
+name = "api-write"
+host = "*.example.test"
+path_prefix = "/api/"
+methods = ["POST"]
+upstream = "api"
+[[routes]]
+name = "web"
+path_prefix = "/"
+upstream = "web"
+`, api.url(), web.url()))
+	cases := []struct {
+		method, host, path, want string
+	}{
+		{"POST", "a.example.test", "/api/x", "api"},
+		{"GET", "a.example.test", "/api/x", "web"},
+		{"POST", "example.test", "/api/x", "web"},
+		{"POST", "a.example.test", "/apix", "web"},
+	}
+	for _, c := range cases {
+		req, _ := http.NewRequest(c.method, sc.url(c.path), nil)
+		req.Host = c.host
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(b) != c.want {
+			t.Errorf("%s %s%s went to %q, want %q", c.method, c.host, c.path, b, c.want)
+		}
+	}
+}
+
+func TestNoRouteIs404JSON(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	sc := startSidecar(t, fmt.Sprintf("[upstreams.app]\nurl = %q\n[[routes]]\npath_prefix = \"/only/\"\nupstream = \"app\"\n", be.url()))
+	resp, err := http.Get(sc.url("/elsewhere"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var body struct {
+		Error     string `json:"error"`
+		RequestID string `json:"request_id"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 404 || body.Error == "" || body.RequestID != resp.Header.Get("X-Request-Id") || body.RequestID == "" {
+		t.Errorf("got %d %+v", resp.StatusCode, body)
+	}
+	if resp.Header.Get("Content-Type") != "application/json" {
+		t.Errorf("content type %q", resp.Header.Get("Content-Type"))
+	}
+	if n, _ := be.counts(); n != 0 {
+		t.Errorf("backend got %d requests", n)
+	}
+}
+
+func TestEveryMethodAndBodilessResponses(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		switch r.URL.Path {
+		case "/204":
+			w.WriteHeader(204)
+		case "/304":
+			w.Header().Set("ETag", `"v1"`)
+			w.WriteHeader(304)
+		default:
+			w.Header().Set("Content-Length", fmt.Sprint(len(b)+len(r.Method)+1))
+			fmt.Fprintf(w, "%s:%s", r.Method, b)
+		}
+	})
+	sc := startSidecar(t, routeTo(be.url(), ""))
+	client := &http.Client{}
+	for _, m := range []string{"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "TRACE"} {
+		var body io.Reader
+		if m != "GET" && m != "TRACE" {
+			body = strings.NewReader("payload")
+		}
+		req, _ := http.NewRequest(m, sc.url("/m"), body)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", m, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		want := m + ":"
+		if body != nil {
+			want += "payload"
+		}
+		if resp.StatusCode != 200 || string(b) != want {
+			t.Errorf("%s: %d %q, want %q", m, resp.StatusCode, b, want)
+		}
+	}
+	// HEAD keeps the Content-Length and sends no body; 204 and 304 have none.
+	for _, c := range []struct {
+		req  string
+		want int
+	}{
+		{"HEAD /m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 200},
+		{"GET /204 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 204},
+		{"GET /304 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 304},
+	} {
+		out := rawRequest(t, sc.Addr, c.req, 5*time.Second)
+		head, body, _ := strings.Cut(out, "\r\n\r\n")
+		if !strings.HasPrefix(head, fmt.Sprintf("HTTP/1.1 %d", c.want)) || body != "" {
+			t.Errorf("%q -> %q", c.req, out)
+		}
+		if c.want == 200 && !strings.Contains(head, "Content-Length: 5") {
+			t.Errorf("HEAD lost Content-Length: %q", head)
+		}
+		if strings.Contains(strings.ToLower(head), "transfer-encoding") {
+			t.Errorf("bodiless response with Transfer-Encoding: %q", head)
+		}
+	}
+}
+
+func TestExpectContinue(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		fmt.Fprintf(w, "got %d", len(b))
+	})
+	sc := startSidecar(t, routeTo(be.url(), ""))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+	br := bufio.NewReader(c)
+	line, err := br.ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "HTTP/1.1 100") {
+		t.Fatalf("want 100 Continue before the body, got %q %v", line, err)
+	}
+	br.ReadString('\n')
+	io.WriteString(c, "hello")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if string(b) != "got 5" {
+		t.Errorf("body %q", b)
+	}
+}
+
+func TestKeepAliveAndPooledUpstreamConnections(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	sc := startSidecar(t, routeTo(be.url(), ""))
+	var clientConns int
+	dial := func(network, addr string) (net.Conn, error) {
+		clientConns++
+		return net.Dial(network, addr)
+	}
+	client := &http.Client{Transport: &http.Transport{Dial: dial, MaxIdleConnsPerHost: 1}}
+	for i := 0; i < 50; i++ {
+		resp, err := client.Get(sc.url("/"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	reqs, conns := be.counts()
+	if reqs != 50 || conns != 1 || clientConns != 1 {
+		t.Errorf("50 sequential requests: backend saw %d requests on %d connections, client opened %d; want 50 on 1 and 1", reqs, conns, clientConns)
+	}
+}
+
+func TestLoadBalancedEndpoints(t *testing.T) {
+	a := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	b := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.app]
+urls = [%q, %q]
+[[routes]]
+upstream = "app"
+`, a.url(), b.url()))
+	for i := 0; i < 20; i++ {
+		resp, err := http.Get(sc.url("/"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	ra, _ := a.counts()
+	rb, _ := b.counts()
+	if ra != 10 || rb != 10 {
+		t.Errorf("round-robin split 20 requests %d/%d", ra, rb)
+	}
+}
+
+func TestInterimResponsesRelayedOrDropped(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Link", "</style.css>; rel=preload")
+		w.WriteHeader(http.StatusEarlyHints)
+		w.WriteHeader(http.StatusProcessing)
+		w.Header().Del("Link")
+		io.WriteString(w, "final")
+	})
+	sc := startSidecar(t, routeTo(be.url(), ""))
+	out := rawRequest(t, sc.Addr, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5*time.Second)
+	// Interim responses are dropped; the final response always follows.
+	if !strings.HasPrefix(out, "HTTP/1.1 200 OK\r\n") || !strings.HasSuffix(out, "final") {
+		t.Errorf("got %q", out)
+	}
+}
+
+func TestWebSocketUpgradePassesThrough(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "websocket" || !strings.Contains(strings.ToLower(r.Header.Get("Connection")), "upgrade") {
+			http.Error(w, "not an upgrade", 400)
+			return
+		}
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+		// Echo line by line, upper-cased, until the client closes.
+		for {
+			line, err := brw.ReadString('\n')
+			if err != nil {
+				return
+			}
+			io.WriteString(c, strings.ToUpper(line))
+		}
+	})
+	sc := startSidecar(t, routeTo(be.url(), ""))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 101 || resp.Header.Get("Upgrade") != "websocket" {
+		t.Fatalf("got %d %v", resp.StatusCode, resp.Header)
+	}
+	for _, msg := range []string{"hello\n", "second frame\n"} {
+		io.WriteString(c, msg)
+		got, err := br.ReadString('\n')
+		if err != nil || got != strings.ToUpper(msg) {
+			t.Fatalf("tunnel echo %q: %q %v", msg, got, err)
+		}
+	}
+}
