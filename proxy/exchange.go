@@ -61,6 +61,10 @@ type exchange struct {
 
 	// Response body.
 	stream     io.Reader
+	direct     bool   // WriteTo writes to the client socket itself (see respond)
+	pending    []byte // body bytes read ahead to validate framing, served first
+	pendingBuf *[]byte
+	pendingEOF bool
 	bodyEOF    bool
 	bytesOut   int64
 	writeArmed time.Time
@@ -461,13 +465,38 @@ func (x *exchange) respond(upgrade []byte) {
 	}
 	x.stream = stream
 	cl := r.Header.ContentLength()
-	if cl < 0 {
-		if !x.http11 {
-			x.closeDelimited() // HTTP/1.0 clients cannot take chunked framing
+	if cl == -1 && x.conn.br.Buffered() > 0 {
+		// The first chunk came with the head: decode it now, so that a
+		// response with broken chunking becomes a 502 instead of a 200
+		// cut short. (Later chunks can only be cut: the head is out.)
+		x.pendingBuf = copyBufPool.Get().(*[]byte)
+		n, err := stream.Read(*x.pendingBuf)
+		if err != nil && err != io.EOF {
+			x.rt.up.m.errorInc(ErrUpstreamProto)
+			ctx.Response.Header.Reset()
+			x.abortPump()
+			x.abandonConn()
+			x.fail(ErrUpstreamProto)
 			return
 		}
+		x.pending, x.pendingEOF = (*x.pendingBuf)[:n], err == io.EOF
+	}
+	switch {
+	case cl < 0 && !x.http11:
+		x.closeDelimited() // HTTP/1.0 clients cannot take chunked framing
+		return
+	case cl < 0:
 		cl = -1
 		ctx.Response.ImmediateHeaderFlush = true // streams (SSE) show their head at once
+	case x.conn.br.Buffered() < cl:
+		// A Content-Length body still on its way: fasthttp would hold what
+		// arrives in its 32 KiB write buffer until it fills, so a slow
+		// stream would reach the client late, and a cut one not at all.
+		// Flush the head now and write the body to the socket as it comes.
+		// (A body already in hand takes fasthttp's buffered path: one
+		// write for head and body.)
+		x.direct = true
+		ctx.Response.ImmediateHeaderFlush = true
 	}
 	ctx.Response.SetBodyStream(x, cl)
 }
@@ -480,6 +509,16 @@ func (x *exchange) Read(p []byte) (int, error) {
 	if now := time.Now(); rearm(now, x.writeArmed, x.srv.IdleTimeout) {
 		x.writeArmed = now
 		_ = x.ctx.SetWriteDeadline(now.Add(x.srv.IdleTimeout))
+	}
+	if len(x.pending) > 0 {
+		n := copy(p, x.pending)
+		x.pending = x.pending[n:]
+		x.bytesOut += int64(n)
+		return n, nil
+	}
+	if x.pendingEOF {
+		x.bodyEOF = true
+		return 0, io.EOF
 	}
 	if x.conn.readTimeout != x.srv.IdleTimeout {
 		x.conn.setReadTimeout(x.srv.IdleTimeout, time.Now())
@@ -499,8 +538,12 @@ func (x *exchange) Read(p []byte) (int, error) {
 // chunked path then frames 32 KiB chunks instead of 4 KiB ones.
 func (x *exchange) SupportsBodyWriteTo() bool { return true }
 
-// WriteTo copies the body to w through a pooled buffer.
+// WriteTo copies the body to w through a pooled buffer, or, for a
+// Content-Length body still arriving, straight to the client socket.
 func (x *exchange) WriteTo(w io.Writer) (int64, error) {
+	if x.direct {
+		w = x.ctx.Conn() // the head was flushed (ImmediateHeaderFlush): order is kept
+	}
 	bufp := copyBufPool.Get().(*[]byte)
 	defer copyBufPool.Put(bufp)
 	buf := *bufp
@@ -589,6 +632,10 @@ func (x *exchange) release() {
 	if x.firstBuf != nil {
 		copyBufPool.Put(x.firstBuf)
 	}
+	if x.pendingBuf != nil {
+		copyBufPool.Put(x.pendingBuf)
+	}
+	x.direct, x.pending, x.pendingBuf, x.pendingEOF = false, nil, nil, false
 	x.resp.Reset()
 	x.gen++
 	x.p, x.ctx, x.st, x.srv, x.rt, x.ep, x.conn = nil, nil, nil, nil, nil, nil, nil

@@ -175,9 +175,27 @@ func (p *Proxy) NewServer(srv *policy.Server) *fasthttp.Server {
 		CloseOnShutdown:               true, // responses during drain carry Connection: close
 		DisableHeaderNamesNormalizing: false,
 		ErrorHandler:                  p.serverError,
-		Logger:                        fasthttpLogger{p.log},
-		SecureErrorLogMessage:         true,
+		// fasthttp pre-reads min(8 KiB, limit, Content-Length) body bytes
+		// before calling the handler; the current limit keeps that small.
+		HeaderReceived: func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
+			return fasthttp.RequestConfig{MaxRequestBodySize: int(p.state.Load().snap.Server.MaxBodyBytes)}
+		},
+		// A client that asks before sending (Expect: 100-continue) learns
+		// that its body is too large without sending it.
+		ExpectHandler:         p.expect,
+		Logger:                fasthttpLogger{p.log},
+		SecureErrorLogMessage: true,
 	}
+}
+
+// expect decides on Expect: 100-continue before any body is read.
+func (p *Proxy) expect(ctx *fasthttp.RequestCtx) int {
+	limit := p.state.Load().snap.Server.MaxBodyBytes
+	if limit > 0 && int64(ctx.Request.Header.ContentLength()) > limit {
+		writeError(ctx, fasthttp.StatusRequestEntityTooLarge, "request body too large", nil, "")
+		return fasthttp.StatusRequestEntityTooLarge
+	}
+	return fasthttp.StatusContinue
 }
 
 // serverError answers errors fasthttp detects before the handler runs.
