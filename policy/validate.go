@@ -269,7 +269,7 @@ func (v *validator) route(i int, f *RouteFile, ups map[string]UpstreamFile) Rout
 		if strings.HasPrefix(h, "*.") {
 			r.Wildcard, h = true, h[1:]
 		}
-		if h == "" || !validHostname(strings.TrimPrefix(h, ".")) {
+		if h == "" || (!validHostname(strings.TrimPrefix(h, ".")) && (r.Wildcard || net.ParseIP(h) == nil)) {
 			v.addf(key+".host", "invalid host %q", *f.Host)
 		}
 		r.Host = h

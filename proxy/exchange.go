@@ -120,6 +120,9 @@ func (x *exchange) idHeader() string {
 	return x.srv.RequestIDHeader
 }
 
+// testHookServe, when set by a test, runs at the start of every request.
+var testHookServe func(*fasthttp.RequestCtx)
+
 func (x *exchange) serve() {
 	ctx := x.ctx
 	x.st = x.p.state.Load()
@@ -132,6 +135,9 @@ func (x *exchange) serve() {
 		x.reqID = x.p.ids.next(x.reqID[:0])
 	}
 	x.method = append(x.method[:0], h.Method()...)
+	if testHookServe != nil {
+		testHookServe(ctx)
+	}
 	x.http11 = h.IsHTTP11()
 
 	x.rt = x.st.match(ctx)

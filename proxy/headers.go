@@ -34,6 +34,7 @@ var hopHeaders = []string{
 type headerDeleter interface {
 	Peek(key string) []byte
 	Del(key string)
+	DelBytes(key []byte)
 }
 
 // stripHopHeaders removes hop-by-hop fields, including every field named in
@@ -43,7 +44,7 @@ func stripHopHeaders(h headerDeleter, scratch []byte) []byte {
 		scratch = append(scratch[:0], conn...) // Del mutates the storage conn points into
 		for tok := range bytes.SplitSeq(scratch, []byte{','}) {
 			if tok = bytes.TrimSpace(tok); len(tok) > 0 {
-				h.Del(string(tok))
+				h.DelBytes(tok)
 			}
 		}
 	}

@@ -1,0 +1,64 @@
+//go:build !race
+
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"net"
+	"testing"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/valyala/fasthttp"
+
+	"github.com/sidecar-proxy/sidecar/policy"
+)
+
+// The per-request header work must not allocate once warm: it runs for
+// every request on the proxy's one hot path.
+func TestHotPathDoesNotAllocate(t *testing.T) {
+	snap, err := policy.Parse("t", []byte(`
+[server]
+trusted_proxies = ["10.0.0.0/8"]
+[upstreams.app]
+url = "http://127.0.0.1:1"
+[[routes]]
+host = "*.example.com"
+path_prefix = "/api/"
+upstream = "app"
+[[routes]]
+name = "app"
+upstream = "app"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const raw = "GET /api/v1/items?x=1 HTTP/1.1\r\nHost: a.example.com\r\nConnection: keep-alive\r\nUser-Agent: t\r\nX-Forwarded-For: 1.2.3.4\r\nAccept: */*\r\n\r\n"
+	var ctx fasthttp.RequestCtx
+	ctx.Init(&fasthttp.Request{}, &net.TCPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 5555}, nil)
+	m := newRouteMetrics(metrics.NewSet(), "app")
+	ids := newRequestIDs()
+	var scratch, id []byte
+	rawBytes := []byte(raw)
+	src := bytes.NewReader(rawBytes)
+	br := bufio.NewReader(src)
+	allocs := testing.AllocsPerRun(1000, func() {
+		ctx.Request.Header.Reset()
+		src.Reset(rawBytes)
+		br.Reset(src)
+		if err := ctx.Request.Header.Read(br); err != nil {
+			t.Fatal(err)
+		}
+		if snap.Match(ctx.Host(), ctx.Path(), ctx.Method()) == nil || !checkRawHeaders(&ctx.Request.Header) {
+			t.Fatal("no match")
+		}
+		scratch = stripHopHeaders(&ctx.Request.Header, scratch)
+		scratch = setForwardedHeaders(&ctx, &snap.Server, peerAddr(&ctx), scratch)
+		id = ids.next(id[:0])
+		ctx.Request.Header.SetBytesV("X-Request-Id", id)
+		m.request(ctx.Method(), 200).Inc()
+	})
+	if allocs != 0 {
+		t.Errorf("request header path allocates %.1f times per request", allocs)
+	}
+}

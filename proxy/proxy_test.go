@@ -1,0 +1,202 @@
+package proxy
+
+import (
+	"bufio"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/valyala/fasthttp"
+
+	"github.com/sidecar-proxy/sidecar/policy"
+)
+
+// startProxy runs a Proxy on a loopback listener in front of backend.
+func startProxy(t *testing.T, backend http.HandlerFunc, extra string) (addr string, p *Proxy, set *metrics.Set) {
+	t.Helper()
+	bln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bsrv := &http.Server{Handler: backend}
+	go bsrv.Serve(bln)
+	t.Cleanup(func() { bsrv.Close() })
+	snap, err := policy.Parse("test", []byte(`
+[upstreams.app]
+url = "http://`+bln.Addr().String()+`"
+`+extra+`
+[[routes]]
+name = "app"
+upstream = "app"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	set = metrics.NewSet()
+	p = New(snap, Settings{Metrics: set})
+	srv := p.NewServer(&snap.Server)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Shutdown(); p.Close() })
+	return ln.Addr().String(), p, set
+}
+
+func TestPanicIsRecoveredCountedAndServingContinues(t *testing.T) {
+	addr, _, set := startProxy(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "fine") }, "")
+	testHookServe = func(ctx *fasthttp.RequestCtx) {
+		if string(ctx.Path()) == "/panic" {
+			panic("boom")
+		}
+	}
+	defer func() { testHookServe = nil }()
+	resp, err := http.Get("http://" + addr + "/panic")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body struct {
+		Error     string `json:"error"`
+		RequestID string `json:"request_id"`
+	}
+	json.NewDecoder(resp.Body).Decode(&body)
+	resp.Body.Close()
+	if resp.StatusCode != 500 || body.Error != "internal error" || strings.Contains(body.Error, "boom") {
+		t.Errorf("panic answered %d %+v", resp.StatusCode, body)
+	}
+	if got := set.GetOrCreateCounter(`sidecar_panics_recovered_total`).Get(); got != 1 {
+		t.Errorf("panics counted %d", got)
+	}
+	resp, err = http.Get("http://" + addr + "/after")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(b) != "fine" {
+		t.Errorf("after a panic: %q", b)
+	}
+}
+
+func TestApplyKeepsPoolsOfUnchangedUpstreams(t *testing.T) {
+	addr, p, _ := startProxy(t, func(w http.ResponseWriter, r *http.Request) {}, "")
+	resp, err := http.Get("http://" + addr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	before := p.state.Load().upstreams["app"]
+	same := *p.Snapshot()
+	p.Apply(&same)
+	if p.state.Load().upstreams["app"] != before {
+		t.Error("an unchanged upstream lost its pool on reload")
+	}
+	changed := *p.Snapshot()
+	changed.Upstreams = map[string]*policy.Upstream{"app": func() *policy.Upstream {
+		u := *before.spec
+		u.ResponseTimeout = time.Minute
+		return &u
+	}()}
+	p.Apply(&changed)
+	if p.state.Load().upstreams["app"] == before {
+		t.Error("a changed upstream kept its old settings")
+	}
+}
+
+func TestStripHopHeaders(t *testing.T) {
+	var h fasthttp.RequestHeader
+	for _, k := range hopHeaders {
+		h.Set(k, "v")
+	}
+	h.Set("Connection", "X-A, x-b , keep-alive")
+	h.Set("X-A", "1")
+	h.Set("X-B", "2")
+	h.Set("X-C", "3")
+	stripHopHeaders(&h, nil)
+	for _, k := range append([]string{"X-A", "X-B"}, hopHeaders...) {
+		if v := h.Peek(k); len(v) > 0 {
+			t.Errorf("%s survived: %q", k, v)
+		}
+	}
+	if string(h.Peek("X-C")) != "3" {
+		t.Error("end-to-end header removed")
+	}
+}
+
+func bufioReader(s string) *bufio.Reader { return bufio.NewReader(strings.NewReader(s)) }
+
+func TestCheckRawHeaders(t *testing.T) {
+	f := func(raw string, want bool) {
+		t.Helper()
+		var h fasthttp.RequestHeader
+		if err := h.Read(bufioReader(raw)); err != nil {
+			if want {
+				t.Fatalf("%q: %v", raw, err)
+			}
+			return // fasthttp refused it already
+		}
+		if got := checkRawHeaders(&h); got != want {
+			t.Errorf("checkRawHeaders(%q) = %v, want %v", raw, got, want)
+		}
+	}
+	f("GET / HTTP/1.1\r\nHost: x\r\nX-Ok: 1\r\n\r\n", true)
+	f("GET / HTTP/1.1\r\nHost: x\r\nX-Fold: a\r\n b\r\n\r\n", true)
+	f("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n", true)
+	f("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", true)
+	f("GET / HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n", false)
+	f("GET / HTTP/1.1\r\nHost: x\r\nBad\x7fName: 1\r\n\r\n", false)
+	f("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", false)
+	f("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\ncontent-length: 3\r\n\r\n", false)
+}
+
+func TestRequestIDs(t *testing.T) {
+	g := newRequestIDs()
+	seen := map[string]bool{}
+	for i := 0; i < 1000; i++ {
+		id := string(g.next(nil))
+		if seen[id] || !validRequestID([]byte(id)) {
+			t.Fatalf("id %q repeated or invalid", id)
+		}
+		seen[id] = true
+	}
+	for id, want := range map[string]bool{"abc-123": true, "": false, "has space": false, `q"uote`: false,
+		strings.Repeat("a", 129): false, "\x01": false} {
+		if validRequestID([]byte(id)) != want {
+			t.Errorf("validRequestID(%q) != %v", id, want)
+		}
+	}
+}
+
+func TestRearm(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	if !rearm(t0, time.Time{}, time.Second) {
+		t.Error("a deadline never armed must be armed")
+	}
+	if rearm(t0.Add(100*time.Millisecond), t0, time.Second) {
+		t.Error("re-armed before idle/8 passed")
+	}
+	if !rearm(t0.Add(200*time.Millisecond), t0, time.Second) {
+		t.Error("not re-armed after idle/8")
+	}
+}
+
+func TestErrorStatuses(t *testing.T) {
+	for err, want := range map[error]int{
+		ErrNoRoute: 404, ErrBadRequest: 400, ErrBodyTooLarge: 413, ErrUpstreamBusy: 503,
+		ErrConnectRefused: 502, ErrConnectTimeout: 504, ErrResponseTimeout: 504, ErrUpstreamReset: 502,
+		ErrUpstreamProto: 502, ErrPanic: 500, ErrClientBody: 400,
+	} {
+		if got, _ := statusFor(err); got != want {
+			t.Errorf("statusFor(%v) = %d, want %d", err, got, want)
+		}
+	}
+	if errorKind(classifyReadErr(fasthttp.ErrTimeout)) != "timeout" || errorKind(classifyReadErr(io.EOF)) != "reset" {
+		t.Error("read errors misclassified")
+	}
+}
