@@ -5,10 +5,12 @@
 package health
 
 import (
+	"bytes"
 	"sync/atomic"
 
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
+	"github.com/valyala/fasthttp/pprofhandler"
 )
 
 // State is the process's readiness. The zero value is not ready; call
@@ -31,9 +33,14 @@ func (s *State) Ready() bool { return s.ready.Load() && !s.draining.Load() }
 // Draining reports whether StartDrain was called.
 func (s *State) Draining() bool { return s.draining.Load() }
 
-// Handler returns the admin request handler.
-func Handler(s *State) fasthttp.RequestHandler {
+// Handler returns the admin request handler. With pprof, Go's profiler is
+// served under /debug/pprof/ as well.
+func Handler(s *State, pprof bool) fasthttp.RequestHandler {
 	return func(ctx *fasthttp.RequestCtx) {
+		if pprof && bytes.HasPrefix(ctx.Path(), []byte("/debug/pprof/")) {
+			pprofhandler.PprofHandler(ctx)
+			return
+		}
 		if !ctx.IsGet() && !ctx.IsHead() {
 			ctx.Error("method not allowed\n", fasthttp.StatusMethodNotAllowed)
 			return

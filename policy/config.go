@@ -75,6 +75,9 @@ type ServerFile struct {
 	TrustedProxies []string `toml:"trusted_proxies"`
 	// RequestIDHeader names the request-id header. Default "X-Request-Id".
 	RequestIDHeader *string `toml:"request_id_header"`
+	// AdminPprof serves Go's profiler under /debug/pprof/ on the admin
+	// listener. Default false: profiles reveal internals.
+	AdminPprof *bool `toml:"admin_pprof"`
 }
 
 // UpstreamFile is one [upstreams.NAME] table.

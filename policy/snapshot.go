@@ -32,6 +32,7 @@ type Server struct {
 	MaxConnectionsPerIP int // 0: unlimited
 	TrustedProxies      []netip.Prefix
 	RequestIDHeader     string
+	AdminPprof          bool
 }
 
 // Trusted reports whether addr is inside server.trusted_proxies.

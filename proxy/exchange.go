@@ -80,7 +80,7 @@ var exchangePool = sync.Pool{New: func() any { return &exchange{pumpDone: make(c
 func (p *Proxy) Handler(ctx *fasthttp.RequestCtx) {
 	p.m.inFlight.Add(1)
 	x := exchangePool.Get().(*exchange)
-	x.p, x.ctx, x.start = p, ctx, time.Now()
+	x.p, x.ctx, x.start = p, ctx, ctx.Time() // set by the server as the head arrived
 	gen := x.gen
 	defer func() {
 		if r := recover(); r != nil {
@@ -242,8 +242,8 @@ func (x *exchange) roundTrip() error {
 			return ErrUpstreamReset
 		}
 		x.conn = c
-		c.writeTimeout, c.writeArmed = x.srv.IdleTimeout, time.Time{}
-		c.setReadTimeout(up.ResponseTimeout, now)
+		// Both take effect lazily, at the next network read or write.
+		c.writeTimeout, c.readTimeout = x.srv.IdleTimeout, up.ResponseTimeout
 
 		err = x.ctx.Request.Header.Write(c.bw)
 		started := false
@@ -273,11 +273,15 @@ func (x *exchange) roundTrip() error {
 			return classifyReadErr(err)
 		}
 
+		c.awaitReply = x.pumpDone == nil && c.br.Buffered() == 0
 		x.resp.StreamBody = true
 		x.resp.SkipBody = string(x.method) == "HEAD"
 		x.resp.Header.SetNoDefaultContentType(true)
 		err = x.resp.Read(c.br)
 		x.awaiting.Store(false)
+		if x.pumpDone != nil {
+			c.readDeadline = time.Time{} // the pump may have moved it
+		}
 		if err == nil {
 			return nil
 		}
@@ -526,9 +530,7 @@ func (x *exchange) Read(p []byte) (int, error) {
 		x.bodyEOF = true
 		return 0, io.EOF
 	}
-	if x.conn.readTimeout != x.srv.IdleTimeout {
-		x.conn.setReadTimeout(x.srv.IdleTimeout, time.Now())
-	}
+	x.conn.readTimeout = x.srv.IdleTimeout // the body streams under the idle timeout
 	n, err := x.stream.Read(p)
 	x.bytesOut += int64(n)
 	switch {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
+	"iter"
 	"net"
 	"net/netip"
 	"strconv"
@@ -18,8 +19,8 @@ import (
 // ones Go's httputil.ReverseProxy also removes. They describe one connection
 // and are never forwarded, in either direction. Fields listed in Connection
 // are removed as well (stripHopHeaders).
-var hopHeaders = []string{
-	"Connection",
+var hopHeaders = [...]string{
+	"Connection", // must stay first: stripHopHeaders reads its value
 	"Proxy-Connection", // non-standard, sent by old clients
 	"Keep-Alive",
 	"Proxy-Authenticate",
@@ -35,23 +36,50 @@ type headerDeleter interface {
 	Peek(key string) []byte
 	Del(key string)
 	DelBytes(key []byte)
+	All() iter.Seq2[[]byte, []byte]
 }
 
 // stripHopHeaders removes hop-by-hop fields, including every field named in
-// Connection (RFC 9110 §7.6.1).
+// Connection (RFC 9110 §7.6.1). Most messages carry none, so it first looks
+// (one pass, no allocation) and deletes only what is there: each Del costs
+// a key normalisation and a scan of all fields.
 func stripHopHeaders(h headerDeleter, scratch []byte) []byte {
-	if conn := h.Peek("Connection"); len(conn) > 0 {
-		scratch = append(scratch[:0], conn...) // Del mutates the storage conn points into
+	var present uint16 // bit i: hopHeaders[i] is there
+	for k := range h.All() {
+		if i := hopIndex(k); i >= 0 {
+			present |= 1 << i
+		}
+	}
+	if present == 0 {
+		return scratch
+	}
+	if present&1 != 0 { // Connection: drop the fields it lists
+		scratch = append(scratch[:0], h.Peek("Connection")...) // Del mutates the storage Peek points into
 		for tok := range bytes.SplitSeq(scratch, []byte{','}) {
 			if tok = bytes.TrimSpace(tok); len(tok) > 0 {
 				h.DelBytes(tok)
 			}
 		}
 	}
-	for _, k := range hopHeaders {
-		h.Del(k)
+	for i, k := range hopHeaders {
+		if present&(1<<i) != 0 {
+			h.Del(k)
+		}
 	}
 	return scratch
+}
+
+// hopIndex returns k's index in hopHeaders, or -1.
+func hopIndex(k []byte) int {
+	if len(k) < 2 || len(k) > len("Proxy-Authorization") {
+		return -1
+	}
+	for i, h := range hopHeaders {
+		if len(h) == len(k) && bytes.EqualFold(k, []byte(h)) {
+			return i
+		}
+	}
+	return -1
 }
 
 // upgradeType returns the protocol a request asks to switch to (RFC 9110

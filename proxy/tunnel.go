@@ -19,7 +19,7 @@ func (x *exchange) tunnel() {
 	c := x.conn
 	x.conn = nil
 	idle := x.srv.IdleTimeout
-	c.setReadTimeout(idle, time.Now())
+	c.readTimeout = idle
 	x.ctx.HijackSetNoResponse(true)
 	x.ctx.Hijack(func(client net.Conn) {
 		defer x.finish(nil)

@@ -2,7 +2,10 @@ package proxy
 
 import (
 	"bufio"
+	"io"
 	"net"
+	"os"
+	"syscall"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -111,6 +114,9 @@ func (ep *endpoint) dial() (*upConn, error) {
 		return nil, classifyDialErr(err)
 	}
 	c := &upConn{Conn: raw, ep: ep}
+	if sc, ok := raw.(syscall.Conn); ok {
+		c.raw, _ = sc.SyscallConn()
+	}
 	c.br = bufio.NewReaderSize(c, 16<<10) // also the largest response head accepted
 	c.bw = bufio.NewWriterSize(c, 16<<10)
 	return c, nil
@@ -155,10 +161,10 @@ func (ep *endpoint) closeIdle(cutoff time.Time) {
 	ep.mu.Unlock()
 }
 
-// upConn is one upstream connection. Every Read and Write re-arms its own
-// deadline, which turns fasthttp-style absolute timeouts into progress
-// timeouts: a transfer that keeps moving is never cut, a stalled one is
-// cut after readTimeout/writeTimeout.
+// upConn is one upstream connection. Its Read and Write keep a deadline
+// ahead of them, which turns fasthttp-style absolute timeouts into progress
+// timeouts: a transfer that keeps moving is never cut, a stalled one is cut
+// after readTimeout/writeTimeout.
 type upConn struct {
 	net.Conn
 	ep       *endpoint
@@ -168,12 +174,15 @@ type upConn struct {
 	reused   bool
 
 	// readTimeout is the response timeout while waiting for the head, then
-	// the idle timeout while the body streams. Set by the handler goroutine
-	// between reads only.
-	readTimeout  time.Duration
-	readArmed    time.Time
-	writeArmed   time.Time
-	writeTimeout time.Duration
+	// the idle timeout while the body streams. Only the goroutine that
+	// reads sets it; it takes effect at the next network read.
+	readTimeout   time.Duration
+	writeTimeout  time.Duration
+	readDeadline  time.Time // as last set on the socket; zero: unknown
+	writeDeadline time.Time
+
+	raw        syscall.RawConn // nil if the conn has none
+	awaitReply bool            // a request was just flushed: see readAfterWait
 }
 
 // rearm reports whether a deadline armed at armed with timeout d should be
@@ -183,18 +192,64 @@ func rearm(now, armed time.Time, d time.Duration) bool {
 	return now.Sub(armed) > d>>3
 }
 
+// drifted reports whether the deadline on the socket (cur) is more than
+// d/8 away from the one wanted, either way. Setting a deadline costs a
+// timer update under a lock; on a busy connection this keeps it to one
+// every d/8 instead of one per read, at the price of stall detection
+// within 1/8 of the timeout.
+func drifted(cur, want time.Time, d time.Duration) bool {
+	diff := want.Sub(cur)
+	return diff > d>>3 || diff < -(d>>3)
+}
+
 func (c *upConn) Read(p []byte) (int, error) {
-	if now := time.Now(); rearm(now, c.readArmed, c.readTimeout) {
-		c.readArmed = now
-		_ = c.Conn.SetReadDeadline(now.Add(c.readTimeout))
+	if now := time.Now(); drifted(c.readDeadline, now.Add(c.readTimeout), c.readTimeout) {
+		c.readDeadline = now.Add(c.readTimeout)
+		_ = c.Conn.SetReadDeadline(c.readDeadline)
+	}
+	if c.awaitReply && c.raw != nil {
+		c.awaitReply = false
+		return c.readAfterWait(p)
 	}
 	return c.Conn.Read(p)
 }
 
+// readAfterWait reads the first bytes of a reply. Right after a request
+// was written the reply cannot be there yet, so a plain read would cost a
+// syscall that only says EAGAIN before the goroutine parks; instead, park
+// first (the runtime's poller wakes us when the socket is readable, or at
+// the read deadline), then read once.
+func (c *upConn) readAfterWait(p []byte) (n int, err error) {
+	waited := false
+	rerr := c.raw.Read(func(fd uintptr) bool {
+		if !waited {
+			waited = true
+			return false // not ready: wait for readability
+		}
+		n, err = syscall.Read(int(fd), p)
+		if err == syscall.EAGAIN {
+			return false
+		}
+		if err == syscall.EINTR {
+			return false
+		}
+		return true
+	})
+	switch {
+	case rerr != nil:
+		return 0, rerr
+	case err != nil:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", err)}
+	case n == 0 && len(p) > 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
 func (c *upConn) Write(p []byte) (int, error) {
-	if now := time.Now(); rearm(now, c.writeArmed, c.writeTimeout) {
-		c.writeArmed = now
-		_ = c.Conn.SetWriteDeadline(now.Add(c.writeTimeout))
+	if now := time.Now(); drifted(c.writeDeadline, now.Add(c.writeTimeout), c.writeTimeout) {
+		c.writeDeadline = now.Add(c.writeTimeout)
+		_ = c.Conn.SetWriteDeadline(c.writeDeadline)
 	}
 	return c.Conn.Write(p)
 }
@@ -202,8 +257,8 @@ func (c *upConn) Write(p []byte) (int, error) {
 // setReadTimeout switches the progress timeout for reads and arms it now.
 func (c *upConn) setReadTimeout(d time.Duration, now time.Time) {
 	c.readTimeout = d
-	c.readArmed = now
-	_ = c.Conn.SetReadDeadline(now.Add(d))
+	c.readDeadline = now.Add(d)
+	_ = c.Conn.SetReadDeadline(c.readDeadline)
 }
 
 // alive reports whether a pooled connection still looks open: a read that
@@ -213,10 +268,10 @@ func (c *upConn) alive() bool {
 	if c.br.Buffered() > 0 {
 		return false // unsolicited bytes: the connection is out of sync
 	}
-	_ = c.Conn.SetReadDeadline(time.Unix(1, 0))
+	c.readDeadline = time.Unix(1, 0)
+	_ = c.Conn.SetReadDeadline(c.readDeadline)
 	var b [1]byte
 	_, err := c.Conn.Read(b[:])
-	c.readArmed = time.Time{}
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
 }

@@ -30,7 +30,11 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	sidecarBin = filepath.Join(dir, "sidecar")
-	build := exec.Command("go", "build", "-o", sidecarBin, "..")
+	args := []string{"build", "-o", sidecarBin}
+	if os.Getenv("SIDECAR_E2E_RACE") != "" {
+		args = append(args, "-race") // a data-race hunt; memory bounds do not hold under -race
+	}
+	build := exec.Command("go", append(args, "..")...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "building sidecar:", err)
@@ -154,6 +158,9 @@ func (s *sidecar) stop() {
 		_ = s.cmd.Process.Kill()
 		<-s.waited
 	}
+	if logs := s.logs.String(); strings.Contains(logs, "DATA RACE") || strings.Contains(logs, "panic:") {
+		s.t.Errorf("sidecar reported a data race or crashed:\n%s", logs)
+	}
 }
 
 // wait waits for the process to exit and returns its exit code.
@@ -163,6 +170,9 @@ func (s *sidecar) wait(d time.Duration) int {
 	case <-s.waited:
 	case <-time.After(d):
 		s.t.Fatalf("sidecar did not exit within %s\n%s", d, s.logs.String())
+	}
+	if logs := s.logs.String(); strings.Contains(logs, "DATA RACE") || strings.Contains(logs, "panic:") {
+		s.t.Errorf("sidecar reported a data race or crashed:\n%s", logs)
 	}
 	if s.exit == nil {
 		return 0

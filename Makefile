@@ -1,0 +1,29 @@
+# make test  - everything CI runs: format check, vet, unit and end-to-end tests with -race
+# make bench - throughput and latency, direct vs through the sidecar (needs wrk; installed if missing)
+# make run   - the sidecar on the embedded demo config
+
+GO ?= go
+APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -q
+
+.PHONY: test bench run build deps-bench fmt-check
+
+build:
+	$(GO) build -o bin/sidecar .
+
+run:
+	$(GO) run . -demo
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+test: fmt-check
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+deps-bench:
+	@command -v wrk >/dev/null || { apt-get update -q && $(APT_INSTALL) wrk; }
+	@command -v taskset >/dev/null || { apt-get update -q && $(APT_INSTALL) util-linux; }
+
+bench: deps-bench
+	$(GO) run ./bench

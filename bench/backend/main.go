@@ -1,0 +1,76 @@
+// Command backend is the upstream that `make bench` measures against. It
+// serves the same three endpoints either with net/http (-kind nethttp: what
+// a typical Go application is) or with fasthttp (-kind fasthttp: a backend
+// about twice as fast, which leaves the proxy nowhere to hide).
+package main
+
+import (
+	"flag"
+	"io"
+	"log"
+	"net/http"
+	"strconv"
+
+	"github.com/valyala/fasthttp"
+)
+
+var (
+	small = []byte("hello, world\n")
+	big   = func() []byte {
+		b := make([]byte, 64<<10)
+		for i := range b {
+			b[i] = 'a' + byte(i%26)
+		}
+		return b
+	}()
+)
+
+func main() {
+	addr := flag.String("addr", "127.0.0.1:18081", "listen address")
+	kind := flag.String("kind", "nethttp", "nethttp or fasthttp")
+	flag.Parse()
+	switch *kind {
+	case "nethttp":
+		log.Fatal(http.ListenAndServe(*addr, http.HandlerFunc(netHTTP)))
+	case "fasthttp":
+		srv := &fasthttp.Server{Handler: fastHTTP, MaxRequestBodySize: 8 << 20, NoDefaultServerHeader: true}
+		log.Fatal(srv.ListenAndServe(*addr))
+	default:
+		log.Fatalf("-kind: want nethttp or fasthttp, got %q", *kind)
+	}
+}
+
+func netHTTP(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Path {
+	case "/small":
+		w.Header().Set("Content-Type", "text/plain")
+		w.Write(small)
+	case "/64k":
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Write(big)
+	case "/echo":
+		w.Header().Set("Content-Type", "application/octet-stream")
+		if r.ContentLength >= 0 {
+			w.Header().Set("Content-Length", strconv.FormatInt(r.ContentLength, 10))
+		}
+		io.Copy(w, r.Body)
+	default:
+		w.WriteHeader(404)
+	}
+}
+
+func fastHTTP(ctx *fasthttp.RequestCtx) {
+	switch string(ctx.Path()) {
+	case "/small":
+		ctx.SetContentType("text/plain")
+		ctx.SetBody(small)
+	case "/64k":
+		ctx.SetContentType("application/octet-stream")
+		ctx.SetBody(big)
+	case "/echo":
+		ctx.SetContentType("application/octet-stream")
+		ctx.SetBody(ctx.PostBody())
+	default:
+		ctx.SetStatusCode(404)
+	}
+}
