@@ -52,7 +52,7 @@ upstream = "app"
 		if snap.Match(ctx.Host(), ctx.Path(), ctx.Method()) == nil || !checkRawHeaders(&ctx.Request.Header) {
 			t.Fatal("no match")
 		}
-		scratch = stripHopHeaders(&ctx.Request.Header, scratch)
+		scratch = stripRequestHop(&ctx.Request.Header, scratch)
 		scratch = setForwardedHeaders(&ctx, &snap.Server, peerAddr(&ctx), scratch)
 		id = ids.next(id[:0])
 		ctx.Request.Header.SetBytesV("X-Request-Id", id)

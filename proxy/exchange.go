@@ -206,7 +206,7 @@ func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int) (upgrade []
 	if up := upgradeType(h); up != nil {
 		upgrade = append([]byte(nil), up...)
 	}
-	x.scratch = stripHopHeaders(h, x.scratch)
+	x.scratch = stripRequestHop(h, x.scratch)
 	h.Del("Expect") // 100-continue was answered by the server already
 	if upgrade != nil {
 		h.Set("Connection", "Upgrade")
@@ -463,7 +463,7 @@ func (x *exchange) respond(upgrade []byte) {
 	}
 	r.Header.CopyTo(&ctx.Response.Header)
 	rh := &ctx.Response.Header
-	x.scratch = stripHopHeaders(rh, x.scratch)
+	x.scratch = stripResponseHop(rh, x.scratch)
 	rh.ResetConnectionClose()
 	rh.SetBytesV(x.srv.RequestIDHeader, x.reqID)
 

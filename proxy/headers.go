@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
-	"iter"
 	"net"
 	"net/netip"
 	"strconv"
@@ -18,9 +17,9 @@ import (
 // hopHeaders are the hop-by-hop fields of RFC 9110 §7.6.1 plus the legacy
 // ones Go's httputil.ReverseProxy also removes. They describe one connection
 // and are never forwarded, in either direction. Fields listed in Connection
-// are removed as well (stripHopHeaders).
+// are removed as well (stripHop).
 var hopHeaders = [...]string{
-	"Connection", // must stay first: stripHopHeaders reads its value
+	"Connection", // must stay first: stripHop reads its value
 	"Proxy-Connection", // non-standard, sent by old clients
 	"Keep-Alive",
 	"Proxy-Authenticate",
@@ -36,20 +35,30 @@ type headerDeleter interface {
 	Peek(key string) []byte
 	Del(key string)
 	DelBytes(key []byte)
-	All() iter.Seq2[[]byte, []byte]
 }
 
-// stripHopHeaders removes hop-by-hop fields, including every field named in
-// Connection (RFC 9110 §7.6.1). Most messages carry none, so it first looks
-// (one pass, no allocation) and deletes only what is there: each Del costs
-// a key normalisation and a scan of all fields.
-func stripHopHeaders(h headerDeleter, scratch []byte) []byte {
+// stripRequestHop removes hop-by-hop fields from a request head (RFC 9110
+// §7.6.1), including every field named in Connection. Most messages carry
+// none, so it first looks (one pass, no allocation) and deletes only what
+// is there: each Del costs a key normalisation and a scan of all fields.
+func stripRequestHop(h *fasthttp.RequestHeader, scratch []byte) []byte {
 	var present uint16 // bit i: hopHeaders[i] is there
 	for k := range h.All() {
-		if i := hopIndex(k); i >= 0 {
-			present |= 1 << i
-		}
+		present |= hopBit(k)
 	}
+	return stripHop(h, present, scratch)
+}
+
+// stripResponseHop is stripRequestHop for a response head.
+func stripResponseHop(h *fasthttp.ResponseHeader, scratch []byte) []byte {
+	var present uint16
+	for k := range h.All() {
+		present |= hopBit(k)
+	}
+	return stripHop(h, present, scratch)
+}
+
+func stripHop(h headerDeleter, present uint16, scratch []byte) []byte {
 	if present == 0 {
 		return scratch
 	}
@@ -67,6 +76,14 @@ func stripHopHeaders(h headerDeleter, scratch []byte) []byte {
 		}
 	}
 	return scratch
+}
+
+// hopBit returns the bit of k in hopHeaders, or 0.
+func hopBit(k []byte) uint16 {
+	if i := hopIndex(k); i >= 0 {
+		return 1 << i
+	}
+	return 0
 }
 
 // hopIndex returns k's index in hopHeaders, or -1.

@@ -118,7 +118,7 @@ func TestStripHopHeaders(t *testing.T) {
 	h.Set("X-A", "1")
 	h.Set("X-B", "2")
 	h.Set("X-C", "3")
-	stripHopHeaders(&h, nil)
+	stripRequestHop(&h, nil)
 	for _, k := range append([]string{"X-A", "X-B"}, hopHeaders[:]...) {
 		if v := h.Peek(k); len(v) > 0 {
 			t.Errorf("%s survived: %q", k, v)
