@@ -19,7 +19,7 @@ import (
 // and are never forwarded, in either direction. Fields listed in Connection
 // are removed as well (stripHop).
 var hopHeaders = [...]string{
-	"Connection", // must stay first: stripHop reads its value
+	"Connection",       // must stay first: stripHop reads its value
 	"Proxy-Connection", // non-standard, sent by old clients
 	"Keep-Alive",
 	"Proxy-Authenticate",

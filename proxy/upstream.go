@@ -5,9 +5,9 @@ import (
 	"io"
 	"net"
 	"os"
-	"syscall"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/sidecar-proxy/sidecar/policy"
