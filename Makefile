@@ -23,6 +23,7 @@ test: fmt-check
 
 deps-bench:
 	@command -v wrk >/dev/null || { apt-get update -q && $(APT_INSTALL) wrk; }
+	@command -v nginx >/dev/null || { apt-get update -q && $(APT_INSTALL) nginx-light || $(APT_INSTALL) nginx; } || true
 	@command -v taskset >/dev/null || { apt-get update -q && $(APT_INSTALL) util-linux; }
 
 bench: deps-bench

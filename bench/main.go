@@ -54,6 +54,34 @@ func main() {
 	defer stop(bare)
 	waitHTTP("http://" + bareAddr + "/small")
 
+	// NGINX, when installed, as the reference proxy everyone knows: one
+	// worker on CPU 0, keep-alive upstream connections, default buffering.
+	nginxAddr := ""
+	if path, err := exec.LookPath("nginx"); err == nil {
+		nginxAddr = freeAddr()
+		conf := filepath.Join(dir, "nginx.conf")
+		check(os.WriteFile(conf, fmt.Appendf(nil, `worker_processes 1;
+daemon off;
+error_log %s/nginx-error.log;
+pid %s/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path %s;
+  proxy_temp_path %s;
+  client_max_body_size 0;
+  upstream be { server %s; keepalive 64; }
+  server {
+    listen %s;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+`, dir, dir, dir, dir, backendAddr, nginxAddr), 0o600))
+		ngx := start(path, nil, "0", "-c", conf)
+		defer stop(ngx)
+		waitHTTP("http://" + nginxAddr + "/small")
+	}
+
 	cfg := filepath.Join(dir, "sidecar.toml")
 	check(os.WriteFile(cfg, fmt.Appendf(nil, `[server]
 listen = %q
@@ -82,11 +110,11 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	}
 	fmt.Printf("sidecar (and the bare reference forwarder) on CPU 0, GOMAXPROCS=1; %s backend and wrk on CPU 1;\nwrk -t1 -c%d -d%s; median of %d alternating runs\n\n",
 		*kind, *conns, *dur, *runs)
-	fmt.Printf("| scenario | direct req/s | sidecar req/s | sidecar/direct | target | bare fasthttp/direct | direct p50 / p99 | sidecar p50 / p99 |\n")
-	fmt.Printf("|---|---|---|---|---|---|---|---|\n")
+	fmt.Printf("| scenario | direct req/s | sidecar req/s | sidecar/direct | target | bare fasthttp/direct | nginx/direct | direct p50 / p99 | sidecar p50 / p99 |\n")
+	fmt.Printf("|---|---|---|---|---|---|---|---|---|\n")
 	failed := false
 	for _, sc := range scenarios {
-		var direct, proxied, bared []sample
+		var direct, proxied, bared, nginxed []sample
 		wrk("http://"+backendAddr+sc.path, sc.script, *conns, time.Second) // warm-up
 		wrk("http://"+proxyAddr+sc.path, sc.script, *conns, time.Second)
 		wrk("http://"+bareAddr+sc.path, sc.script, *conns, time.Second)
@@ -94,8 +122,15 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 			direct = append(direct, wrk("http://"+backendAddr+sc.path, sc.script, *conns, *dur))
 			proxied = append(proxied, wrk("http://"+proxyAddr+sc.path, sc.script, *conns, *dur))
 			bared = append(bared, wrk("http://"+bareAddr+sc.path, sc.script, *conns, *dur))
+			if nginxAddr != "" {
+				nginxed = append(nginxed, wrk("http://"+nginxAddr+sc.path, sc.script, *conns, *dur))
+			}
 		}
 		d, p, b := median(direct), median(proxied), median(bared)
+		ngx := "not installed"
+		if nginxAddr != "" {
+			ngx = fmt.Sprintf("%.2f", median(nginxed).rps/d.rps)
+		}
 		ratio := p.rps / d.rps
 		target := "-"
 		if sc.target > 0 {
@@ -105,12 +140,12 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 				failed = true
 			}
 		}
-		fmt.Printf("| %s | %.0f | %.0f | %.2f | %s | %.2f | %s / %s | %s / %s |\n", sc.name, d.rps, p.rps, ratio, target,
-			b.rps/d.rps, ms(d.p50), ms(d.p99), ms(p.p50), ms(p.p99))
+		fmt.Printf("| %s | %.0f | %.0f | %.2f | %s | %.2f | %s | %s / %s | %s / %s |\n", sc.name, d.rps, p.rps, ratio, target,
+			b.rps/d.rps, ngx, ms(d.p50), ms(d.p99), ms(p.p50), ms(p.p99))
 	}
 	fmt.Printf("\nsidecar peak RSS (VmHWM): %.1f MiB\n", float64(statusKB(sidecar.Process.Pid, "VmHWM"))/1024)
 	if failed {
-		fmt.Println("\nsome targets were missed in this run (the machine is shared: rerun to confirm)")
+		fmt.Println("\nsome targets were missed in this run; see README \"Performance\" for why and for the reference proxies")
 	}
 }
 

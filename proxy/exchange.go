@@ -491,6 +491,10 @@ func (x *exchange) respond(upgrade []byte) {
 		}
 		x.pending, x.pendingEOF = (*x.pendingBuf)[:n], err == io.EOF
 	}
+	if cl >= 0 && cl <= bufferBodyLimit {
+		x.bufferBody(cl)
+		return
+	}
 	switch {
 	case cl < 0 && !x.http11:
 		x.closeDelimited() // HTTP/1.0 clients cannot take chunked framing
@@ -498,17 +502,48 @@ func (x *exchange) respond(upgrade []byte) {
 	case cl < 0:
 		cl = -1
 		ctx.Response.ImmediateHeaderFlush = true // streams (SSE) show their head at once
-	case x.conn.br.Buffered() < cl:
-		// A Content-Length body still on its way: fasthttp would hold what
-		// arrives in its 32 KiB write buffer until it fills, so a slow
-		// stream would reach the client late, and a cut one not at all.
-		// Flush the head now and write the body to the socket as it comes.
-		// (A body already in hand takes fasthttp's buffered path: one
-		// write for head and body.)
+	default:
+		// A large Content-Length body: fasthttp would hold what arrives in
+		// its 32 KiB write buffer until it fills, so a slow stream would
+		// reach the client late, and a cut one not at all. Flush the head
+		// now and write the body to the socket as it comes.
 		x.direct = true
 		ctx.Response.ImmediateHeaderFlush = true
 	}
 	ctx.Response.SetBodyStream(x, cl)
+}
+
+// bufferBodyLimit is the largest Content-Length body read whole before the
+// response goes out, as NGINX's proxy_buffering does: the upstream
+// connection is free again at once (a slow client no longer holds it), head
+// and body leave in one write, and a body cut short becomes a 502 instead
+// of a truncated 200. Larger bodies stream.
+const bufferBodyLimit = 64 << 10
+
+// bufferBody reads a small body into the client's response and ends the
+// upstream exchange before the client is written to.
+func (x *exchange) bufferBody(cl int) {
+	ctx := x.ctx
+	bufp := copyBufPool.Get().(*[]byte)
+	defer copyBufPool.Put(bufp)
+	buf := *bufp
+	for {
+		n, err := x.Read(buf)
+		ctx.Response.AppendBody(buf[:n])
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			x.rt.up.m.errorInc(ErrUpstreamReset)
+			x.upErr = nil // counted once, as the failure it caused
+			ctx.Response.Header.Reset()
+			x.abortPump()
+			x.abandonConn()
+			x.fail(ErrUpstreamReset)
+			return
+		}
+	}
+	x.finish(nil)
 }
 
 // Read implements io.Reader for fasthttp, which copies the upstream body
