@@ -295,3 +295,31 @@ func TestSlowlorisCutByHeaderTimeout(t *testing.T) {
 		}
 	}
 }
+
+func TestConnectionCaps(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	sc := startSidecar(t, "[server]\nmax_connections_per_ip = 2\n"+routeTo(be.url(), ""))
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for i := 0; i < 2; i++ {
+		c, err := net.Dial("tcp", sc.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		if resp, err := http.ReadResponse(bufio.NewReader(c), nil); err != nil || resp.StatusCode != 200 {
+			t.Fatalf("connection %d within the cap: %v", i+1, err)
+		}
+	}
+	out := rawRequest(t, sc.Addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n", 3*time.Second)
+	if strings.HasPrefix(out, "HTTP/1.1 200") {
+		t.Errorf("a third connection from one IP was served with max_connections_per_ip = 2")
+	}
+	t.Logf("third connection answered %q", firstLine(out))
+}
