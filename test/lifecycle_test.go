@@ -185,7 +185,15 @@ func TestReloadUnderLoad(t *testing.T) {
 	sc := startSidecar(t, routeTo(a.url(), ""))
 	stop := make(chan struct{})
 	res, wg := runLoad(t, sc.Addr, "/", 4, stop)
-	defer func() { close(stop); wg.Wait() }()
+	stopped := false
+	stopLoad := func() {
+		if !stopped {
+			stopped = true
+			close(stop)
+			wg.Wait()
+		}
+	}
+	defer stopLoad()
 
 	waitBody := func(want string) {
 		t.Helper()
@@ -238,6 +246,7 @@ func TestReloadUnderLoad(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	time.Sleep(200 * time.Millisecond)
+	stopLoad()
 	after := sc.metric(`sidecar_requests_total{route="app",method="GET",status_class="2xx"}`)
 	if after < before || before < 1 {
 		t.Errorf("route counter went from %v to %v across reloads: must carry over", before, after)

@@ -147,12 +147,12 @@ func TestSlowClientSlowsUpstreamRead(t *testing.T) {
 
 func TestFirstChunkArrivesBeforeUpstreamSendsTheNext(t *testing.T) {
 	release := make(chan struct{})
-	var chunk1At time.Time
+	var chunk1At atomic.Int64 // unix nanoseconds
 	var sentSecond atomic.Bool
 	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "chunk-1;")
 		http.NewResponseController(w).Flush()
-		chunk1At = time.Now()
+		chunk1At.Store(time.Now().UnixNano())
 		select {
 		case <-release:
 		case <-time.After(10 * time.Second):
@@ -170,7 +170,7 @@ func TestFirstChunkArrivesBeforeUpstreamSendsTheNext(t *testing.T) {
 	if _, err := io.ReadFull(resp.Body, buf); err != nil || string(buf) != "chunk-1;" {
 		t.Fatalf("first chunk %q %v", buf, err)
 	}
-	latency := time.Since(chunk1At)
+	latency := time.Since(time.Unix(0, chunk1At.Load()))
 	if sentSecond.Load() {
 		t.Fatal("chunk 1 reached the client only after the upstream sent chunk 2: the response was buffered")
 	}
