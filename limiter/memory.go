@@ -1,0 +1,137 @@
+package limiter
+
+import (
+	"hash/maphash"
+	"sync"
+	"time"
+)
+
+// DefaultMaxKeys caps the memory store: at most this many clients' states
+// are held (about 100 bytes to 1.7 KB each, with the heaviest sliding
+// windows). Past it, expired states go first, then the least recently
+// seen of a sample.
+const DefaultMaxKeys = 200_000
+
+const memShards = 64
+
+// Memory is the in-process store: the embedded default, and the local
+// fallback while Redis is unreachable. It is safe for concurrent use.
+//
+// Bound when an entry is evicted under the cap: that client starts afresh,
+// so in the window it was evicted in it can be admitted up to twice its
+// limit. Eviction takes expired entries first, so this only happens with
+// more than MaxKeys clients active within one window.
+type Memory struct {
+	seed     maphash.Seed
+	perShard int
+	shards   [memShards]memShard
+	evicted  func() // called per eviction of a live entry; may be nil
+}
+
+type memShard struct {
+	mu sync.Mutex
+	m  map[string]*memEntry
+}
+
+type memEntry struct {
+	buckets   []bucket
+	tat       float64
+	expiresMs int64 // when this state no longer matters
+	seenMs    int64
+}
+
+// NewMemory returns a memory store holding at most maxKeys states
+// (0: DefaultMaxKeys).
+func NewMemory(maxKeys int) *Memory {
+	if maxKeys <= 0 {
+		maxKeys = DefaultMaxKeys
+	}
+	m := &Memory{seed: maphash.MakeSeed(), perShard: max(1, maxKeys/memShards)}
+	for i := range m.shards {
+		m.shards[i].m = make(map[string]*memEntry)
+	}
+	return m
+}
+
+// Len returns the number of states held.
+func (m *Memory) Len() int {
+	n := 0
+	for i := range m.shards {
+		s := &m.shards[i]
+		s.mu.Lock()
+		n += len(s.m)
+		s.mu.Unlock()
+	}
+	return n
+}
+
+// AllowAt decides for cost requests of key at now.
+func (m *Memory) AllowAt(key string, rule Rule, now time.Time, cost int) Decision {
+	nowMs := now.UnixMilli()
+	s := &m.shards[maphash.String(m.seed, key)%memShards]
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.m[key]
+	if e == nil {
+		if len(s.m) >= m.perShard {
+			m.evict(s, nowMs)
+		}
+		e = &memEntry{}
+		s.m[key] = e
+	}
+	var d Decision
+	if rule.Algorithm == GCRA {
+		e.tat, d = gcra(e.tat, rule, nowMs, int64(cost))
+	} else {
+		e.buckets, d = slide(e.buckets, rule, nowMs, int64(cost))
+		if cap(e.buckets) > 2*len(e.buckets)+8 {
+			e.buckets = append([]bucket(nil), e.buckets...) // give back a burst's growth
+		}
+	}
+	e.seenMs = nowMs
+	e.expiresMs = nowMs + d.ResetAfter.Milliseconds() + 1
+	return d
+}
+
+// evict makes room in a full shard without scanning it: of a few entries
+// (map order is random, so this samples), the expired ones go, or else
+// the least recently seen. Sweep does the bulk clean-up.
+func (m *Memory) evict(s *memShard, nowMs int64) {
+	var victim string
+	oldest := int64(1<<63 - 1)
+	n, freed := 0, false
+	for k, e := range s.m {
+		if e.expiresMs <= nowMs {
+			delete(s.m, k)
+			freed = true
+		} else if e.seenMs < oldest {
+			victim, oldest = k, e.seenMs
+		}
+		if n++; n == 8 {
+			break
+		}
+	}
+	if freed || victim == "" {
+		return
+	}
+	delete(s.m, victim)
+	if m.evicted != nil {
+		m.evicted()
+	}
+}
+
+// Sweep drops expired states; the Limiter calls it periodically so that
+// memory follows the active clients, not all clients ever seen.
+func (m *Memory) Sweep(now time.Time) {
+	nowMs := now.UnixMilli()
+	for i := range m.shards {
+		s := &m.shards[i]
+		s.mu.Lock()
+		for k, e := range s.m {
+			if e.expiresMs <= nowMs {
+				delete(s.m, k)
+			}
+		}
+		s.mu.Unlock()
+	}
+}
