@@ -1,0 +1,501 @@
+package limiter
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/redis/go-redis/v9"
+)
+
+// FailMode is what happens to decisions while the store is unreachable.
+type FailMode uint8
+
+const (
+	// FailLocal decides in memory with each replica's share of the limit
+	// (limit ÷ replicas seen alive before the outage).
+	FailLocal FailMode = iota
+	// FailAllow admits everything.
+	FailAllow
+	// FailDeny refuses everything.
+	FailDeny
+)
+
+// Source says where a decision came from.
+type Source uint8
+
+const (
+	FromMemory    Source = iota // the memory store (no Redis configured)
+	FromStore                   // Redis answered
+	FromDenyCache               // a client known to be over its limit, denied without a Redis call
+	FromFallback                // Redis failed or is cooling down: on_store_error decided
+)
+
+func (s Source) String() string {
+	switch s {
+	case FromStore:
+		return "store"
+	case FromDenyCache:
+		return "deny_cache"
+	case FromFallback:
+		return "store_error_fallback"
+	}
+	return "memory"
+}
+
+// Settings configures a Limiter. Zero values are the documented defaults.
+type Settings struct {
+	// Redis shares limits across replicas; nil keeps them in memory.
+	Redis redis.UniversalClient
+	// OnStoreError applies while Redis fails. Default FailLocal.
+	OnStoreError FailMode
+	// StoreTimeout bounds one decision's wait for Redis. Default 50 ms.
+	StoreTimeout time.Duration
+	// FailureThreshold consecutive store failures start a cool-down.
+	// Default 3.
+	FailureThreshold int
+	// Cooldown is how long Redis is left alone after that; then one
+	// probe decides whether to return to it. Default 5 s.
+	Cooldown time.Duration
+	// MaxKeys caps the memory store (and the local fallback). Default
+	// DefaultMaxKeys.
+	MaxKeys int
+	// KeyPrefix starts every Redis key. Default "sidecar".
+	KeyPrefix string
+	// Heartbeat is how often this replica announces itself in Redis; a
+	// replica unseen for 3 heartbeats no longer counts. Default 2 s.
+	Heartbeat time.Duration
+	// MaxBatch caps the decisions sent in one pipeline. Default 128.
+	MaxBatch int
+	// Now is the clock; tests pass a fake one. Default time.Now.
+	Now func() time.Time
+	// Logger gets one line per switch to and from the fallback.
+	Logger *slog.Logger
+	// Metrics receives the limiter's series. Default: a private set.
+	Metrics *metrics.Set
+}
+
+// Limiter makes rate-limit decisions against its store, and keeps doing so
+// when the store fails. It is safe for concurrent use.
+type Limiter struct {
+	s      Settings
+	mem    *Memory // the store without Redis; the local fallback with it
+	store  *redisStore
+	calls  chan *call
+	denied denyCache
+
+	failures  atomic.Int32
+	openUntil atomic.Int64 // unix ms; while in the future, Redis is not called
+	probing   atomic.Bool
+	replicas  atomic.Int64 // live replicas, as last seen in Redis
+	replicaID string
+
+	m    limiterMetrics
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+type limiterMetrics struct {
+	storeDuration *metrics.PrometheusHistogram
+	storeErrors   *metrics.Counter
+	commands      *metrics.Counter
+	toFallback    *metrics.Counter
+	toStore       *metrics.Counter
+	denyCacheHits *metrics.Counter
+	evictions     *metrics.Counter
+}
+
+// call is one decision waiting for the batcher.
+type call struct {
+	key  string
+	rule Rule
+	cost int
+	d    Decision
+	err  error
+	done chan struct{}
+}
+
+var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1)} }}
+
+// New returns a Limiter; Close releases it.
+func New(s Settings) *Limiter {
+	if s.StoreTimeout <= 0 {
+		s.StoreTimeout = 50 * time.Millisecond
+	}
+	if s.FailureThreshold <= 0 {
+		s.FailureThreshold = 3
+	}
+	if s.Cooldown <= 0 {
+		s.Cooldown = 5 * time.Second
+	}
+	if s.KeyPrefix == "" {
+		s.KeyPrefix = "sidecar"
+	}
+	if s.Heartbeat <= 0 {
+		s.Heartbeat = 2 * time.Second
+	}
+	if s.MaxBatch <= 0 {
+		s.MaxBatch = 128
+	}
+	if s.Now == nil {
+		s.Now = time.Now
+	}
+	if s.Logger == nil {
+		s.Logger = slog.Default()
+	}
+	if s.Metrics == nil {
+		s.Metrics = metrics.NewSet()
+	}
+	var id [6]byte
+	_, _ = rand.Read(id[:])
+	l := &Limiter{s: s, mem: NewMemory(s.MaxKeys), stop: make(chan struct{}), replicaID: hex.EncodeToString(id[:])}
+	l.replicas.Store(1)
+	set := s.Metrics
+	l.m = limiterMetrics{
+		storeDuration: set.GetOrCreatePrometheusHistogramExt(`sidecar_ratelimit_store_duration_seconds`,
+			metrics.ExponentialBuckets(0.00005, 2, 14)),
+		storeErrors:   set.GetOrCreateCounter(`sidecar_ratelimit_store_errors_total`),
+		commands:      set.GetOrCreateCounter(`sidecar_ratelimit_store_commands_total`),
+		toFallback:    set.GetOrCreateCounter(`sidecar_ratelimit_store_switches_total{to="fallback"}`),
+		toStore:       set.GetOrCreateCounter(`sidecar_ratelimit_store_switches_total{to="store"}`),
+		denyCacheHits: set.GetOrCreateCounter(`sidecar_ratelimit_deny_cache_hits_total`),
+		evictions:     set.GetOrCreateCounter(`sidecar_ratelimit_memory_evictions_total`),
+	}
+	l.mem.evicted = l.m.evictions.Inc
+	set.GetOrCreateGauge(`sidecar_ratelimit_store_cooldown`, func() float64 {
+		if l.coolingDown(l.s.Now().UnixMilli()) {
+			return 1
+		}
+		return 0
+	})
+	set.GetOrCreateGauge(`sidecar_ratelimit_memory_keys`, func() float64 { return float64(l.mem.Len()) })
+	set.GetOrCreateGauge(`sidecar_ratelimit_live_replicas`, func() float64 { return float64(l.replicas.Load()) })
+	l.denied.init()
+	if s.Redis != nil {
+		redisLogOnce.Do(func() { redis.SetLogger(&quietRedisLog{log: s.Logger}) })
+		l.store = newRedisStore(s.Redis, s.KeyPrefix)
+		l.calls = make(chan *call, 4096)
+		l.wg.Add(2)
+		go l.batcher()
+		go l.heartbeat()
+	}
+	l.wg.Add(1)
+	go l.sweeper()
+	return l
+}
+
+// Close stops the limiter's goroutines and withdraws this replica from the
+// heartbeat set. It does not close the Redis client.
+func (l *Limiter) Close() {
+	close(l.stop)
+	l.wg.Wait()
+	if l.store != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), l.s.StoreTimeout)
+		defer cancel()
+		_ = l.store.rdb.ZRem(ctx, l.replicasKey(), l.replicaID).Err()
+	}
+}
+
+// Redis reports whether decisions go to Redis.
+func (l *Limiter) Redis() bool { return l.store != nil }
+
+// CoolingDown reports whether Redis is being left alone after failures.
+func (l *Limiter) CoolingDown() bool { return l.coolingDown(l.s.Now().UnixMilli()) }
+
+func (l *Limiter) coolingDown(nowMs int64) bool { return l.openUntil.Load() > nowMs }
+
+// Allow decides whether one request of key fits rule. It always returns a
+// decision: store failures are handled here (OnStoreError), never passed up.
+func (l *Limiter) Allow(key string, rule Rule) (Decision, Source) {
+	if !rule.valid() {
+		return Decision{Allowed: true}, FromMemory
+	}
+	now := l.s.Now()
+	if l.store == nil {
+		return l.mem.AllowAt(key, rule, now, 1), FromMemory
+	}
+	nowMs := now.UnixMilli()
+	if until, ok := l.denied.get(key, nowMs); ok {
+		l.m.denyCacheHits.Inc()
+		return Decision{Limit: rule.Limit, RetryAfter: time.Duration(until-nowMs) * time.Millisecond,
+			ResetAfter: time.Duration(until-nowMs) * time.Millisecond}, FromDenyCache
+	}
+	if l.coolingDown(nowMs) || (l.openUntil.Load() != 0 && !l.probing.CompareAndSwap(false, true)) {
+		return l.fallback(key, rule, now), FromFallback
+	}
+	d, err := l.ask(key, rule)
+	if err != nil {
+		l.failed(nowMs, err)
+		return l.fallback(key, rule, now), FromFallback
+	}
+	l.succeeded()
+	if !d.Allowed && d.RetryAfter > 0 {
+		l.denied.put(key, nowMs+d.RetryAfter.Milliseconds())
+	}
+	return d, FromStore
+}
+
+// ask sends one decision to Redis, batched with whatever else is waiting.
+func (l *Limiter) ask(key string, rule Rule) (Decision, error) {
+	start := time.Now()
+	defer func() { l.m.storeDuration.UpdateDuration(start) }()
+	if rule.Algorithm == GCRA {
+		ctx, cancel := context.WithTimeout(context.Background(), l.s.StoreTimeout)
+		defer cancel()
+		l.m.commands.Inc()
+		return l.store.gcraAllow(ctx, key, rule, 1)
+	}
+	c := callPool.Get().(*call)
+	c.key, c.rule, c.cost, c.err = key, rule, 1, nil
+	select {
+	case l.calls <- c:
+	default:
+		callPool.Put(c)
+		return Decision{}, errQueueFull
+	}
+	t := time.NewTimer(l.s.StoreTimeout * 2)
+	select {
+	case <-c.done:
+		t.Stop()
+		d, err := c.d, c.err
+		callPool.Put(c)
+		return d, err
+	case <-t.C:
+		// The batcher still owns c and will signal it; leave it to the GC.
+		return Decision{}, errStoreTimeout
+	}
+}
+
+var (
+	errQueueFull    = fmt.Errorf("limiter: decision queue full")
+	errStoreTimeout = fmt.Errorf("limiter: store did not answer in time")
+)
+
+// batcher sends waiting decisions to Redis: each round takes everything
+// queued (up to MaxBatch) and sends it as one pipeline. Under load that is
+// many decisions per round trip; when idle, a lone decision goes at once.
+func (l *Limiter) batcher() {
+	defer l.wg.Done()
+	batch := make([]*call, 0, l.s.MaxBatch)
+	for {
+		select {
+		case <-l.stop:
+			return
+		case c := <-l.calls:
+			batch = append(batch[:0], c)
+		}
+	fill:
+		for len(batch) < l.s.MaxBatch {
+			select {
+			case c := <-l.calls:
+				batch = append(batch, c)
+			default:
+				break fill
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), l.s.StoreTimeout)
+		l.m.commands.Inc() // one pipeline: one write and one round trip
+		err := l.store.slidingBatch(ctx, batch, 0)
+		cancel()
+		for _, c := range batch {
+			if err != nil && c.err == nil {
+				c.err = err
+			}
+			c.done <- struct{}{}
+		}
+	}
+}
+
+func (l *Limiter) failed(nowMs int64, err error) {
+	l.m.storeErrors.Inc()
+	if l.probing.Load() {
+		// The probe after a cool-down failed: cool down again.
+		l.openUntil.Store(nowMs + l.s.Cooldown.Milliseconds())
+		l.probing.Store(false)
+		return
+	}
+	if int(l.failures.Add(1)) == l.s.FailureThreshold {
+		l.openUntil.Store(nowMs + l.s.Cooldown.Milliseconds())
+		l.m.toFallback.Inc()
+		l.s.Logger.Warn("rate-limit store failing: deciding locally during a cool-down",
+			"error", err.Error(), "cooldown", l.s.Cooldown.String(), "on_store_error", l.modeName(),
+			"replicas_share", l.replicas.Load())
+	}
+}
+
+func (l *Limiter) succeeded() {
+	if l.probing.Load() || l.openUntil.Load() != 0 {
+		l.openUntil.Store(0)
+		l.probing.Store(false)
+		l.m.toStore.Inc()
+		l.s.Logger.Info("rate-limit store is back: decisions are shared again")
+	}
+	l.failures.Store(0)
+}
+
+func (l *Limiter) modeName() string {
+	switch l.s.OnStoreError {
+	case FailAllow:
+		return "allow"
+	case FailDeny:
+		return "deny"
+	}
+	return "local"
+}
+
+// fallback decides without Redis, per OnStoreError. Local gives each
+// replica its share: with N replicas alive before the outage, each admits
+// at most limit/N in memory, so the fleet stays within the limit.
+func (l *Limiter) fallback(key string, rule Rule, now time.Time) Decision {
+	switch l.s.OnStoreError {
+	case FailAllow:
+		return Decision{Allowed: true, Limit: rule.Limit, Remaining: rule.Limit}
+	case FailDeny:
+		return Decision{Limit: rule.Limit, RetryAfter: l.s.Cooldown, ResetAfter: l.s.Cooldown}
+	}
+	share := rule
+	if n := int(l.replicas.Load()); n > 1 {
+		share.Limit = max(1, rule.Limit/n)
+		if share.Burst > 0 {
+			share.Burst = max(1, share.Burst/n)
+		}
+	}
+	d := l.mem.AllowAt(key, share, now, 1)
+	d.Limit = rule.Limit
+	return d
+}
+
+func (l *Limiter) replicasKey() string { return "{" + l.s.KeyPrefix + ":replicas}" }
+
+// heartbeat keeps this replica in a sorted set in Redis (one key, so it
+// works on Cluster) and counts the replicas seen recently. The count is
+// what FailLocal divides by during an outage.
+func (l *Limiter) heartbeat() {
+	defer l.wg.Done()
+	t := time.NewTicker(l.s.Heartbeat)
+	defer t.Stop()
+	for {
+		if !l.coolingDown(l.s.Now().UnixMilli()) {
+			ctx, cancel := context.WithTimeout(context.Background(), l.s.StoreTimeout*2)
+			nowMs := l.s.Now().UnixMilli()
+			pipe := l.store.rdb.TxPipeline()
+			key := l.replicasKey()
+			pipe.ZAdd(ctx, key, redis.Z{Score: float64(nowMs), Member: l.replicaID})
+			pipe.ZRemRangeByScore(ctx, key, "-inf", strconv.FormatInt(nowMs-3*l.s.Heartbeat.Milliseconds(), 10))
+			card := pipe.ZCard(ctx, key)
+			pipe.PExpire(ctx, key, 10*l.s.Heartbeat)
+			if _, err := pipe.Exec(ctx); err == nil {
+				l.replicas.Store(max(1, card.Val()))
+			}
+			cancel()
+		}
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+		}
+	}
+}
+
+var redisLogOnce sync.Once
+
+// quietRedisLog routes go-redis' own log lines (one per failed dial, which
+// is a flood while Redis is down) to slog at debug level, at most one per
+// 10 s; the limiter logs the switches that matter itself.
+type quietRedisLog struct {
+	log  *slog.Logger
+	last atomic.Int64
+}
+
+func (q *quietRedisLog) Printf(_ context.Context, format string, v ...any) {
+	now := time.Now().UnixMilli()
+	if last := q.last.Load(); now-last < 10_000 || !q.last.CompareAndSwap(last, now) {
+		return
+	}
+	q.log.Debug("go-redis", "msg", fmt.Sprintf(format, v...))
+}
+
+// sweeper drops expired memory states and deny-cache entries.
+func (l *Limiter) sweeper() {
+	defer l.wg.Done()
+	t := time.NewTicker(10 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+			now := l.s.Now()
+			l.mem.Sweep(now)
+			l.denied.sweep(now.UnixMilli())
+		}
+	}
+}
+
+// denyCache remembers clients Redis denied, until their retry time, so
+// that an abusive client costs one Redis call per retry period instead of
+// one per request. It never over-admits: other replicas can only push the
+// client's state later.
+type denyCache struct {
+	shards [16]struct {
+		mu sync.Mutex
+		m  map[string]int64
+	}
+}
+
+const denyCacheMax = 65536 // per shard
+
+func (c *denyCache) init() {
+	for i := range c.shards {
+		c.shards[i].m = make(map[string]int64)
+	}
+}
+
+func (c *denyCache) shard(key string) int {
+	h := uint32(2166136261)
+	for i := 0; i < len(key); i++ {
+		h = (h ^ uint32(key[i])) * 16777619
+	}
+	return int(h % uint32(len(c.shards)))
+}
+
+func (c *denyCache) get(key string, nowMs int64) (int64, bool) {
+	s := &c.shards[c.shard(key)]
+	s.mu.Lock()
+	until, ok := s.m[key]
+	if ok && until <= nowMs {
+		delete(s.m, key)
+		ok = false
+	}
+	s.mu.Unlock()
+	return until, ok
+}
+
+func (c *denyCache) put(key string, until int64) {
+	s := &c.shards[c.shard(key)]
+	s.mu.Lock()
+	if len(s.m) < denyCacheMax {
+		s.m[key] = until
+	}
+	s.mu.Unlock()
+}
+
+func (c *denyCache) sweep(nowMs int64) {
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		for k, until := range s.m {
+			if until <= nowMs {
+				delete(s.m, k)
+			}
+		}
+		s.mu.Unlock()
+	}
+}

@@ -1,0 +1,231 @@
+package limiter
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sidecar-proxy/sidecar/internal/redistest"
+)
+
+func client(t *testing.T, addr string) redis.UniversalClient {
+	t.Helper()
+	rdb, err := NewRedisClient(RedisOptions{Addrs: []string{addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	return rdb
+}
+
+// The Lua script and the Go reference give the same answers for the same
+// sequence of decisions at the same instants.
+func TestRedisScriptMatchesMemory(t *testing.T) {
+	srv := redistest.Start(t)
+	store := newRedisStore(client(t, srv.Addr), "test")
+	for _, rule := range []Rule{{Limit: 5, Window: time.Second}, {Limit: 60, Window: time.Minute}, {Limit: 7, Window: 333 * time.Millisecond}} {
+		var buckets []bucket
+		now := t0.UnixMilli()
+		key := fmt.Sprintf("agree-%d-%d", rule.Limit, rule.Window)
+		for i := 0; i < 400; i++ {
+			now += rand.Int64N(rule.Window.Milliseconds()/int64(rule.Limit)) + 1
+			var want Decision
+			buckets, want = slide(buckets, rule, now, 1)
+			c := &call{key: key, rule: rule, cost: 1}
+			if err := store.slidingBatch(context.Background(), []*call{c}, now); err != nil || c.err != nil {
+				t.Fatal(err, c.err)
+			}
+			if c.d != want {
+				t.Fatalf("%v step %d at %d: redis %+v, memory %+v", rule, i, now, c.d, want)
+			}
+		}
+	}
+}
+
+func TestRedisSlidingWindowRealTime(t *testing.T) {
+	srv := redistest.Start(t)
+	l := New(Settings{Redis: client(t, srv.Addr)})
+	defer l.Close()
+	rule := Rule{Limit: 20, Window: time.Second}
+	allowed := 0
+	for i := 0; i < 50; i++ {
+		if d, src := l.Allow("real", rule); d.Allowed {
+			allowed++
+		} else if src != FromStore && src != FromDenyCache {
+			t.Fatalf("decision from %v", src)
+		}
+	}
+	if allowed != 20 {
+		t.Errorf("admitted %d of 50 immediate requests, limit 20", allowed)
+	}
+}
+
+func TestRedisGCRA(t *testing.T) {
+	srv := redistest.Start(t)
+	l := New(Settings{Redis: client(t, srv.Addr)})
+	defer l.Close()
+	rule := Rule{Limit: 10, Window: time.Second, Algorithm: GCRA, Burst: 4}
+	allowed := 0
+	for i := 0; i < 20; i++ {
+		if d, _ := l.Allow("gcra", rule); d.Allowed {
+			allowed++
+		}
+	}
+	if allowed != 4 {
+		t.Errorf("GCRA burst admitted %d at once, want the burst of 4", allowed)
+	}
+}
+
+func TestBatchingUnderConcurrency(t *testing.T) {
+	srv := redistest.Start(t)
+	l := New(Settings{Redis: client(t, srv.Addr)})
+	defer l.Close()
+	rule := Rule{Limit: 1000, Window: time.Minute}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	allowed := 0
+	for g := 0; g < 32; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 100; i++ {
+				if d, _ := l.Allow("shared", rule); d.Allowed {
+					mu.Lock()
+					allowed++
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	rounds := l.m.commands.Get()
+	if allowed != 1000 {
+		t.Errorf("admitted %d of 3200 with a limit of 1000", allowed)
+	}
+	t.Logf("3200 concurrent decisions took %d Redis round trips (%.1f per 100 decisions)", rounds, float64(rounds)/32)
+	if rounds >= 3200 {
+		t.Errorf("no batching: %d round trips for 3200 decisions", rounds)
+	}
+}
+
+func TestDenyCacheSparesRedis(t *testing.T) {
+	srv := redistest.Start(t)
+	counter := redistest.CountBytes(t, srv.Addr)
+	l := New(Settings{Redis: client(t, counter.Addr), Heartbeat: time.Hour})
+	defer l.Close()
+	rule := Rule{Limit: 3, Window: 10 * time.Second}
+	for i := 0; i < 4; i++ {
+		l.Allow("abuser", rule)
+	}
+	before := counter.Sent()
+	for i := 0; i < 1000; i++ {
+		if d, src := l.Allow("abuser", rule); d.Allowed || src != FromDenyCache {
+			t.Fatalf("over-limit client: %+v from %v", d, src)
+		}
+	}
+	if sent := counter.Sent() - before; sent != 0 {
+		t.Errorf("%d bytes went to Redis for 1000 requests of a client known to be over its limit", sent)
+	}
+}
+
+// Redis killed, frozen and restarted: decisions never fail, Redis is left
+// alone during the cool-down, and shared decisions resume by themselves.
+func TestStoreOutages(t *testing.T) {
+	srv := redistest.Start(t)
+	counter := redistest.CountBytes(t, srv.Addr)
+	var logs bytes.Buffer
+	var mu sync.Mutex
+	now := time.Now()
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	l := New(Settings{Redis: client(t, counter.Addr), Cooldown: 5 * time.Second, Heartbeat: time.Hour,
+		Now: clock, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	defer l.Close()
+	rule := Rule{Limit: 1000, Window: time.Minute}
+	if _, src := l.Allow("first", rule); src != FromStore {
+		t.Fatalf("first decision from %v", src)
+	}
+
+	for name, outage := range map[string]struct{ down, up func() }{
+		"killed": {srv.Kill, srv.Restart},
+		"frozen": {srv.Freeze, srv.Thaw},
+	} {
+		outage.down()
+		key := "client-" + name
+		for i := 0; i < 3; i++ { // the failure threshold
+			start := time.Now()
+			d, src := l.Allow(key, rule)
+			if src != FromFallback || !d.Allowed {
+				t.Fatalf("%s: failure %d: %+v from %v", name, i, d, src)
+			}
+			t.Logf("%s: failing decision %d took %v", name, i, time.Since(start).Round(time.Microsecond))
+		}
+		if !l.CoolingDown() {
+			t.Fatalf("%s: no cool-down after 3 failures", name)
+		}
+		sent := counter.Sent()
+		start := time.Now()
+		for i := 0; i < 1000; i++ {
+			if _, src := l.Allow(key, rule); src != FromFallback {
+				t.Fatalf("%s: decision during cool-down from %v", name, src)
+			}
+		}
+		per := time.Since(start) / 1000
+		if got := counter.Sent() - sent; got != 0 {
+			t.Errorf("%s: %d bytes sent to Redis during the cool-down", name, got)
+		}
+		t.Logf("%s: a decision during the cool-down took %v", name, per)
+		outage.up()
+		advance(6 * time.Second) // the cool-down is over: the next decision probes
+		if _, src := l.Allow(key, rule); src != FromStore {
+			t.Errorf("%s: after Redis came back, decision from %v", name, src)
+		}
+		if _, src := l.Allow(key, rule); src != FromStore {
+			t.Errorf("%s: not back on Redis: %v", name, src)
+		}
+	}
+	if n := strings.Count(logs.String(), "deciding locally"); n != 2 {
+		t.Errorf("switch to fallback logged %d times for 2 outages:\n%s", n, logs.String())
+	}
+	if l.m.toFallback.Get() != 2 || l.m.toStore.Get() != 2 {
+		t.Errorf("switches counted %d/%d", l.m.toFallback.Get(), l.m.toStore.Get())
+	}
+}
+
+func TestLocalFallbackSharesTheLimit(t *testing.T) {
+	srv := redistest.Start(t)
+	var ls []*Limiter
+	for i := 0; i < 3; i++ {
+		l := New(Settings{Redis: client(t, srv.Addr), Heartbeat: 50 * time.Millisecond})
+		defer l.Close()
+		ls = append(ls, l)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for ls[0].replicas.Load() != 3 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := ls[0].replicas.Load(); n != 3 {
+		t.Fatalf("replicas seen: %d, want 3", n)
+	}
+	srv.Kill()
+	rule := Rule{Limit: 30, Window: time.Minute}
+	total := 0
+	for _, l := range ls {
+		for i := 0; i < 30; i++ {
+			if d, _ := l.Allow("shared-client", rule); d.Allowed {
+				total++
+			}
+		}
+	}
+	if total != 30 {
+		t.Errorf("3 replicas admitted %d during the outage, want each its third of 30", total)
+	}
+}
