@@ -1,11 +1,12 @@
-# make test  - everything CI runs: format check, vet, unit and end-to-end tests with -race
+# make test  - everything CI runs: installs redis-server if missing, then format check, vet,
+#              unit and end-to-end tests with -race
 # make bench - throughput and latency, direct vs through the sidecar (needs wrk; installed if missing)
 # make run   - the sidecar on the embedded demo config
 
 GO ?= go
 APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -q
 
-.PHONY: test bench run build deps-bench fmt-check
+.PHONY: test bench run build deps-test deps-bench fmt-check
 
 build:
 	$(GO) build -o bin/sidecar .
@@ -17,7 +18,11 @@ fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
-test: fmt-check
+# The tests start their own redis-server processes on free loopback ports.
+deps-test:
+	@command -v redis-server >/dev/null || { apt-get update -q && $(APT_INSTALL) redis-server; }
+
+test: fmt-check deps-test
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m ./...
 

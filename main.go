@@ -44,6 +44,7 @@ type options struct {
 	demo     bool
 	logLevel string
 	watch    time.Duration
+	hashKey  string
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -55,7 +56,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	fs.BoolVar(&o.demo, "demo", false, "run on the embedded default config with a built-in demo upstream")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
-	fs.DurationVar(&o.watch, "watch-interval", 2*time.Second, "how often to check the config file for changes (0 disables; SIGHUP always reloads)")
+	fs.DurationVar(&o.watch, "watch-interval", 2*time.Second, "how often to check the config and keys files for changes (0 disables; SIGHUP always reloads)")
+	fs.StringVar(&o.hashKey, "hash-key", "", "print the keys-file form (hex SHA-256) of an API key and exit")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -79,6 +81,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if o.version {
 		fmt.Fprintf(stdout, "sidecar %s (%s)\n", version, runtime.Version())
+		return 0
+	}
+	if o.hashKey != "" {
+		fmt.Fprintln(stdout, policy.HashKey(o.hashKey))
 		return 0
 	}
 	var level slog.Level
@@ -189,8 +195,12 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 		"upstreams", len(snap.Upstreams), "routes", len(snap.Routes),
 		"gomaxprocs", runtime.GOMAXPROCS(0), "summary", summary(snap))
 
+	files := snap.Files // watched for changes: config, keys file, JWT key
 	reload := func(why string) {
 		next, err := policy.Load(o.config)
+		if next != nil {
+			files = next.Files
+		}
 		if err != nil {
 			reloadFail.Inc()
 			log.Error("config reload rejected; the previous config keeps serving", "trigger", why, "error", err.Error())
@@ -209,7 +219,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 	var tick <-chan time.Time
-	lastSum := fileSum(o.config)
+	lastSum := fileSum(files)
 	if o.watch > 0 && o.config != "" {
 		t := time.NewTicker(o.watch)
 		defer t.Stop()
@@ -224,7 +234,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 			// Kubernetes updates a mounted ConfigMap by swapping a symlink,
 			// with no signal; polling the content catches that and editors'
 			// rename-on-save alike.
-			if sum := fileSum(o.config); sum != nil && !bytes.Equal(sum, lastSum) {
+			if sum := fileSum(files); sum != nil && !bytes.Equal(sum, lastSum) {
 				lastSum = sum
 				reload("file change")
 			}
@@ -234,7 +244,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 					log.Warn("SIGHUP ignored: -demo runs on the embedded config")
 					continue
 				}
-				lastSum = fileSum(o.config)
+				lastSum = fileSum(files)
 				reload("SIGHUP")
 				continue
 			}
@@ -287,14 +297,19 @@ func needsRestart(old, next *policy.Snapshot) string {
 	return strings.Join(keys, ", ")
 }
 
-func fileSum(path string) []byte {
-	if path == "" {
+// fileSum hashes the contents of the files a config was read from (the
+// config itself, the API keys file, a JWT public key).
+func fileSum(paths []string) []byte {
+	if len(paths) == 0 || paths[0] == "demo" {
 		return nil
 	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil
+	h := sha256.New()
+	for _, p := range paths {
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return nil
+		}
+		h.Write(data)
 	}
-	s := sha256.Sum256(data)
-	return s[:]
+	return h.Sum(nil)
 }

@@ -36,6 +36,116 @@ type File struct {
 	Server    ServerFile              `toml:"server"`
 	Upstreams map[string]UpstreamFile `toml:"upstreams"`
 	Routes    []RouteFile             `toml:"routes"`
+	Identity  IdentityFile            `toml:"identity"`
+	Tiers     map[string]TierFile     `toml:"tiers"`
+	RateLimit RateLimitFile           `toml:"rate_limit"`
+	Redis     RedisFile               `toml:"redis"`
+}
+
+// IdentityFile is the [identity] table: how a client is recognised.
+// Order: API key, then signed token, then the client IP (anonymous).
+type IdentityFile struct {
+	// APIKeyHeader carries API keys. Default "X-API-Key".
+	APIKeyHeader *string `toml:"api_key_header"`
+	// APIKeysFile lists keys by SHA-256 (relative paths are relative to
+	// the config file). Default: no API keys.
+	APIKeysFile *string `toml:"api_keys_file"`
+	// JWT enables signed bearer tokens. Default: off.
+	JWT *JWTFile `toml:"jwt"`
+	// AnonymousTier is the tier of clients known only by IP. Default
+	// "anonymous".
+	AnonymousTier *string `toml:"anonymous_tier"`
+	// AuthenticatedTier is the tier of a token without a tier claim.
+	// Default "authenticated".
+	AuthenticatedTier *string `toml:"authenticated_tier"`
+	// IPv6Prefix groups anonymous IPv6 clients by network. Default 64.
+	IPv6Prefix *int `toml:"ipv6_prefix"`
+	// ClientHeader and TierHeader carry the verified identity upstream;
+	// copies sent by the client are removed. Defaults "X-Sidecar-Client",
+	// "X-Sidecar-Tier".
+	ClientHeader *string `toml:"client_header"`
+	TierHeader   *string `toml:"tier_header"`
+}
+
+// JWTFile is [identity.jwt].
+type JWTFile struct {
+	// Algorithm is the only one accepted: "HS256", "RS256" or "ES256".
+	// Required. A token's own "alg" never chooses.
+	Algorithm *string `toml:"algorithm"`
+	// SecretEnv names the environment variable holding the HS256 secret.
+	SecretEnv *string `toml:"secret_env"`
+	// PublicKeyFile is the PEM public key for RS256/ES256.
+	PublicKeyFile *string `toml:"public_key_file"`
+	// TierClaim and ClientClaim name the claims read. Defaults "tier", "sub".
+	TierClaim   *string `toml:"tier_claim"`
+	ClientClaim *string `toml:"client_claim"`
+	// Issuer and Audience, when set, must match.
+	Issuer   *string `toml:"issuer"`
+	Audience *string `toml:"audience"`
+	// Leeway tolerates clock skew on exp/nbf. Default 0s.
+	Leeway *Duration `toml:"leeway"`
+}
+
+// TierFile is one [tiers.NAME] table.
+type TierFile struct {
+	// Limit requests per Window. Required.
+	Limit  *int      `toml:"limit"`
+	Window *Duration `toml:"window"`
+	// Burst is the GCRA bucket depth. Default: Limit.
+	Burst *int `toml:"burst"`
+	// Algorithm overrides [rate_limit].algorithm for this tier.
+	Algorithm *string `toml:"algorithm"`
+	// Mode is "enforce" (default) or "shadow": decisions are computed,
+	// counted, logged and sent as headers, but nothing is blocked.
+	Mode *string `toml:"mode"`
+}
+
+// RateLimitFile is [rate_limit].
+type RateLimitFile struct {
+	// Store is "memory" (default, per process) or "redis" (shared).
+	Store *string `toml:"store"`
+	// Algorithm is "sliding_window" (default) or "gcra".
+	Algorithm *string `toml:"algorithm"`
+	// OnStoreError is "local" (default), "allow" or "deny".
+	OnStoreError *string `toml:"on_store_error"`
+	// StoreTimeout bounds one Redis decision. Default 50ms.
+	StoreTimeout *Duration `toml:"store_timeout"`
+	// FailureThreshold consecutive store failures start a Cooldown during
+	// which Redis is not called. Defaults 3 and 5s.
+	FailureThreshold *int      `toml:"failure_threshold"`
+	Cooldown         *Duration `toml:"cooldown"`
+	// MaxKeys caps the clients held in memory. Default 200000.
+	MaxKeys *int `toml:"max_keys"`
+	// LegacyHeaders adds X-RateLimit-Limit/Remaining/Reset. Default true.
+	LegacyHeaders *bool `toml:"legacy_headers"`
+}
+
+// RedisFile is [redis].
+type RedisFile struct {
+	// Mode is "single" (default); "cluster" and "sentinel" come later.
+	Mode  *string  `toml:"mode"`
+	Addrs []string `toml:"addrs"`
+	// PasswordEnv names the environment variable holding the password;
+	// the password itself is never in the file.
+	PasswordEnv *string `toml:"password_env"`
+	DB          *int    `toml:"db"`
+	TLS         *bool   `toml:"tls"`
+	// KeyPrefix starts every key. Default "sidecar".
+	KeyPrefix *string `toml:"key_prefix"`
+}
+
+// KeysFile is the API keys file: only SHA-256 hashes of keys are stored
+// (`sidecar -hash-key KEY` prints one).
+type KeysFile struct {
+	Keys []KeyFile `toml:"keys"`
+}
+
+// KeyFile is one [[keys]] entry.
+type KeyFile struct {
+	SHA256  string `toml:"sha256"`
+	Tier    string `toml:"tier"`
+	Client  string `toml:"client"`
+	Revoked bool   `toml:"revoked"`
 }
 
 // ServerFile is the [server] table.
@@ -120,4 +230,15 @@ type RouteFile struct {
 	Methods []string `toml:"methods"`
 	// Upstream names the [upstreams.NAME] that serves this route. Required.
 	Upstream *string `toml:"upstream"`
+	// RateLimitExempt skips rate limiting (health checks). Default false.
+	RateLimitExempt *bool `toml:"rate_limit_exempt"`
+	// RateLimitMode "shadow" only reports what the limits would deny on
+	// this route. Default: the tier's mode.
+	RateLimitMode *string `toml:"rate_limit_mode"`
+	// Limits overrides tiers' limits on this route (same window), e.g.
+	// { anonymous = 10 }. Implies a separate count for this route.
+	Limits map[string]int `toml:"limits"`
+	// LimitPerRoute counts this route's requests apart from the client's
+	// others. Default false: one count per client and tier.
+	LimitPerRoute *bool `toml:"limit_per_route"`
 }

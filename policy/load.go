@@ -81,6 +81,7 @@ func Parse(name string, data []byte) (*Snapshot, error) {
 		return nil, &Error{Problems: v.problems}
 	}
 	snap.Source = name
+	snap.Files = append([]string{name}, snap.Files...)
 	return snap, nil
 }
 

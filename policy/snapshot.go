@@ -16,6 +16,35 @@ type Snapshot struct {
 	// UpstreamNames lists Upstreams' keys in sorted order.
 	UpstreamNames []string
 	Routes        []Route
+	Identity      Identity
+	Tiers         map[string]*Tier
+	RateLimit     RateLimit
+	Redis         Redis
+	// Files lists every file the snapshot was read from (config, keys,
+	// public key): a change of any of them reloads.
+	Files []string
+}
+
+// RateLimit is [rate_limit] with defaults applied.
+type RateLimit struct {
+	Store            string // "memory" or "redis"
+	Algorithm        string // default for tiers
+	OnStoreError     string // "local", "allow" or "deny"
+	StoreTimeout     time.Duration
+	FailureThreshold int
+	Cooldown         time.Duration
+	MaxKeys          int
+	LegacyHeaders    bool
+}
+
+// Redis is [redis] with the password read from the environment.
+type Redis struct {
+	Mode      string
+	Addrs     []string
+	Password  string
+	DB        int
+	TLS       bool
+	KeyPrefix string
 }
 
 // Server holds the [server] settings with defaults applied.
@@ -76,6 +105,11 @@ type Route struct {
 	PathPrefix string
 	Methods    []string // nil: any method
 	Upstream   string
+	// Rate limiting on this route.
+	RateLimitExempt bool
+	Shadow          bool           // route forces shadow mode
+	Limits          map[string]int // tier → limit on this route
+	LimitPerRoute   bool           // counted apart (also when Limits is set)
 }
 
 // Match returns the first route whose conditions all hold, or nil.

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"os"
 	"regexp"
 	"sort"
 	"strconv"
@@ -117,6 +118,10 @@ func (v *validator) compile(f *File) *Snapshot {
 		}
 	}
 	sort.Strings(s.UpstreamNames)
+	s.Tiers = v.tiers(f)
+	v.rateLimit(&f.RateLimit, &s.RateLimit)
+	v.redis(&f.Redis, &s.Redis, s.RateLimit.Store == "redis")
+	v.identity(&f.Identity, &s.Identity, s.Tiers, s)
 	if len(f.Routes) == 0 {
 		v.addf("routes", "at least one [[routes]] entry is required")
 	}
@@ -127,6 +132,7 @@ func (v *validator) compile(f *File) *Snapshot {
 			v.addf(fmt.Sprintf("routes[%d].name", i), "duplicate route name %q (also routes[%d])", r.Name, prev)
 		}
 		seen[r.Name] = i
+		v.routeLimits(i, &f.Routes[i], &r, s.Tiers)
 		s.Routes = append(s.Routes, r)
 	}
 	return s
@@ -301,3 +307,149 @@ func (v *validator) route(i int, f *RouteFile, ups map[string]UpstreamFile) Rout
 var hostnameRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$`)
 
 func validHostname(h string) bool { return len(h) <= 253 && hostnameRE.MatchString(h) }
+
+func (v *validator) tiers(f *File) map[string]*Tier {
+	tiers := make(map[string]*Tier, len(f.Tiers))
+	for name, tf := range f.Tiers {
+		key := "tiers." + name
+		if !nameRE.MatchString(name) {
+			v.addf(key, "tier names may use letters, digits, '_', '.', '-' (at most 64), got %q", name)
+		}
+		t := &Tier{Name: name}
+		if tf.Limit == nil || *tf.Limit <= 0 {
+			v.addf(key+".limit", "a positive limit is required")
+		} else {
+			t.Limit = *tf.Limit
+		}
+		if tf.Window == nil || tf.Window.Duration < time.Millisecond {
+			v.addf(key+".window", "a window of at least 1ms is required, such as \"1m\"")
+		} else {
+			t.Window = tf.Window.Duration
+		}
+		if tf.Burst != nil {
+			if *tf.Burst <= 0 {
+				v.addf(key+".burst", "must be positive")
+			}
+			t.Burst = *tf.Burst
+		}
+		if tf.Algorithm != nil {
+			t.Algorithm = v.oneOf(key+".algorithm", *tf.Algorithm, "sliding_window", "gcra")
+		}
+		if tf.Mode != nil {
+			t.Shadow = v.oneOf(key+".mode", *tf.Mode, "enforce", "shadow") == "shadow"
+		}
+		tiers[name] = t
+	}
+	return tiers
+}
+
+func (v *validator) oneOf(key, got string, allowed ...string) string {
+	for _, a := range allowed {
+		if got == a {
+			return got
+		}
+	}
+	v.addf(key, "want one of %q, got %q", allowed, got)
+	return allowed[0]
+}
+
+func (v *validator) rateLimit(f *RateLimitFile, r *RateLimit) {
+	r.Store, r.Algorithm, r.OnStoreError = "memory", "sliding_window", "local"
+	if f.Store != nil {
+		r.Store = v.oneOf("rate_limit.store", *f.Store, "memory", "redis")
+	}
+	if f.Algorithm != nil {
+		r.Algorithm = v.oneOf("rate_limit.algorithm", *f.Algorithm, "sliding_window", "gcra")
+	}
+	if f.OnStoreError != nil {
+		r.OnStoreError = v.oneOf("rate_limit.on_store_error", *f.OnStoreError, "local", "allow", "deny")
+	}
+	r.StoreTimeout = v.duration("rate_limit.store_timeout", f.StoreTimeout, 50*time.Millisecond, false)
+	r.Cooldown = v.duration("rate_limit.cooldown", f.Cooldown, 5*time.Second, false)
+	r.FailureThreshold = v.intRange("rate_limit.failure_threshold", f.FailureThreshold, 3, 1, 1000)
+	r.MaxKeys = v.intRange("rate_limit.max_keys", f.MaxKeys, 200_000, 1000, 100_000_000)
+	r.LegacyHeaders = f.LegacyHeaders == nil || *f.LegacyHeaders
+}
+
+func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
+	r.Mode, r.KeyPrefix = "single", "sidecar"
+	if f.Mode != nil {
+		r.Mode = v.oneOf("redis.mode", *f.Mode, "single")
+	}
+	for i, a := range f.Addrs {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			v.addf(fmt.Sprintf("redis.addrs[%d]", i), "want host:port, got %q", a)
+		}
+	}
+	r.Addrs = f.Addrs
+	if needed && len(r.Addrs) == 0 {
+		v.addf("redis.addrs", "rate_limit.store = \"redis\" needs at least one address")
+	}
+	if r.Mode == "single" && len(r.Addrs) > 1 {
+		v.addf("redis.addrs", "mode \"single\" takes one address")
+	}
+	if f.PasswordEnv != nil {
+		if r.Password = os.Getenv(*f.PasswordEnv); r.Password == "" && needed {
+			v.addf("redis.password_env", "environment variable %s is not set", *f.PasswordEnv)
+		}
+	}
+	r.DB = v.intRange("redis.db", f.DB, 0, 0, 15)
+	r.TLS = f.TLS != nil && *f.TLS
+	if f.KeyPrefix != nil {
+		if *f.KeyPrefix == "" || strings.ContainsAny(*f.KeyPrefix, "{} ") {
+			v.addf("redis.key_prefix", "must be non-empty without braces or spaces")
+		} else {
+			r.KeyPrefix = *f.KeyPrefix
+		}
+	}
+}
+
+func (v *validator) identity(f *IdentityFile, id *Identity, tiers map[string]*Tier, s *Snapshot) {
+	str := func(key string, p *string, def string, header bool) string {
+		if p == nil {
+			return def
+		}
+		if (header && !tokenRE.MatchString(*p)) || (!header && !nameRE.MatchString(*p)) {
+			v.addf(key, "invalid value %q", *p)
+			return def
+		}
+		return *p
+	}
+	id.APIKeyHeader = str("identity.api_key_header", f.APIKeyHeader, "X-API-Key", true)
+	id.ClientHeader = str("identity.client_header", f.ClientHeader, "X-Sidecar-Client", true)
+	id.TierHeader = str("identity.tier_header", f.TierHeader, "X-Sidecar-Tier", true)
+	id.AnonymousTier = str("identity.anonymous_tier", f.AnonymousTier, "anonymous", false)
+	id.AuthenticatedTier = str("identity.authenticated_tier", f.AuthenticatedTier, "authenticated", false)
+	id.IPv6Prefix = v.intRange("identity.ipv6_prefix", f.IPv6Prefix, 64, 16, 128)
+	if f.APIKeysFile != nil {
+		path := relPath(v.file, *f.APIKeysFile)
+		s.Files = append(s.Files, path)
+		id.keys = v.loadKeys(path, tiers)
+	}
+	if f.JWT != nil {
+		if f.JWT.PublicKeyFile != nil {
+			s.Files = append(s.Files, relPath(v.file, *f.JWT.PublicKeyFile))
+		}
+		id.JWT = v.jwt(f.JWT, v.file)
+	}
+}
+
+func (v *validator) routeLimits(i int, f *RouteFile, r *Route, tiers map[string]*Tier) {
+	key := fmt.Sprintf("routes[%d]", i)
+	r.RateLimitExempt = f.RateLimitExempt != nil && *f.RateLimitExempt
+	if f.RateLimitMode != nil {
+		r.Shadow = v.oneOf(key+".rate_limit_mode", *f.RateLimitMode, "enforce", "shadow") == "shadow"
+	}
+	for tier, limit := range f.Limits {
+		if _, ok := tiers[tier]; !ok {
+			v.addf(key+".limits", "unknown tier %q", tier)
+		}
+		if limit <= 0 {
+			v.addf(key+".limits", "limit for %q must be positive", tier)
+		}
+	}
+	if len(f.Limits) > 0 {
+		r.Limits = f.Limits
+	}
+	r.LimitPerRoute = (f.LimitPerRoute != nil && *f.LimitPerRoute) || len(f.Limits) > 0
+}

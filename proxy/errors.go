@@ -25,6 +25,8 @@ var (
 	ErrUpstreamProto   = errors.New("proxy: upstream sent a malformed response")
 	ErrClientBody      = errors.New("proxy: reading the client's request body failed")
 	ErrPanic           = errors.New("proxy: internal error")
+	ErrUnauthorized    = errors.New("proxy: unknown API key or invalid token")
+	ErrRateLimited     = errors.New("proxy: rate limit exceeded")
 )
 
 // errorKind is the bounded label for sidecar_upstream_errors_total.
@@ -51,6 +53,10 @@ func statusFor(err error) (int, string) {
 	switch {
 	case errors.Is(err, ErrNoRoute):
 		return fasthttp.StatusNotFound, "no route for this request"
+	case errors.Is(err, ErrUnauthorized):
+		return fasthttp.StatusUnauthorized, "unknown API key or invalid token"
+	case errors.Is(err, ErrRateLimited):
+		return fasthttp.StatusTooManyRequests, "rate limit exceeded"
 	case errors.Is(err, ErrBadRequest):
 		return fasthttp.StatusBadRequest, "malformed request"
 	case errors.Is(err, ErrBodyTooLarge):

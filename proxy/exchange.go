@@ -59,6 +59,8 @@ type exchange struct {
 	awaiting  atomic.Bool // waiting for the response head: uploads extend its deadline
 	sent      int64       // body bytes written upstream (pump: read after join)
 
+	rl decision // the rate-limit decision, for the response headers
+
 	// Response body.
 	stream     io.Reader
 	direct     bool   // WriteTo writes to the client socket itself (see respond)
@@ -123,24 +125,28 @@ func (x *exchange) idHeader() string {
 // testHookServe, when set by a test, runs at the start of every request.
 var testHookServe func(*fasthttp.RequestCtx)
 
-func (x *exchange) serve() {
-	ctx := x.ctx
+// begin loads the policy and the request's identity for the exchange.
+func (x *exchange) begin() {
 	x.st = x.p.state.Load()
 	x.srv = &x.st.snap.Server
-	h := &ctx.Request.Header
-
+	h := &x.ctx.Request.Header
 	if id := h.Peek(x.srv.RequestIDHeader); validRequestID(id) {
 		x.reqID = append(x.reqID[:0], id...)
 	} else {
 		x.reqID = x.p.ids.next(x.reqID[:0])
 	}
 	x.method = append(x.method[:0], h.Method()...)
+	x.http11 = h.IsHTTP11()
+	x.rt = x.st.match(x.ctx)
+}
+
+func (x *exchange) serve() {
+	ctx := x.ctx
+	h := &ctx.Request.Header
+	x.begin()
 	if testHookServe != nil {
 		testHookServe(ctx)
 	}
-	x.http11 = h.IsHTTP11()
-
-	x.rt = x.st.match(ctx)
 	if !checkRawHeaders(h) {
 		x.p.m.badReqs.Inc()
 		x.fail(ErrBadRequest)
@@ -149,6 +155,9 @@ func (x *exchange) serve() {
 	}
 	if x.rt == nil {
 		x.fail(ErrNoRoute)
+		return
+	}
+	if !x.limit(h) {
 		return
 	}
 	cl := h.ContentLength()
@@ -466,6 +475,7 @@ func (x *exchange) respond(upgrade []byte) {
 	x.scratch = stripResponseHop(rh, x.scratch)
 	rh.ResetConnectionClose()
 	rh.SetBytesV(x.srv.RequestIDHeader, x.reqID)
+	x.rateLimitHeaders(rh)
 
 	stream := r.BodyStream()
 	if stream == nil { // HEAD, 1xx, 204, 304: no body
@@ -663,6 +673,7 @@ func (x *exchange) record(now time.Time) {
 func (x *exchange) fail(err error) {
 	status, msg := statusFor(err)
 	writeError(x.ctx, status, msg, x.reqID, x.idHeader())
+	x.rateLimitHeaders(&x.ctx.Response.Header)
 	x.status = status
 	x.abortPump()
 	x.finish(nil)
@@ -691,5 +702,6 @@ func (x *exchange) release() {
 	x.awaiting.Store(false)
 	x.stream, x.bodyEOF, x.bytesOut, x.writeArmed = nil, false, 0, time.Time{}
 	x.status, x.upErr, x.done = 0, nil, false
+	x.rl = decision{}
 	exchangePool.Put(x)
 }

@@ -48,6 +48,8 @@ type Proxy struct {
 	applyMu sync.Mutex // serialises Apply
 	stop    chan struct{}
 	wg      sync.WaitGroup
+
+	lastShadowLog atomic.Int64
 }
 
 // state is everything the handler needs, built from one snapshot.
@@ -56,12 +58,14 @@ type state struct {
 	upstreams map[string]*upstream
 	routes    []routeRuntime // parallel to snap.Routes
 	noRoute   *routeMetrics
+	rl        *rateLimiting
 }
 
 type routeRuntime struct {
 	route *policy.Route
 	up    *upstream
 	m     *routeMetrics
+	rl    *tierCounters
 }
 
 // New builds a Proxy serving snap.
@@ -105,15 +109,24 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 	}
 	for i := range snap.Routes {
 		r := &snap.Routes[i]
-		st.routes = append(st.routes, routeRuntime{route: r, up: st.upstreams[r.Upstream], m: newRouteMetrics(p.set, r.Name)})
+		st.routes = append(st.routes, routeRuntime{route: r, up: st.upstreams[r.Upstream],
+			m: newRouteMetrics(p.set, r.Name), rl: newTierCounters(p.set, r.Name, snap.Tiers)})
 	}
 	st.noRoute = newRouteMetrics(p.set, "none")
+	if old != nil && old.rl.sameConfig(snap) {
+		st.rl = old.rl // limits carry over
+	} else {
+		st.rl = p.newRateLimiting(snap)
+	}
 	p.state.Store(st)
 	if old != nil {
 		for name, u := range old.upstreams {
 			if st.upstreams[name] != u {
 				u.closeIdle() // in-flight requests still release into it; it closes them
 			}
+		}
+		if old.rl != st.rl {
+			old.rl.shutdown() // requests still deciding with it fall back
 		}
 	}
 }
@@ -122,9 +135,11 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 func (p *Proxy) Close() {
 	close(p.stop)
 	p.wg.Wait()
-	for _, u := range p.state.Load().upstreams {
+	st := p.state.Load()
+	for _, u := range st.upstreams {
 		u.closeIdle()
 	}
+	st.rl.shutdown()
 }
 
 // reapIdle closes pooled upstream connections past their idle timeout, so
@@ -188,13 +203,31 @@ func (p *Proxy) NewServer(srv *policy.Server) *fasthttp.Server {
 	}
 }
 
-// expect decides on Expect: 100-continue before any body is read.
+// expect decides on Expect: 100-continue before any body is read: a body
+// over the limit, an unknown client or one over its rate limit gets its
+// final status without 100 Continue, and its body is never read.
 func (p *Proxy) expect(ctx *fasthttp.RequestCtx) int {
 	limit := p.state.Load().snap.Server.MaxBodyBytes
 	if limit > 0 && int64(ctx.Request.Header.ContentLength()) > limit {
 		writeError(ctx, fasthttp.StatusRequestEntityTooLarge, "request body too large", nil, "")
 		return fasthttp.StatusRequestEntityTooLarge
 	}
+	p.m.inFlight.Add(1)
+	x := exchangePool.Get().(*exchange)
+	x.p, x.ctx, x.start = p, ctx, ctx.Time()
+	x.begin()
+	if x.rt == nil || !checkRawHeaders(&ctx.Request.Header) {
+		p.m.inFlight.Add(-1)
+		x.release() // the handler answers these
+		return fasthttp.StatusContinue
+	}
+	if !x.limit(&ctx.Request.Header) {
+		return ctx.Response.StatusCode() // answered (and released) by limit
+	}
+	d := x.rl
+	ctx.SetUserValue(decisionKey, &d)
+	p.m.inFlight.Add(-1)
+	x.release()
 	return fasthttp.StatusContinue
 }
 
