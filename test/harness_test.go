@@ -92,8 +92,17 @@ func startSidecar(t testing.TB, cfg string, extraArgs ...string) *sidecar {
 	s := &sidecar{t: t, Addr: freeAddr(t), Admin: freeAddr(t), logs: &syncBuffer{}, waited: make(chan struct{})}
 	s.Config = filepath.Join(t.TempDir(), "sidecar.toml")
 	s.writeConfig(cfg)
+	return s.run(nil, extraArgs...)
+}
+
+// run starts the binary on s.Config with extra environment variables and
+// waits until /readyz answers 200.
+func (s *sidecar) run(env []string, extraArgs ...string) *sidecar {
+	t := s.t
+	t.Helper()
 	args := append([]string{"-config", s.Config, "-watch-interval", "200ms"}, extraArgs...)
 	s.cmd = exec.Command(sidecarBin, args...)
+	s.cmd.Env = append(os.Environ(), env...)
 	s.cmd.Stdout, s.cmd.Stderr = s.logs, s.logs
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
