@@ -11,6 +11,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -144,6 +145,10 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 			b.rps/d.rps, ngx, ms(d.p50), ms(d.p99), ms(p.p50), ms(p.p99))
 	}
 	fmt.Printf("\nsidecar peak RSS (VmHWM): %.1f MiB\n", float64(statusKB(sidecar.Process.Pid, "VmHWM"))/1024)
+
+	if !limiterBench(dir, sidecarBin, backendAddr, *conns, *dur, *runs) {
+		failed = true
+	}
 	if failed {
 		fmt.Println("\nsome targets were missed in this run; see README \"Performance\" for why and for the reference proxies")
 	}
@@ -271,4 +276,118 @@ func check(err error) {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
+}
+
+// limiterBench measures the cost of rate limiting: small GETs from 10,000
+// distinct clients (X-Forwarded-For from a trusted loadgen), all under
+// their limit, through three sidecars — no limits, the memory store, and
+// Redis (pinned to CPU 0 with the sidecar: the proxy's core pays for its
+// store) — and reports the ratios and Redis round trips per 100 requests.
+func limiterBench(dir, sidecarBin, backendAddr string, conns int, dur time.Duration, runs int) bool {
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		fmt.Println("\nrate-limit benchmark skipped: redis-server not installed")
+		return true
+	}
+	redisAddr := freeAddr()
+	_, redisPort, _ := net.SplitHostPort(redisAddr)
+	rs := start("redis-server", nil, "0", "--port", redisPort, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+	defer stop(rs)
+	time.Sleep(300 * time.Millisecond)
+
+	script := filepath.Join(dir, "clients.lua")
+	check(os.WriteFile(script, []byte(`local reqs = {}
+for i = 0, 9999 do
+  reqs[i] = wrk.format("GET", "/small", {["X-Forwarded-For"] = "10." .. math.floor(i / 256) .. "." .. (i % 256) .. ".1"})
+end
+local n = 0
+request = function()
+  n = (n + 7919) % 10000
+  return reqs[n]
+end
+`), 0o600))
+	base := `[server]
+listen = %q
+admin_listen = %q
+trusted_proxies = ["127.0.0.1/32"]
+[upstreams.bench]
+url = "http://%s"
+[[routes]]
+name = "bench"
+upstream = "bench"
+`
+	tiers := "[tiers.anonymous]\nlimit = 1000000000\nwindow = \"1m\"\n"
+	type variant struct {
+		name, extra, addr, admin string
+		cmd                      *exec.Cmd
+	}
+	variants := []*variant{
+		{name: "limits off"},
+		{name: "memory store", extra: tiers},
+		{name: "redis store", extra: tiers + fmt.Sprintf("[rate_limit]\nstore = \"redis\"\n[redis]\naddrs = [%q]\n", redisAddr)},
+	}
+	for i, v := range variants {
+		v.addr, v.admin = freeAddr(), freeAddr()
+		cfg := filepath.Join(dir, fmt.Sprintf("limit-%d.toml", i))
+		check(os.WriteFile(cfg, fmt.Appendf(nil, base, v.addr, v.admin, backendAddr), 0o600))
+		f, err := os.OpenFile(cfg, os.O_APPEND|os.O_WRONLY, 0)
+		check(err)
+		_, _ = f.WriteString(v.extra)
+		f.Close()
+		v.cmd = start(sidecarBin, []string{"GOMAXPROCS=1"}, "0", "-config", cfg, "-log-level", "warn")
+		defer stop(v.cmd)
+		waitHTTP("http://" + v.admin + "/readyz")
+		wrk("http://"+v.addr+"/small", script, conns, time.Second) // warm-up
+	}
+	results := make([][]sample, len(variants))
+	var redisRounds, redisReqs float64
+	for r := 0; r < runs; r++ {
+		for i, v := range variants {
+			before := scrape(v.admin)
+			results[i] = append(results[i], wrk("http://"+v.addr+"/small", script, conns, dur))
+			if v.name == "redis store" {
+				after := scrape(v.admin)
+				redisRounds += after["sidecar_ratelimit_store_commands_total"] - before["sidecar_ratelimit_store_commands_total"]
+				redisReqs += after[`sidecar_requests_total{route="bench",method="GET",status_class="2xx"}`] -
+					before[`sidecar_requests_total{route="bench",method="GET",status_class="2xx"}`]
+			}
+		}
+	}
+	off := median(results[0])
+	fmt.Printf("\nRate limiting: small GET from 10,000 distinct clients (all under their limit), sidecar and Redis on CPU 0\n\n")
+	fmt.Printf("| sidecar | req/s | ratio to limits off | target | p50 / p99 |\n|---|---|---|---|---|\n")
+	ok := true
+	for i, v := range variants {
+		m := median(results[i])
+		target := "-"
+		if v.name == "redis store" {
+			target = "≥ 0.85"
+			if m.rps/off.rps < 0.85 {
+				target += " (missed)"
+				ok = false
+			}
+		}
+		fmt.Printf("| %s | %.0f | %.2f | %s | %s / %s |\n", v.name, m.rps, m.rps/off.rps, target, ms(m.p50), ms(m.p99))
+	}
+	if redisReqs > 0 {
+		fmt.Printf("\nRedis round trips per 100 requests (pipelined batches): %.1f\n", 100*redisRounds/redisReqs)
+	}
+	return ok
+}
+
+// scrape reads the sidecar's /metrics into series → value.
+func scrape(admin string) map[string]float64 {
+	out := map[string]float64{}
+	resp, err := http.Get("http://" + admin + "/metrics")
+	if err != nil {
+		return out
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for line := range strings.SplitSeq(string(body), "\n") {
+		if i := strings.LastIndexByte(line, ' '); i > 0 && !strings.HasPrefix(line, "#") {
+			v, _ := strconv.ParseFloat(line[i+1:], 64)
+			out[line[:i]] = v
+		}
+	}
+	return out
 }
