@@ -37,6 +37,7 @@ func main() {
 	runs := flag.Int("runs", 3, "runs per scenario and target (median reported)")
 	conns := flag.Int("c", 32, "wrk connections")
 	kind := flag.String("backend", "nethttp", "bench backend: nethttp (a typical Go app) or fasthttp (twice as fast)")
+	onlyLimits := flag.Bool("only-limits", false, "run only the rate-limiting table")
 	flag.Parse()
 
 	dir, err := os.MkdirTemp("", "sidecar-bench-")
@@ -114,6 +115,9 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	fmt.Printf("| scenario | direct req/s | sidecar req/s | sidecar/direct | target | bare fasthttp/direct | nginx/direct | direct p50 / p99 | sidecar p50 / p99 |\n")
 	fmt.Printf("|---|---|---|---|---|---|---|---|---|\n")
 	failed := false
+	if *onlyLimits {
+		scenarios = nil
+	}
 	for _, sc := range scenarios {
 		var direct, proxied, bared, nginxed []sample
 		wrk("http://"+backendAddr+sc.path, sc.script, *conns, time.Second) // warm-up
@@ -297,7 +301,7 @@ func limiterBench(dir, sidecarBin, backendAddr string, conns int, dur time.Durat
 	script := filepath.Join(dir, "clients.lua")
 	check(os.WriteFile(script, []byte(`local reqs = {}
 for i = 0, 9999 do
-  reqs[i] = wrk.format("GET", "/small", {["X-Forwarded-For"] = "10." .. math.floor(i / 256) .. "." .. (i % 256) .. ".1"})
+  reqs[i] = wrk.format("GET", "/small", {["Host"] = "bench", ["X-Forwarded-For"] = "10." .. math.floor(i / 256) .. "." .. (i % 256) .. ".1"})
 end
 local n = 0
 request = function()

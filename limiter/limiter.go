@@ -182,8 +182,12 @@ func New(s Settings) *Limiter {
 		redisLogOnce.Do(func() { redis.SetLogger(&quietRedisLog{log: s.Logger}) })
 		l.store = newRedisStore(s.Redis, s.KeyPrefix)
 		l.calls = make(chan *call, 4096)
-		l.wg.Add(2)
-		go l.batcher()
+		// Several batchers keep several pipelines in flight: a decision
+		// never waits for another batch's round trip to finish.
+		l.wg.Add(batchers + 1)
+		for range batchers {
+			go l.batcher()
+		}
 		go l.heartbeat()
 	}
 	l.wg.Add(1)
@@ -272,6 +276,11 @@ func (l *Limiter) ask(key string, rule Rule) (Decision, error) {
 		return Decision{}, errStoreTimeout
 	}
 }
+
+// batchers is how many pipelines may be in flight at once. Measured on
+// loopback with Redis on a shared core, 4 did no better than 1; across a
+// real network a decision waits at most two round trips either way.
+const batchers = 1
 
 var (
 	errQueueFull    = fmt.Errorf("limiter: decision queue full")

@@ -428,3 +428,60 @@ func TestRedisOutageUnderLoadNoFiveXX(t *testing.T) {
 	}
 	t.Logf("%d requests, 0 5xx; slowest %v", total.Load(), time.Duration(slowest.Load()))
 }
+
+func TestKeysFileReloadsAndRouteLimits(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.Header.Get("X-Sidecar-Client")) })
+	dir := t.TempDir()
+	writeKeys(t, dir)
+	sc := startSidecarIn(t, dir, fmt.Sprintf(`
+[identity]
+api_keys_file = "keys.toml"
+[tiers.anonymous]
+limit = 100
+window = "1m"
+[tiers.premium]
+limit = 100
+window = "1m"
+[upstreams.app]
+url = %q
+[[routes]]
+name = "search"
+path_prefix = "/search"
+upstream = "app"
+limits = { anonymous = 2 }
+[[routes]]
+name = "app"
+upstream = "app"
+`, be.url()))
+	// The route's own limit, counted apart from the client's other requests.
+	for i := 0; i < 3; i++ {
+		resp, _ := get(t, sc.url("/search"), nil)
+		if want := map[bool]int{true: 200, false: 429}[i < 2]; resp.StatusCode != want {
+			t.Errorf("/search request %d: %d, want %d", i, resp.StatusCode, want)
+		}
+	}
+	if resp, _ := get(t, sc.url("/other"), nil); resp.StatusCode != 200 {
+		t.Errorf("another route shares the search route's count: %d", resp.StatusCode)
+	}
+	// A new key works once the keys file changes: no signal, no restart.
+	if resp, _ := get(t, sc.url("/"), map[string]string{"X-API-Key": "new-key"}); resp.StatusCode != 401 {
+		t.Fatalf("unknown key: %d", resp.StatusCode)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "keys.toml"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(f, "\n[[keys]]\nsha256 = %q\ntier = \"premium\"\nclient = \"newcomer\"\n", policy.HashKey("new-key"))
+	f.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp, body := get(t, sc.url("/"), map[string]string{"X-API-Key": "new-key"})
+		if resp.StatusCode == 200 && body == "key:newcomer" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("keys file change not picked up: %d %q", resp.StatusCode, body)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
