@@ -375,6 +375,21 @@ upstream = "bench"
 	if redisReqs > 0 {
 		fmt.Printf("\nRedis round trips per 100 requests (pipelined batches): %.1f\n", 100*redisRounds/redisReqs)
 	}
+
+	// Redis frozen (SIGSTOP): after the first failures the limiter stops
+	// calling it (cool-down) and decides locally; what that costs shows
+	// against limits off.
+	_ = rs.Process.Signal(syscall.SIGSTOP)
+	defer func() { _ = rs.Process.Signal(syscall.SIGCONT) }()
+	redisV := variants[2]
+	for i := 0; i < 5; i++ { // trip the cool-down (each failing decision waits for its timeout)
+		if resp, err := http.Get("http://" + redisV.addr + "/small"); err == nil {
+			resp.Body.Close()
+		}
+	}
+	frozen := wrk("http://"+redisV.addr+"/small", script, conns, dur)
+	fmt.Printf("\nRedis frozen (SIGSTOP), during the cool-down: %.0f req/s (%.2f of limits off), p50 %s, p99 %s (limits off: p50 %s, p99 %s)\n",
+		frozen.rps, frozen.rps/off.rps, ms(frozen.p50), ms(frozen.p99), ms(off.p50), ms(off.p99))
 	return ok
 }
 

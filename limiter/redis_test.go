@@ -209,11 +209,13 @@ func TestLocalFallbackSharesTheLimit(t *testing.T) {
 		ls = append(ls, l)
 	}
 	deadline := time.Now().Add(5 * time.Second)
-	for ls[0].replicas.Load() != 3 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := ls[0].replicas.Load(); n != 3 {
-		t.Fatalf("replicas seen: %d, want 3", n)
+	for _, l := range ls {
+		for l.replicas.Load() != 3 && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if n := l.replicas.Load(); n != 3 {
+			t.Fatalf("replicas seen: %d, want 3", n)
+		}
 	}
 	srv.Kill()
 	rule := Rule{Limit: 30, Window: time.Minute}
