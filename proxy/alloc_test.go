@@ -38,7 +38,7 @@ upstream = "app"
 	ctx.Init(&fasthttp.Request{}, &net.TCPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 5555}, nil)
 	m := newRouteMetrics(metrics.NewSet(), "app")
 	ids := newRequestIDs()
-	var scratch, id []byte
+	var scratch, id, client []byte
 	rawBytes := []byte(raw)
 	src := bytes.NewReader(rawBytes)
 	br := bufio.NewReader(src)
@@ -56,6 +56,17 @@ upstream = "app"
 		scratch = setForwardedHeaders(&ctx, &snap.Server, peerAddr(&ctx), scratch)
 		id = ids.next(id[:0])
 		ctx.Request.Header.SetBytesV("X-Request-Id", id)
+		h := &ctx.Request.Header
+		var tier string
+		client, tier, err = snap.AppendIdentity(client[:0], h.Peek("X-API-Key"), h.Peek("Authorization"),
+			h.PeekAll("X-Forwarded-For"), peerAddr(&ctx))
+		if err != nil || string(client) != "ip:1.2.3.4" {
+			t.Fatalf("identity %q %v", client, err)
+		}
+		h.Del("X-Sidecar-Client")
+		h.Del("X-Sidecar-Tier")
+		h.SetBytesV("X-Sidecar-Client", client)
+		h.Set("X-Sidecar-Tier", tier)
 		m.request(ctx.Method(), 200).Inc()
 	})
 	if allocs != 0 {

@@ -59,7 +59,8 @@ type exchange struct {
 	awaiting  atomic.Bool // waiting for the response head: uploads extend its deadline
 	sent      int64       // body bytes written upstream (pump: read after join)
 
-	rl decision // the rate-limit decision, for the response headers
+	rl       decision // the rate-limit decision, for the response headers
+	clientID []byte
 
 	// Response body.
 	stream     io.Reader
@@ -694,7 +695,7 @@ func (x *exchange) release() {
 	x.gen++
 	x.p, x.ctx, x.st, x.srv, x.rt, x.ep, x.conn = nil, nil, nil, nil, nil, nil, nil
 	x.start = time.Time{}
-	x.reqID, x.scratch, x.method = x.reqID[:0], x.scratch[:0], x.method[:0]
+	x.reqID, x.scratch, x.method, x.clientID = x.reqID[:0], x.scratch[:0], x.method[:0], x.clientID[:0]
 	x.http11 = false
 	x.body, x.bodyLen, x.first, x.firstEOF, x.firstBuf = nil, 0, nil, false, nil
 	x.pumpErr, x.sent = nil, 0

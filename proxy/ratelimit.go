@@ -92,7 +92,8 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 	if snap.Server.Trusted(peer) {
 		xff = h.PeekAll("X-Forwarded-For")
 	}
-	client, err := snap.Identify(h.Peek(id.APIKeyHeader), h.Peek("Authorization"), xff, peer)
+	clientID, tierName, err := snap.AppendIdentity(x.clientID[:0], h.Peek(id.APIKeyHeader), h.Peek("Authorization"), xff, peer)
+	x.clientID = clientID
 	if err != nil {
 		x.fail(ErrUnauthorized)
 		return false
@@ -100,10 +101,10 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 	// The upstream learns who the client is from us alone.
 	h.Del(id.ClientHeader)
 	h.Del(id.TierHeader)
-	h.Set(id.ClientHeader, client.ID)
-	h.Set(id.TierHeader, client.Tier)
+	h.SetBytesV(id.ClientHeader, clientID)
+	h.Set(id.TierHeader, tierName)
 
-	tier := snap.Tiers[client.Tier]
+	tier := snap.Tiers[tierName]
 	route := x.rt.route
 	if tier == nil || route.RateLimitExempt {
 		return true
@@ -118,7 +119,7 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 			rule.Burst = l
 		}
 	}
-	key := client.Tier + "|" + client.ID
+	key := tierName + "|" + string(clientID)
 	if route.LimitPerRoute {
 		key += "|" + route.Name
 	}
