@@ -294,7 +294,7 @@ func limiterBench(dir, sidecarBin, backendAddr string, conns int, dur time.Durat
 	}
 	redisAddr := freeAddr()
 	_, redisPort, _ := net.SplitHostPort(redisAddr)
-	rs := start("redis-server", nil, "0", "--port", redisPort, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+	rs := start("redis-server", nil, "0", "--port", redisPort, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
 	defer stop(rs)
 	time.Sleep(300 * time.Millisecond)
 
