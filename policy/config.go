@@ -214,6 +214,40 @@ type UpstreamFile struct {
 	// RewriteHost sends the endpoint's host:port as Host instead of the
 	// client's Host. Default false (Host is preserved).
 	RewriteHost *bool `toml:"rewrite_host"`
+	// Breaker enables the circuit breaker and bulkhead. Default: off.
+	Breaker *BreakerFile `toml:"breaker"`
+	// Fallback answers for the upstream when its circuit is open, its
+	// bulkhead full, or it fails. Default: the core's 502/503/504.
+	Fallback *FallbackFile `toml:"fallback"`
+}
+
+// BreakerFile is [upstreams.NAME.breaker].
+type BreakerFile struct {
+	// ErrorPercent of failed requests opens the circuit, once
+	// VolumeThreshold requests were seen in the rolling 10 s window.
+	// Defaults 50 and 20.
+	ErrorPercent    *int `toml:"error_percent"`
+	VolumeThreshold *int `toml:"volume_threshold"`
+	// SleepWindow: then one request is tried (half-open). Default 5s.
+	SleepWindow *Duration `toml:"sleep_window"`
+	// MaxConcurrent bounds requests in flight to the upstream (bulkhead).
+	// Default 1000.
+	MaxConcurrent *int `toml:"max_concurrent"`
+	// FailureStatuses count as failures, besides connect errors and
+	// timeouts. Default [502, 503, 504].
+	FailureStatuses []int `toml:"failure_statuses"`
+}
+
+// FallbackFile is [upstreams.NAME.fallback]: a fixed response, or another
+// upstream.
+type FallbackFile struct {
+	Status      *int    `toml:"status"`       // default 503
+	ContentType *string `toml:"content_type"` // default "application/json"
+	Body        *string `toml:"body"`
+	BodyFile    *string `toml:"body_file"`
+	// Upstream sends the request to another upstream instead (only while
+	// no request body bytes went to the failing one).
+	Upstream *string `toml:"upstream"`
 }
 
 // RouteFile is one [[routes]] entry. Routes are tried in file order; the

@@ -88,6 +88,35 @@ type Upstream struct {
 	ConnWaitTimeout    time.Duration
 	IdleConnTimeout    time.Duration
 	RewriteHost        bool
+	Breaker            *Breaker  // nil: no circuit breaker
+	Fallback           *Fallback // nil: errors get the core's statuses
+}
+
+// Breaker is [upstreams.NAME.breaker] with defaults applied.
+type Breaker struct {
+	ErrorPercent    int
+	VolumeThreshold int
+	SleepWindow     time.Duration
+	MaxConcurrent   int
+	FailureStatuses []int
+}
+
+// Failure reports whether a response status counts as an upstream failure.
+func (b *Breaker) Failure(status int) bool {
+	for _, s := range b.FailureStatuses {
+		if s == status {
+			return true
+		}
+	}
+	return false
+}
+
+// Fallback is [upstreams.NAME.fallback].
+type Fallback struct {
+	Status      int
+	ContentType string
+	Body        []byte
+	Upstream    string // instead of a fixed response
 }
 
 // Endpoint is one address of an upstream.

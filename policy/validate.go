@@ -118,6 +118,11 @@ func (v *validator) compile(f *File) *Snapshot {
 		}
 	}
 	sort.Strings(s.UpstreamNames)
+	for name, uf := range f.Upstreams {
+		if uf.Fallback != nil && s.Upstreams[name] != nil {
+			s.Upstreams[name].Fallback = v.fallback(name, uf.Fallback, f.Upstreams, s)
+		}
+	}
 	s.Tiers = v.tiers(f)
 	v.rateLimit(&f.RateLimit, &s.RateLimit)
 	v.redis(&f.Redis, &s.Redis, s.RateLimit.Store == "redis")
@@ -233,7 +238,68 @@ func (v *validator) upstream(name string, f *UpstreamFile) *Upstream {
 	u.MaxConnections = v.intRange(key+".max_connections", f.MaxConnections, DefaultUpstreamMaxConns, 1, 1<<20)
 	u.MaxIdleConnections = v.intRange(key+".max_idle_connections", f.MaxIdleConnections, min(DefaultUpstreamMaxIdle, u.MaxConnections), 0, u.MaxConnections)
 	u.RewriteHost = f.RewriteHost != nil && *f.RewriteHost
+	if f.Breaker != nil {
+		u.Breaker = v.breaker(key+".breaker", f.Breaker)
+	}
 	return u
+}
+
+func (v *validator) breaker(key string, f *BreakerFile) *Breaker {
+	b := &Breaker{
+		ErrorPercent:    v.intRange(key+".error_percent", f.ErrorPercent, 50, 1, 100),
+		VolumeThreshold: v.intRange(key+".volume_threshold", f.VolumeThreshold, 20, 1, 1_000_000),
+		SleepWindow:     v.duration(key+".sleep_window", f.SleepWindow, 5*time.Second, false),
+		MaxConcurrent:   v.intRange(key+".max_concurrent", f.MaxConcurrent, 1000, 1, 1_000_000),
+		FailureStatuses: []int{502, 503, 504},
+	}
+	if f.FailureStatuses != nil {
+		b.FailureStatuses = nil
+		for i, st := range f.FailureStatuses {
+			if st < 100 || st > 599 {
+				v.addf(fmt.Sprintf("%s.failure_statuses[%d]", key, i), "not an HTTP status: %d", st)
+			}
+			b.FailureStatuses = append(b.FailureStatuses, st)
+		}
+	}
+	return b
+}
+
+// fallback validates [upstreams.NAME.fallback] once all upstreams are known.
+func (v *validator) fallback(name string, f *FallbackFile, ups map[string]UpstreamFile, s *Snapshot) *Fallback {
+	key := "upstreams." + name + ".fallback"
+	fb := &Fallback{Status: v.intRange(key+".status", f.Status, 503, 100, 599), ContentType: "application/json"}
+	if f.ContentType != nil {
+		fb.ContentType = *f.ContentType
+	}
+	n := 0
+	if f.Body != nil {
+		n++
+		fb.Body = []byte(*f.Body)
+	}
+	if f.BodyFile != nil {
+		n++
+		path := relPath(v.file, *f.BodyFile)
+		s.Files = append(s.Files, path)
+		body, err := os.ReadFile(path)
+		if err != nil {
+			v.addf(key+".body_file", "%v", err)
+		}
+		fb.Body = body
+	}
+	if f.Upstream != nil {
+		n++
+		fb.Upstream = *f.Upstream
+		if _, ok := ups[fb.Upstream]; !ok || fb.Upstream == name {
+			v.addf(key+".upstream", "must name another upstream, got %q", fb.Upstream)
+		}
+	}
+	if n > 1 {
+		v.addf(key, "set one of body, body_file and upstream")
+	}
+	if n == 0 {
+		fb.Body = []byte(`{"error":"service temporarily unavailable"}`)
+	}
+	return fb
 }
 
 func parseEndpoint(raw string) (Endpoint, string) {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/sidecar-proxy/sidecar/breaker"
 	"github.com/sidecar-proxy/sidecar/policy"
 )
 
@@ -61,6 +62,11 @@ type exchange struct {
 
 	rl       decision // the rate-limit decision, for the response headers
 	clientID []byte
+
+	up       *upstream      // where the request goes: the route's, or its fallback
+	ticket   breaker.Ticket // the bulkhead slot and circuit verdict, if the upstream has a breaker
+	pumped   bool           // a pump started: body bytes may have gone upstream
+	fallback string         // X-Sidecar-Fallback of this response, if any
 
 	// Response body.
 	stream     io.Reader
@@ -161,6 +167,10 @@ func (x *exchange) serve() {
 	if !x.limit(h) {
 		return
 	}
+	x.up = x.rt.up
+	if !x.admit() {
+		return
+	}
 	cl := h.ContentLength()
 	if x.srv.MaxBodyBytes > 0 && int64(cl) > x.srv.MaxBodyBytes {
 		x.fail(ErrBodyTooLarge)
@@ -194,18 +204,36 @@ func (x *exchange) serve() {
 	}
 
 	upgrade := x.prepareRequest(h, cl)
-	x.ep = x.rt.up.pick()
-	if x.rt.up.spec.RewriteHost || len(h.Host()) == 0 {
+	x.forward(upgrade)
+}
+
+// forward sends the request to x.up and answers with its response, or
+// with the upstream's fallback when it fails.
+func (x *exchange) forward(upgrade []byte) {
+	ctx, h := x.ctx, &x.ctx.Request.Header
+	x.ep = x.up.pick()
+	if x.up.spec.RewriteHost || len(h.Host()) == 0 {
 		h.SetHost(x.ep.addr) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
 	}
 	if err := x.roundTrip(); err != nil {
-		x.rt.up.m.errorInc(err)
+		x.up.m.errorInc(err)
+		clientSide := errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge)
+		if !clientSide && !errors.Is(err, ErrUpstreamBusy) { // a full pool is not an upstream failure
+			x.ticket.Report(true, time.Now())
+		}
+		if !clientSide && x.up.spec.Fallback != nil {
+			x.serveFallback(fallbackReason(err), 0)
+			return
+		}
 		hadBody := x.body != nil
 		x.fail(err)
 		if hadBody {
 			ctx.SetConnectionClose() // the body may be partly read
 		}
 		return
+	}
+	if b := x.up.spec.Breaker; b != nil {
+		x.ticket.Report(b.Failure(x.resp.StatusCode()), time.Now())
 	}
 	x.respond(upgrade)
 }
@@ -235,7 +263,7 @@ func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int) (upgrade []
 // roundTrip sends the request head (and body, or starts the pump) and
 // reads the response head into x.resp.
 func (x *exchange) roundTrip() error {
-	up := x.rt.up.spec
+	up := x.up.spec
 	for attempt := 0; ; attempt++ {
 		now := time.Now()
 		c, err := x.ep.acquire(now)
@@ -323,6 +351,7 @@ func (x *exchange) abandonConn() {
 }
 
 func (x *exchange) startPump(c *upConn) {
+	x.pumped = true
 	go func() {
 		err := x.copyBody(c)
 		if err != nil && (errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge)) {
@@ -425,7 +454,7 @@ func (x *exchange) copyBody(c *upConn) error {
 				if x.awaiting.Load() {
 					// Upload progress counts as progress for the response
 					// timeout too: a long upload is not a slow upstream.
-					_ = c.Conn.SetReadDeadline(now.Add(x.rt.up.spec.ResponseTimeout))
+					_ = c.Conn.SetReadDeadline(now.Add(x.up.spec.ResponseTimeout))
 				}
 			}
 			if err := write(buf[:n]); err != nil {
@@ -462,7 +491,7 @@ func (x *exchange) respond(upgrade []byte) {
 	x.status = r.StatusCode()
 	if x.status == fasthttp.StatusSwitchingProtocols {
 		if upgrade == nil {
-			x.rt.up.m.errorInc(ErrUpstreamProto)
+			x.up.m.errorInc(ErrUpstreamProto)
 			x.abortPump()
 			x.abandonConn()
 			x.fail(ErrUpstreamProto)
@@ -477,6 +506,9 @@ func (x *exchange) respond(upgrade []byte) {
 	rh.ResetConnectionClose()
 	rh.SetBytesV(x.srv.RequestIDHeader, x.reqID)
 	x.rateLimitHeaders(rh)
+	if x.fallback != "" {
+		rh.Set("X-Sidecar-Fallback", x.fallback)
+	}
 
 	stream := r.BodyStream()
 	if stream == nil { // HEAD, 1xx, 204, 304: no body
@@ -493,7 +525,7 @@ func (x *exchange) respond(upgrade []byte) {
 		x.pendingBuf = copyBufPool.Get().(*[]byte)
 		n, err := stream.Read(*x.pendingBuf)
 		if err != nil && err != io.EOF {
-			x.rt.up.m.errorInc(ErrUpstreamProto)
+			x.up.m.errorInc(ErrUpstreamProto)
 			ctx.Response.Header.Reset()
 			x.abortPump()
 			x.abandonConn()
@@ -545,7 +577,7 @@ func (x *exchange) bufferBody(cl int) {
 			break
 		}
 		if err != nil {
-			x.rt.up.m.errorInc(ErrUpstreamReset)
+			x.up.m.errorInc(ErrUpstreamReset)
 			x.upErr = nil // counted once, as the failure it caused
 			ctx.Response.Header.Reset()
 			x.abortPump()
@@ -644,8 +676,9 @@ func (x *exchange) finish(clientErr error) {
 		x.conn = nil
 	}
 	if x.upErr != nil {
-		x.rt.up.m.errorInc(x.upErr)
+		x.up.m.errorInc(x.upErr)
 	}
+	x.ticket.Done()
 	x.record(now)
 	x.release()
 }
@@ -704,5 +737,6 @@ func (x *exchange) release() {
 	x.stream, x.bodyEOF, x.bytesOut, x.writeArmed = nil, false, 0, time.Time{}
 	x.status, x.upErr, x.done = 0, nil, false
 	x.rl = decision{}
+	x.up, x.ticket, x.pumped, x.fallback = nil, breaker.Ticket{}, false, ""
 	exchangePool.Put(x)
 }

@@ -97,10 +97,25 @@ func (m *routeMetrics) request(method []byte, status int) *metrics.Counter {
 
 // upstreamMetrics are one upstream's series.
 type upstreamMetrics struct {
-	set    *metrics.Set
-	name   string
-	errors [7]atomic.Pointer[metrics.Counter]
-	dials  *metrics.Counter
+	set       *metrics.Set
+	name      string
+	errors    [7]atomic.Pointer[metrics.Counter]
+	fallbacks [len(fallbackReasons)]atomic.Pointer[metrics.Counter]
+	dials     *metrics.Counter
+}
+
+func (m *upstreamMetrics) fallbackInc(reason string) {
+	i := 0
+	for i < len(fallbackReasons)-1 && fallbackReasons[i] != reason {
+		i++
+	}
+	p := &m.fallbacks[i]
+	c := p.Load()
+	if c == nil {
+		c = m.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_fallbacks_total{upstream=%q,reason=%q}`, m.name, fallbackReasons[i]))
+		p.Store(c)
+	}
+	c.Inc()
 }
 
 var errorKinds = [...]string{"refused", "connect_timeout", "pool_exhausted", "timeout", "reset", "protocol", "other"}

@@ -23,6 +23,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
 
+	"github.com/sidecar-proxy/sidecar/breaker"
 	"github.com/sidecar-proxy/sidecar/policy"
 )
 
@@ -50,6 +51,7 @@ type Proxy struct {
 	wg      sync.WaitGroup
 
 	lastShadowLog atomic.Int64
+	circuits      circuits
 }
 
 // state is everything the handler needs, built from one snapshot.
@@ -78,6 +80,7 @@ func New(snap *policy.Snapshot, s Settings) *Proxy {
 		metrics.RegisterSet(s.Metrics)
 	}
 	p := &Proxy{log: s.Logger, set: s.Metrics, ids: newRequestIDs(), stop: make(chan struct{})}
+	p.circuits = circuits{set: s.Metrics, m: map[string]*atomic.Pointer[breaker.Breaker]{}}
 	p.m = newProxyMetrics(s.Metrics)
 	p.Apply(snap)
 	p.wg.Add(1)
@@ -105,7 +108,9 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 				continue
 			}
 		}
-		st.upstreams[name] = newUpstream(spec, newUpstreamMetrics(p.set, name), snap.Server.IdleTimeout)
+		u := newUpstream(spec, newUpstreamMetrics(p.set, name), snap.Server.IdleTimeout)
+		p.newBreaker(u)
+		st.upstreams[name] = u
 	}
 	for i := range snap.Routes {
 		r := &snap.Routes[i]

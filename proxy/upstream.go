@@ -10,6 +10,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/sidecar-proxy/sidecar/breaker"
 	"github.com/sidecar-proxy/sidecar/policy"
 )
 
@@ -20,6 +23,8 @@ type upstream struct {
 	endpoints []*endpoint
 	next      atomic.Uint32
 	m         *upstreamMetrics
+	brk       *breaker.Breaker // nil: no circuit breaker
+	rejected  *metrics.Counter // bulkhead rejections
 }
 
 func newUpstream(spec *policy.Upstream, m *upstreamMetrics, idle time.Duration) *upstream {

@@ -1,0 +1,197 @@
+// Package breaker cuts off a failing upstream: a circuit per upstream (the
+// only user of github.com/afex/hystrix-go in sidecar) and a bulkhead that
+// bounds the requests in flight to it.
+//
+// hystrix-go is the circuit: rolling health window, open and half-open
+// states, sleep window. It is used inline — AllowRequest before a request,
+// ReportEvent when the verdict is known — never through hystrix.Do, whose
+// goroutines per call and uncancelled timeouts do not fit a proxy. This
+// package decides which events reach it, because hystrix's raw semantics
+// get three things wrong for a proxy:
+//
+//   - bulkhead rejections and short-circuits are not upstream failures:
+//     they are never reported (hystrix counts them as errors and would keep
+//     or trip the circuit on a healthy upstream);
+//   - a success from a request that started before the circuit opened does
+//     not close it (hystrix closes on any success): while open, only the
+//     half-open probe's verdict is reported;
+//   - the bulkhead is ours, so a reload can change its size (hystrix's pool
+//     size is frozen when the circuit is created).
+//
+// hystrix computes health on its own goroutine, so a trip can lag the
+// threshold by a few requests.
+package breaker
+
+import (
+	"errors"
+	"sync/atomic"
+	"time"
+
+	"github.com/afex/hystrix-go/hystrix"
+)
+
+// Errors returned by Allow.
+var (
+	ErrOpen      = errors.New("breaker: circuit open")
+	ErrSaturated = errors.New("breaker: too many requests in flight")
+)
+
+// Settings of one circuit. Zero values are the documented defaults.
+type Settings struct {
+	// Name identifies the circuit; hystrix keeps circuits in a global
+	// registry by name, so names must come from configuration only.
+	Name string
+	// ErrorPercent of failed requests opens the circuit ... Default 50.
+	ErrorPercent int
+	// ... once VolumeThreshold requests were seen in hystrix's 10 s
+	// rolling window. Default 20.
+	VolumeThreshold int
+	// SleepWindow is how long the circuit stays open before one probe is
+	// let through. Default 5 s.
+	SleepWindow time.Duration
+	// MaxConcurrent bounds requests in flight (the bulkhead). Default 1000.
+	MaxConcurrent int
+}
+
+// State of a circuit, as exported in metrics.
+type State int
+
+const (
+	Closed   State = 0
+	Open     State = 1
+	HalfOpen State = 2 // open, and the sleep window is over: the next request probes
+)
+
+// Breaker is one circuit and its bulkhead. Safe for concurrent use.
+type Breaker struct {
+	name   string
+	sleep  time.Duration
+	cb     *hystrix.CircuitBreaker
+	slots  chan struct{}
+	opened atomic.Int64 // unix ns the current open period (or last probe) began; 0: closed
+	trans  func(to State)
+}
+
+// New configures the named circuit (keeping its state if it exists: a
+// reload carries it over) and returns a Breaker with a fresh bulkhead of
+// s.MaxConcurrent. onTransition, if not nil, is called on each change of
+// state this Breaker observes.
+func New(s Settings, onTransition func(to State)) (*Breaker, error) {
+	if s.Name == "" {
+		return nil, errors.New("breaker: a circuit needs a name")
+	}
+	if s.ErrorPercent <= 0 {
+		s.ErrorPercent = 50
+	}
+	if s.VolumeThreshold <= 0 {
+		s.VolumeThreshold = 20
+	}
+	if s.SleepWindow <= 0 {
+		s.SleepWindow = 5 * time.Second
+	}
+	if s.MaxConcurrent <= 0 {
+		s.MaxConcurrent = 1000
+	}
+	hystrix.ConfigureCommand(s.Name, hystrix.CommandConfig{
+		Timeout:                int(time.Hour / time.Millisecond), // unused: timeouts are the proxy's
+		MaxConcurrentRequests:  1,                                 // unused: the bulkhead is ours
+		RequestVolumeThreshold: s.VolumeThreshold,
+		SleepWindow:            int(s.SleepWindow / time.Millisecond),
+		ErrorPercentThreshold:  s.ErrorPercent,
+	})
+	cb, _, err := hystrix.GetCircuit(s.Name)
+	if err != nil {
+		return nil, err
+	}
+	if onTransition == nil {
+		onTransition = func(State) {}
+	}
+	return &Breaker{name: s.Name, sleep: s.SleepWindow, cb: cb, slots: make(chan struct{}, s.MaxConcurrent), trans: onTransition}, nil
+}
+
+// Ticket is one admitted request. Report its verdict once the response
+// head is known (or the attempt failed), and call Done when the request
+// is over (its body included): the bulkhead slot is held until then.
+type Ticket struct {
+	b     *Breaker
+	start time.Time
+	probe bool
+}
+
+// Allow admits a request, or says why not: ErrOpen (retry after the
+// returned duration) or ErrSaturated (the bulkhead is full; no waiting).
+func (b *Breaker) Allow(now time.Time) (Ticket, time.Duration, error) {
+	probe := false
+	if b.cb.IsOpen() {
+		b.markOpen(now)
+		if !b.cb.AllowRequest() {
+			return Ticket{}, b.retryIn(now), ErrOpen
+		}
+		probe = true // the half-open test request
+		b.opened.Store(now.UnixNano())
+	} else if b.opened.Swap(0) != 0 {
+		b.trans(Closed)
+	}
+	select {
+	case b.slots <- struct{}{}:
+	default:
+		return Ticket{}, 0, ErrSaturated
+	}
+	return Ticket{b: b, start: now, probe: probe}, 0, nil
+}
+
+func (b *Breaker) markOpen(now time.Time) {
+	if b.opened.CompareAndSwap(0, now.UnixNano()) {
+		b.trans(Open)
+	}
+}
+
+func (b *Breaker) retryIn(now time.Time) time.Duration {
+	since := now.Sub(time.Unix(0, b.opened.Load()))
+	return max(time.Second, b.sleep-since)
+}
+
+var (
+	evSuccess = []string{"success"}
+	evFailure = []string{"failure"}
+)
+
+// Report gives the request's verdict to the circuit.
+func (t Ticket) Report(failed bool, now time.Time) {
+	if t.b == nil {
+		return
+	}
+	if failed {
+		_ = t.b.cb.ReportEvent(evFailure, t.start, now.Sub(t.start))
+		return
+	}
+	if !t.probe && t.b.cb.IsOpen() {
+		return // started before the trip: only the probe decides
+	}
+	_ = t.b.cb.ReportEvent(evSuccess, t.start, now.Sub(t.start))
+	if t.probe && t.b.opened.Swap(0) != 0 {
+		t.b.trans(Closed)
+	}
+}
+
+// Done frees the request's bulkhead slot.
+func (t Ticket) Done() {
+	if t.b != nil {
+		<-t.b.slots
+	}
+}
+
+// State reports the circuit's state now.
+func (b *Breaker) State(now time.Time) State {
+	if !b.cb.IsOpen() {
+		return Closed
+	}
+	b.markOpen(now)
+	if now.Sub(time.Unix(0, b.opened.Load())) >= b.sleep {
+		return HalfOpen
+	}
+	return Open
+}
+
+// InFlight is the number of bulkhead slots taken.
+func (b *Breaker) InFlight() int { return len(b.slots) }

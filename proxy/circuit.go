@@ -1,0 +1,163 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/valyala/fasthttp"
+
+	"github.com/sidecar-proxy/sidecar/breaker"
+)
+
+// circuits keeps, per circuit name, the Breaker currently serving it, so
+// that the state gauge (registered once per name) follows reloads.
+type circuits struct {
+	mu  sync.Mutex
+	set *metrics.Set
+	m   map[string]*atomic.Pointer[breaker.Breaker]
+}
+
+func (cs *circuits) slot(name string) *atomic.Pointer[breaker.Breaker] {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if p, ok := cs.m[name]; ok {
+		return p
+	}
+	p := new(atomic.Pointer[breaker.Breaker])
+	cs.m[name] = p
+	cs.set.GetOrCreateGauge(fmt.Sprintf(`sidecar_breaker_state{circuit=%q}`, name), func() float64 {
+		if b := p.Load(); b != nil {
+			return float64(b.State(time.Now()))
+		}
+		return 0
+	})
+	cs.set.GetOrCreateGauge(fmt.Sprintf(`sidecar_bulkhead_in_flight{circuit=%q}`, name), func() float64 {
+		if b := p.Load(); b != nil {
+			return float64(b.InFlight())
+		}
+		return 0
+	})
+	return p
+}
+
+// newBreaker builds the upstream's circuit (name "upstream:<name>").
+func (p *Proxy) newBreaker(u *upstream) {
+	spec := u.spec.Breaker
+	if spec == nil {
+		return
+	}
+	name := "upstream:" + u.spec.Name
+	toOpen := p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_breaker_transitions_total{circuit=%q,to="open"}`, name))
+	toClosed := p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_breaker_transitions_total{circuit=%q,to="closed"}`, name))
+	b, err := breaker.New(breaker.Settings{Name: name, ErrorPercent: spec.ErrorPercent, VolumeThreshold: spec.VolumeThreshold,
+		SleepWindow: spec.SleepWindow, MaxConcurrent: spec.MaxConcurrent}, func(to breaker.State) {
+		if to == breaker.Open {
+			toOpen.Inc()
+			p.log.Warn("circuit opened: the upstream is cut off", "circuit", name, "sleep_window", spec.SleepWindow.String())
+		} else {
+			toClosed.Inc()
+			p.log.Info("circuit closed: the upstream is back", "circuit", name)
+		}
+	})
+	if err != nil {
+		panic("BUG: " + err.Error()) // names come from validated config
+	}
+	u.brk = b
+	p.circuits.slot(name).Store(b)
+	u.rejected = p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_bulkhead_rejections_total{upstream=%q}`, u.spec.Name))
+}
+
+var fallbackReasons = [...]string{"open", "saturated", "timeout", "error"}
+
+func fallbackReason(err error) string {
+	switch {
+	case errors.Is(err, breaker.ErrOpen):
+		return "open"
+	case errors.Is(err, breaker.ErrSaturated), errors.Is(err, ErrUpstreamBusy):
+		return "saturated"
+	case errors.Is(err, ErrConnectTimeout), errors.Is(err, ErrResponseTimeout):
+		return "timeout"
+	}
+	return "error"
+}
+
+// admit takes the upstream's circuit and bulkhead; when either says no, it
+// answers with the fallback at once (no upstream contact, no queueing).
+func (x *exchange) admit() bool {
+	b := x.up.brk
+	if b == nil {
+		return true
+	}
+	t, retry, err := b.Allow(time.Now())
+	if err != nil {
+		if errors.Is(err, breaker.ErrSaturated) {
+			x.up.rejected.Inc()
+		}
+		x.serveFallback(fallbackReason(err), retry)
+		return false
+	}
+	x.ticket = t
+	return true
+}
+
+// serveFallback answers for a failing upstream: with another upstream when
+// configured and no request body has been sent anywhere yet (nothing is
+// replayed half-sent), else with the configured response, else with the
+// core's status. Every such answer names its reason in X-Sidecar-Fallback
+// and carries Retry-After.
+func (x *exchange) serveFallback(reason string, retry time.Duration) {
+	ctx := x.ctx
+	x.up.m.fallbackInc(reason)
+	first := x.fallback == "" // a fallback upstream's own failure is not rerouted again
+	x.fallback = reason
+	fb := x.up.spec.Fallback
+	if retry <= 0 {
+		retry = time.Second
+	}
+	if fb != nil && fb.Upstream != "" && first && x.sent == 0 && !x.pumped {
+		if alt := x.st.upstreams[fb.Upstream]; alt != nil {
+			x.ticket.Done()
+			x.ticket = breaker.Ticket{}
+			x.abandonConn()
+			x.resp.Reset()
+			x.up = alt
+			x.forward(nil)
+			return
+		}
+	}
+	if fb == nil || fb.Upstream != "" {
+		status, msg := fasthttp.StatusServiceUnavailable, "upstream unavailable"
+		switch reason {
+		case "open":
+			msg = "upstream circuit open"
+		case "saturated":
+			msg = "upstream saturated"
+		case "timeout":
+			status, msg = fasthttp.StatusGatewayTimeout, "upstream timed out"
+		case "error":
+			status = fasthttp.StatusBadGateway
+		}
+		writeError(ctx, status, msg, x.reqID, x.idHeader())
+		x.status = status
+	} else {
+		ctx.Response.Reset()
+		ctx.Response.SetStatusCode(fb.Status)
+		ctx.Response.Header.SetContentType(fb.ContentType)
+		ctx.Response.Header.SetBytesV(x.idHeader(), x.reqID)
+		ctx.Response.SetBodyRaw(fb.Body) // immutable config bytes
+		x.status = fb.Status
+	}
+	ctx.Response.Header.Set("X-Sidecar-Fallback", reason)
+	ctx.Response.Header.Set("Retry-After", strconv.Itoa(ceilSeconds(retry)))
+	x.rateLimitHeaders(&ctx.Response.Header)
+	if x.body != nil {
+		ctx.SetConnectionClose() // the body may be partly read
+	}
+	x.abortPump()
+	x.finish(nil)
+}
