@@ -1,0 +1,198 @@
+package test
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func TestCircuitOpensServesFallbackAndRecovers(t *testing.T) {
+	var failing atomic.Bool
+	var hits atomic.Int64
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		if failing.Load() {
+			w.WriteHeader(503)
+			return
+		}
+		io.WriteString(w, "upstream ok")
+	})
+	sc := startSidecar(t, routeTo(be.url(), `
+[upstreams.app.breaker]
+error_percent = 50
+volume_threshold = 10
+sleep_window = "1s"
+[upstreams.app.fallback]
+status = 503
+content_type = "application/json"
+body = '{"error":"try again soon"}'
+`))
+	failing.Store(true)
+	opened := false
+	for i := 0; i < 100 && !opened; i++ {
+		resp, _ := get(t, sc.url("/"), nil)
+		opened = resp.Header.Get("X-Sidecar-Fallback") == "open"
+	}
+	if !opened {
+		t.Fatal("circuit never opened")
+	}
+	before := hits.Load()
+	_, connsBefore := be.counts()
+	start := time.Now()
+	for i := 0; i < 50; i++ {
+		resp, body := get(t, sc.url("/"), nil)
+		if resp.StatusCode != 503 || body != `{"error":"try again soon"}` || resp.Header.Get("X-Sidecar-Fallback") != "open" ||
+			resp.Header.Get("Retry-After") == "" {
+			t.Fatalf("while open: %d %q %v", resp.StatusCode, body, resp.Header)
+		}
+	}
+	t.Logf("fallback while open: %v per request (client round trip included)", (time.Since(start) / 50).Round(time.Microsecond))
+	if got := hits.Load() - before; got != 0 {
+		t.Errorf("the backend got %d requests while the circuit was open", got)
+	}
+	if _, conns := be.counts(); conns != connsBefore {
+		t.Errorf("the sidecar dialled the backend %d times while the circuit was open", conns-connsBefore)
+	}
+	if v := sc.metric(`sidecar_breaker_state{circuit="upstream:app"}`); v != 1 && v != 2 {
+		t.Errorf("breaker state gauge %v", v)
+	}
+	// The upstream recovers; after the sleep window a probe closes the circuit.
+	failing.Store(false)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp, body := get(t, sc.url("/"), nil)
+		if resp.StatusCode == 200 && body == "upstream ok" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("circuit never closed after the upstream recovered")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for i := 0; i < 10; i++ {
+		if resp, _ := get(t, sc.url("/"), nil); resp.StatusCode != 200 {
+			t.Fatalf("after recovery: %d", resp.StatusCode)
+		}
+	}
+	if sc.metric(`sidecar_breaker_transitions_total{circuit="upstream:app",to="closed"}`) < 1 {
+		t.Errorf("closing not counted")
+	}
+}
+
+func TestBulkheadGivesFallbackAtOnce(t *testing.T) {
+	release := make(chan struct{})
+	var hits atomic.Int64
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		<-release
+	})
+	sc := startSidecar(t, routeTo(be.url(), "[upstreams.app.breaker]\nmax_concurrent = 2\n"))
+	var wg sync.WaitGroup
+	for i := 0; i < 2; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if resp, err := http.Get(sc.url("/slow")); err == nil {
+				resp.Body.Close()
+			}
+		}()
+	}
+	for hits.Load() < 2 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	start := time.Now()
+	resp, _ := get(t, sc.url("/third"), nil)
+	took := time.Since(start)
+	close(release)
+	wg.Wait()
+	if resp.StatusCode != 503 || resp.Header.Get("X-Sidecar-Fallback") != "saturated" {
+		t.Errorf("third concurrent request: %d %q", resp.StatusCode, resp.Header.Get("X-Sidecar-Fallback"))
+	}
+	if hits.Load() != 2 {
+		t.Errorf("backend got %d requests with max_concurrent 2", hits.Load())
+	}
+	t.Logf("saturated fallback answered in %v (without queueing behind the slow upstream)", took.Round(time.Microsecond))
+	if v := sc.metric(`sidecar_bulkhead_rejections_total{upstream="app"}`); v != 1 {
+		t.Errorf("bulkhead rejections counted %v", v)
+	}
+}
+
+func TestFallbackUpstreamAndTimeoutFallback(t *testing.T) {
+	readonly := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "read-only copy") })
+	slow := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(2 * time.Second):
+		case <-r.Context().Done():
+		}
+	})
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.primary]
+url = "http://%s"
+[upstreams.primary.fallback]
+upstream = "readonly"
+[upstreams.readonly]
+url = %q
+[upstreams.slow]
+url = %q
+response_timeout = "200ms"
+[upstreams.slow.fallback]
+status = 200
+content_type = "text/plain"
+body = "cached answer"
+[[routes]]
+path_prefix = "/slow"
+upstream = "slow"
+[[routes]]
+upstream = "primary"
+`, freeAddr(t), readonly.url(), slow.url()))
+	resp, body := get(t, sc.url("/"), nil)
+	if resp.StatusCode != 200 || body != "read-only copy" || resp.Header.Get("X-Sidecar-Fallback") != "error" {
+		t.Errorf("refused primary: %d %q %q", resp.StatusCode, body, resp.Header.Get("X-Sidecar-Fallback"))
+	}
+	resp, body = get(t, sc.url("/slow"), nil)
+	if resp.StatusCode != 200 || body != "cached answer" || resp.Header.Get("X-Sidecar-Fallback") != "timeout" {
+		t.Errorf("timed-out upstream: %d %q %q", resp.StatusCode, body, resp.Header.Get("X-Sidecar-Fallback"))
+	}
+	if v := sc.metric(`sidecar_fallbacks_total{upstream="slow",reason="timeout"}`); v != 1 {
+		t.Errorf("timeout fallbacks counted %v", v)
+	}
+}
+
+func TestReloadChangesBulkheadSize(t *testing.T) {
+	release := make(chan struct{})
+	var hits atomic.Int64
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		<-release
+	})
+	defer close(release)
+	sc := startSidecar(t, routeTo(be.url(), "[upstreams.app.breaker]\nmax_concurrent = 1\n"))
+	go func() {
+		if resp, err := http.Get(sc.url("/a")); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	for hits.Load() < 1 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if resp, _ := get(t, sc.url("/b"), nil); resp.StatusCode != 503 {
+		t.Fatalf("second request with max_concurrent 1: %d", resp.StatusCode)
+	}
+	sc.writeConfig(routeTo(be.url(), "[upstreams.app.breaker]\nmax_concurrent = 3\n"))
+	deadline := time.Now().Add(5 * time.Second)
+	for hits.Load() < 2 && time.Now().Before(deadline) {
+		go func() {
+			if resp, err := http.Get(sc.url("/c")); err == nil {
+				resp.Body.Close()
+			}
+		}()
+		time.Sleep(100 * time.Millisecond)
+	}
+	if hits.Load() < 2 {
+		t.Errorf("max_concurrent raised by reload did not take effect")
+	}
+}
