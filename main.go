@@ -184,7 +184,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 		return 1
 	}
 	var state health.State
-	admin := &fasthttp.Server{Handler: health.Handler(&state, snap.Server.AdminPprof), ReadTimeout: 10 * time.Second,
+	admin := &fasthttp.Server{Handler: health.Handler(&state, snap.Server.AdminPprof, func() any { return px.Status() }), ReadTimeout: 10 * time.Second,
 		IdleTimeout: time.Minute, NoDefaultServerHeader: true, CloseOnShutdown: true}
 	serveErr := make(chan error, 2)
 	go func() { serveErr <- srv.Serve(ln) }()

@@ -6,6 +6,7 @@ package health
 
 import (
 	"bytes"
+	"encoding/json"
 	"sync/atomic"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -33,9 +34,10 @@ func (s *State) Ready() bool { return s.ready.Load() && !s.draining.Load() }
 // Draining reports whether StartDrain was called.
 func (s *State) Draining() bool { return s.draining.Load() }
 
-// Handler returns the admin request handler. With pprof, Go's profiler is
+// Handler returns the admin request handler. status, if not nil, is
+// served as JSON at /status (read-only). With pprof, Go's profiler is
 // served under /debug/pprof/ as well.
-func Handler(s *State, pprof bool) fasthttp.RequestHandler {
+func Handler(s *State, pprof bool, status func() any) fasthttp.RequestHandler {
 	return func(ctx *fasthttp.RequestCtx) {
 		if pprof && bytes.HasPrefix(ctx.Path(), []byte("/debug/pprof/")) {
 			pprofhandler.PprofHandler(ctx)
@@ -61,6 +63,18 @@ func Handler(s *State, pprof bool) fasthttp.RequestHandler {
 			default:
 				ctx.WriteString("ready\n") //nolint:errcheck
 			}
+		case "/status":
+			if status == nil {
+				ctx.Error("not found\n", fasthttp.StatusNotFound)
+				return
+			}
+			b, err := json.MarshalIndent(status(), "", "  ")
+			if err != nil {
+				ctx.Error("status unavailable\n", fasthttp.StatusInternalServerError)
+				return
+			}
+			ctx.SetContentType("application/json")
+			ctx.Write(append(b, '\n')) //nolint:errcheck
 		case "/metrics":
 			ctx.SetContentType("text/plain; version=0.0.4; charset=utf-8")
 			metrics.WritePrometheus(ctx, true)

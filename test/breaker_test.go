@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -194,5 +195,20 @@ func TestReloadChangesBulkheadSize(t *testing.T) {
 	}
 	if hits.Load() < 2 {
 		t.Errorf("max_concurrent raised by reload did not take effect")
+	}
+}
+
+func TestStatusEndpoint(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	sc := startSidecar(t, routeTo(be.url(), "[upstreams.app.breaker]\nmax_concurrent = 5\n"))
+	get(t, sc.url("/"), nil)
+	resp, body := get(t, "http://"+sc.Admin+"/status", nil)
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/json" {
+		t.Fatalf("/status: %d %q", resp.StatusCode, body)
+	}
+	for _, want := range []string{`"name": "upstream:app"`, `"state": "closed"`, `"addr": "` + be.Addr + `"`, `"idle_connections": 1`, `"store": "memory"`} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/status lacks %s:\n%s", want, body)
+		}
 	}
 }
