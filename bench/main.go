@@ -344,22 +344,26 @@ upstream = "bench"
 		wrk("http://"+v.addr+"/small", script, conns, time.Second) // warm-up
 	}
 	results := make([][]sample, len(variants))
-	var redisRounds, redisReqs float64
+	mallocs := make([]float64, len(variants))
+	reqs := make([]float64, len(variants))
+	var redisRounds float64
+	const okSeries = `sidecar_requests_total{route="bench",method="GET",status_class="2xx"}`
 	for r := 0; r < runs; r++ {
 		for i, v := range variants {
 			before := scrape(v.admin)
 			results[i] = append(results[i], wrk("http://"+v.addr+"/small", script, conns, dur))
+			after := scrape(v.admin)
+			mallocs[i] += after["go_memstats_mallocs_total"] - before["go_memstats_mallocs_total"]
+			reqs[i] += after[okSeries] - before[okSeries]
 			if v.name == "redis store" {
-				after := scrape(v.admin)
 				redisRounds += after["sidecar_ratelimit_store_commands_total"] - before["sidecar_ratelimit_store_commands_total"]
-				redisReqs += after[`sidecar_requests_total{route="bench",method="GET",status_class="2xx"}`] -
-					before[`sidecar_requests_total{route="bench",method="GET",status_class="2xx"}`]
 			}
 		}
 	}
+	redisReqs := reqs[2]
 	off := median(results[0])
 	fmt.Printf("\nRate limiting and circuit breaking: small GET from 10,000 distinct clients (all under their limit), sidecar and Redis on CPU 0\n\n")
-	fmt.Printf("| sidecar | req/s | ratio to limits off | target | p50 / p99 |\n|---|---|---|---|---|\n")
+	fmt.Printf("| sidecar | req/s | ratio to limits off | target | p50 / p99 | allocations per request |\n|---|---|---|---|---|---|\n")
 	ok := true
 	for i, v := range variants {
 		m := median(results[i])
@@ -372,7 +376,11 @@ upstream = "bench"
 				ok = false
 			}
 		}
-		fmt.Printf("| %s | %.0f | %.2f | %s | %s / %s |\n", v.name, m.rps, m.rps/off.rps, target, ms(m.p50), ms(m.p99))
+		perReq := 0.0
+		if reqs[i] > 0 {
+			perReq = mallocs[i] / reqs[i]
+		}
+		fmt.Printf("| %s | %.0f | %.2f | %s | %s / %s | %.2f |\n", v.name, m.rps, m.rps/off.rps, target, ms(m.p50), ms(m.p99), perReq)
 	}
 	if redisReqs > 0 {
 		fmt.Printf("\nRedis round trips per 100 requests (pipelined batches): %.1f\n", 100*redisRounds/redisReqs)
