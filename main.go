@@ -189,6 +189,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 	serveErr := make(chan error, 2)
 	go func() { serveErr <- srv.Serve(ln) }()
 	go func() { serveErr <- admin.Serve(aln) }()
+	state.SetCheck(px.Ready)
 	state.SetReady()
 	log.Info("sidecar started", "version", version, "config", snap.Source,
 		"listen", ln.Addr().String(), "admin_listen", aln.Addr().String(),

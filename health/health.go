@@ -19,7 +19,12 @@ import (
 type State struct {
 	ready    atomic.Bool
 	draining atomic.Bool
+	check    atomic.Pointer[func() error]
 }
+
+// SetCheck adds a readiness condition: /readyz fails while check returns
+// an error (its text is the response body).
+func (s *State) SetCheck(check func() error) { s.check.Store(&check) }
 
 // SetReady marks the process ready to receive traffic.
 func (s *State) SetReady() { s.ready.Store(true) }
@@ -60,6 +65,9 @@ func Handler(s *State, pprof bool, status func() any) fasthttp.RequestHandler {
 			case !s.ready.Load():
 				ctx.SetStatusCode(fasthttp.StatusServiceUnavailable)
 				ctx.WriteString("starting\n") //nolint:errcheck
+			case s.check.Load() != nil && (*s.check.Load())() != nil:
+				ctx.SetStatusCode(fasthttp.StatusServiceUnavailable)
+				ctx.WriteString((*s.check.Load())().Error() + "\n") //nolint:errcheck
 			default:
 				ctx.WriteString("ready\n") //nolint:errcheck
 			}

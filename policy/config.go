@@ -214,11 +214,39 @@ type UpstreamFile struct {
 	// RewriteHost sends the endpoint's host:port as Host instead of the
 	// client's Host. Default false (Host is preserved).
 	RewriteHost *bool `toml:"rewrite_host"`
+	// Balance is "round_robin" (default) or "least_connections".
+	Balance *string `toml:"balance"`
+	// Retries is how many more endpoints an idempotent request without a
+	// body may try after a connect error, timeout or reset. A request that
+	// could not connect is always retried once on another endpoint. All
+	// retries stay within RetryBudget. Default 0.
+	Retries *int `toml:"retries"`
+	// RetryBudget caps retries at this share of requests. Default 0.2.
+	RetryBudget *float64 `toml:"retry_budget"`
+	// PassiveFailures consecutive failures eject an endpoint for
+	// PassiveEjection. Defaults 5 and 10s; 0 turns passive ejection off.
+	PassiveFailures *int      `toml:"passive_failures"`
+	PassiveEjection *Duration `toml:"passive_ejection"`
+	// HealthCheck probes every endpoint actively. Default: off.
+	HealthCheck *HealthCheckFile `toml:"health_check"`
+	// RequiredForReadiness makes /readyz fail while this upstream has no
+	// usable endpoint. Default false.
+	RequiredForReadiness *bool `toml:"required_for_readiness"`
 	// Breaker enables the circuit breaker and bulkhead. Default: off.
 	Breaker *BreakerFile `toml:"breaker"`
 	// Fallback answers for the upstream when its circuit is open, its
 	// bulkhead full, or it fails. Default: the core's 502/503/504.
 	Fallback *FallbackFile `toml:"fallback"`
+}
+
+// HealthCheckFile is [upstreams.NAME.health_check].
+type HealthCheckFile struct {
+	Path               *string   `toml:"path"`                // default "/healthz"
+	Interval           *Duration `toml:"interval"`            // default 5s
+	Timeout            *Duration `toml:"timeout"`             // default 1s
+	ExpectedStatus     *int      `toml:"expected_status"`     // default 200
+	HealthyThreshold   *int      `toml:"healthy_threshold"`   // passes to become healthy; default 2
+	UnhealthyThreshold *int      `toml:"unhealthy_threshold"` // failures to become unhealthy; default 3
 }
 
 // BreakerFile is [upstreams.NAME.breaker].

@@ -88,8 +88,25 @@ type Upstream struct {
 	ConnWaitTimeout    time.Duration
 	IdleConnTimeout    time.Duration
 	RewriteHost        bool
-	Breaker            *Breaker  // nil: no circuit breaker
+	LeastConnections   bool
+	Retries            int
+	RetryBudget        float64
+	PassiveFailures    int // 0: no passive ejection
+	PassiveEjection    time.Duration
+	HealthCheck        *HealthCheck // nil: no active checks
+	RequiredForReady   bool
+	Breaker            *Breaker // nil: no circuit breaker
 	Fallback           *Fallback // nil: errors get the core's statuses
+}
+
+// HealthCheck is [upstreams.NAME.health_check] with defaults applied.
+type HealthCheck struct {
+	Path               string
+	Interval           time.Duration
+	Timeout            time.Duration
+	ExpectedStatus     int
+	HealthyThreshold   int
+	UnhealthyThreshold int
 }
 
 // Breaker is [upstreams.NAME.breaker] with defaults applied.

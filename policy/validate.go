@@ -241,6 +241,36 @@ func (v *validator) upstream(name string, f *UpstreamFile) *Upstream {
 	if f.Breaker != nil {
 		u.Breaker = v.breaker(key+".breaker", f.Breaker)
 	}
+	if f.Balance != nil {
+		u.LeastConnections = v.oneOf(key+".balance", *f.Balance, "round_robin", "least_connections") == "least_connections"
+	}
+	u.Retries = v.intRange(key+".retries", f.Retries, 0, 0, 10)
+	u.RetryBudget = 0.2
+	if f.RetryBudget != nil {
+		if *f.RetryBudget < 0 || *f.RetryBudget > 1 {
+			v.addf(key+".retry_budget", "must be between 0 and 1, got %v", *f.RetryBudget)
+		} else {
+			u.RetryBudget = *f.RetryBudget
+		}
+	}
+	u.PassiveFailures = v.intRange(key+".passive_failures", f.PassiveFailures, 5, 0, 1000)
+	u.PassiveEjection = v.duration(key+".passive_ejection", f.PassiveEjection, 10*time.Second, false)
+	if hc := f.HealthCheck; hc != nil {
+		h := &HealthCheck{Path: "/healthz"}
+		if hc.Path != nil {
+			if !strings.HasPrefix(*hc.Path, "/") {
+				v.addf(key+".health_check.path", "must start with '/', got %q", *hc.Path)
+			}
+			h.Path = *hc.Path
+		}
+		h.Interval = v.duration(key+".health_check.interval", hc.Interval, 5*time.Second, false)
+		h.Timeout = v.duration(key+".health_check.timeout", hc.Timeout, time.Second, false)
+		h.ExpectedStatus = v.intRange(key+".health_check.expected_status", hc.ExpectedStatus, 200, 100, 599)
+		h.HealthyThreshold = v.intRange(key+".health_check.healthy_threshold", hc.HealthyThreshold, 2, 1, 100)
+		h.UnhealthyThreshold = v.intRange(key+".health_check.unhealthy_threshold", hc.UnhealthyThreshold, 3, 1, 100)
+		u.HealthCheck = h
+	}
+	u.RequiredForReady = f.RequiredForReadiness != nil && *f.RequiredForReadiness
 	return u
 }
 

@@ -208,17 +208,32 @@ func (x *exchange) serve() {
 }
 
 // forward sends the request to x.up and answers with its response, or
-// with the upstream's fallback when it fails.
+// with the upstream's fallback when it fails. A request that could not
+// connect is retried once on another endpoint, and an idempotent one
+// without a body up to `retries` times after a timeout or reset, all
+// within the upstream's retry budget.
 func (x *exchange) forward(upgrade []byte) {
 	ctx, h := x.ctx, &x.ctx.Request.Header
-	x.ep = x.up.pick()
-	if x.up.spec.RewriteHost || len(h.Host()) == 0 {
-		h.SetHost(x.ep.addr) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
-	}
-	if err := x.roundTrip(); err != nil {
+	x.up.earnRetry()
+	x.ep = x.up.pick(nil, time.Now())
+	for attempt := 0; ; attempt++ {
+		if x.up.spec.RewriteHost || len(h.Host()) == 0 {
+			h.SetHost(x.ep.addr) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
+		}
+		err := x.roundTrip()
+		if err == nil {
+			break
+		}
 		x.up.m.errorInc(err)
 		clientSide := errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge)
-		if !clientSide && !errors.Is(err, ErrUpstreamBusy) { // a full pool is not an upstream failure
+		upstreamFault := !clientSide && !errors.Is(err, ErrUpstreamBusy) // a full pool is not the upstream's fault
+		if upstreamFault {
+			x.up.outcome(x.ep, true, time.Now(), x.p.log.Warn)
+			if x.retryable(err, attempt) {
+				x.up.m.retries.Inc()
+				x.ep = x.up.pick(x.ep, time.Now())
+				continue
+			}
 			x.ticket.Report(true, time.Now())
 		}
 		if !clientSide && x.up.spec.Fallback != nil {
@@ -232,10 +247,47 @@ func (x *exchange) forward(upgrade []byte) {
 		}
 		return
 	}
-	if b := x.up.spec.Breaker; b != nil {
-		x.ticket.Report(b.Failure(x.resp.StatusCode()), time.Now())
+	status := x.resp.StatusCode()
+	failed := failureStatus(x.up.spec, status)
+	x.up.outcome(x.ep, failed, time.Now(), x.p.log.Warn)
+	if x.up.spec.Breaker != nil {
+		x.ticket.Report(failed, time.Now())
 	}
 	x.respond(upgrade)
+}
+
+// failureStatus: the breaker's failure statuses, or 502, 503 and 504.
+func failureStatus(u *policy.Upstream, status int) bool {
+	if u.Breaker != nil {
+		return u.Breaker.Failure(status)
+	}
+	return status == 502 || status == 503 || status == 504
+}
+
+// retryable decides whether a failed attempt may go to another endpoint:
+// nothing may be replayed half-sent, and the budget must allow it.
+func (x *exchange) retryable(err error, attempt int) bool {
+	if len(x.up.endpoints) < 2 {
+		return false
+	}
+	connect := errors.Is(err, ErrConnectRefused) || errors.Is(err, ErrConnectTimeout)
+	switch {
+	case connect && attempt == 0 && x.sent == 0 && !x.pumped:
+	case attempt < x.up.spec.Retries && x.body == nil && idempotent(x.method) &&
+		(connect || errors.Is(err, ErrResponseTimeout) || errors.Is(err, ErrUpstreamReset)):
+	default:
+		return false
+	}
+	return x.up.retryToken()
+}
+
+// idempotent methods (RFC 9110 §9.2.2) may be sent again.
+func idempotent(m []byte) bool {
+	switch string(m) {
+	case "GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE":
+		return true
+	}
+	return false
 }
 
 // prepareRequest rewrites the client's request head in place into the one

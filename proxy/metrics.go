@@ -102,6 +102,9 @@ type upstreamMetrics struct {
 	errors    [7]atomic.Pointer[metrics.Counter]
 	fallbacks [len(fallbackReasons)]atomic.Pointer[metrics.Counter]
 	dials     *metrics.Counter
+	retries   *metrics.Counter
+	checkPass *metrics.Counter
+	checkFail *metrics.Counter
 }
 
 func (m *upstreamMetrics) fallbackInc(reason string) {
@@ -122,7 +125,11 @@ var errorKinds = [...]string{"refused", "connect_timeout", "pool_exhausted", "ti
 
 func newUpstreamMetrics(set *metrics.Set, name string) *upstreamMetrics {
 	return &upstreamMetrics{set: set, name: name,
-		dials: set.GetOrCreateCounter(fmt.Sprintf(`sidecar_upstream_dials_total{upstream=%q}`, name))}
+		dials:     set.GetOrCreateCounter(fmt.Sprintf(`sidecar_upstream_dials_total{upstream=%q}`, name)),
+		retries:   set.GetOrCreateCounter(fmt.Sprintf(`sidecar_upstream_retries_total{upstream=%q}`, name)),
+		checkPass: set.GetOrCreateCounter(fmt.Sprintf(`sidecar_health_checks_total{upstream=%q,result="pass"}`, name)),
+		checkFail: set.GetOrCreateCounter(fmt.Sprintf(`sidecar_health_checks_total{upstream=%q,result="fail"}`, name)),
+	}
 }
 
 func (m *upstreamMetrics) errorInc(err error) {

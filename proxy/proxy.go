@@ -14,8 +14,10 @@ package proxy
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
 	"reflect"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +26,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/sidecar-proxy/sidecar/breaker"
+	"github.com/sidecar-proxy/sidecar/health"
 	"github.com/sidecar-proxy/sidecar/policy"
 )
 
@@ -110,7 +113,14 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 		}
 		u := newUpstream(spec, newUpstreamMetrics(p.set, name), snap.Server.IdleTimeout)
 		p.newBreaker(u)
+		p.startChecks(u)
 		st.upstreams[name] = u
+		p.set.GetOrCreateGauge(fmt.Sprintf(`sidecar_upstream_healthy_endpoints{upstream=%q}`, name), func() float64 {
+			if u := p.state.Load().upstreams[name]; u != nil {
+				return float64(u.usableCount(time.Now()))
+			}
+			return 0
+		})
 	}
 	for i := range snap.Routes {
 		r := &snap.Routes[i]
@@ -134,6 +144,47 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 			old.rl.shutdown() // requests still deciding with it fall back
 		}
 	}
+}
+
+// startChecks runs the upstream's active health checks, if configured.
+func (p *Proxy) startChecks(u *upstream) {
+	hc := u.spec.HealthCheck
+	if hc == nil {
+		return
+	}
+	checks := make([]health.Check, len(u.endpoints))
+	for i, ep := range u.endpoints {
+		checks[i] = health.Check{Addr: ep.addr, Path: hc.Path, Interval: hc.Interval, Timeout: hc.Timeout,
+			ExpectedStatus: hc.ExpectedStatus, HealthyThreshold: hc.HealthyThreshold, UnhealthyThreshold: hc.UnhealthyThreshold}
+	}
+	u.checker = health.StartChecks(checks, func(i int, healthy bool) {
+		u.endpoints[i].healthy.Store(healthy)
+		p.log.Warn("endpoint health changed", "upstream", u.spec.Name, "endpoint", u.endpoints[i].addr, "healthy", healthy)
+	}, func(i int, pass bool) {
+		if pass {
+			u.m.checkPass.Inc()
+		} else {
+			u.m.checkFail.Inc()
+		}
+	})
+}
+
+// Ready returns an error naming the upstreams that /readyz waits for
+// (required_for_readiness) and that have no usable endpoint.
+func (p *Proxy) Ready() error {
+	st := p.state.Load()
+	now := time.Now()
+	var down []string
+	for _, name := range st.snap.UpstreamNames {
+		u := st.upstreams[name]
+		if u.spec.RequiredForReady && u.usableCount(now) == 0 {
+			down = append(down, name)
+		}
+	}
+	if len(down) > 0 {
+		return fmt.Errorf("no usable endpoint for upstream %s", strings.Join(down, ", "))
+	}
+	return nil
 }
 
 // Close stops background work and closes idle upstream connections.

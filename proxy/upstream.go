@@ -13,6 +13,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 
 	"github.com/sidecar-proxy/sidecar/breaker"
+	"github.com/sidecar-proxy/sidecar/health"
 	"github.com/sidecar-proxy/sidecar/policy"
 )
 
@@ -25,30 +26,113 @@ type upstream struct {
 	m         *upstreamMetrics
 	brk       *breaker.Breaker // nil: no circuit breaker
 	rejected  *metrics.Counter // bulkhead rejections
+
+	retryMilli atomic.Int64 // retry budget, in thousandths of a retry
+	retryEarn  int64        // earned per request
+	checker    *health.Checker
 }
 
 func newUpstream(spec *policy.Upstream, m *upstreamMetrics, idle time.Duration) *upstream {
-	u := &upstream{spec: spec, m: m}
+	u := &upstream{spec: spec, m: m, retryEarn: int64(spec.RetryBudget * 1000)}
+	u.retryMilli.Store(3000) // a few retries allowed before any request has earned them
 	for _, ep := range spec.Endpoints {
-		u.endpoints = append(u.endpoints, &endpoint{
-			addr: ep.Addr, spec: spec, idleTimeout: idle, m: m,
-			busy: make(chan struct{}, spec.MaxConnections),
-		})
+		e := &endpoint{addr: ep.Addr, spec: spec, idleTimeout: idle, m: m, busy: make(chan struct{}, spec.MaxConnections)}
+		e.healthy.Store(true)
+		u.endpoints = append(u.endpoints, e)
 	}
 	return u
 }
 
-// pick returns the next endpoint, round-robin.
-func (u *upstream) pick() *endpoint {
-	if len(u.endpoints) == 1 {
+// pick returns the endpoint for the next attempt: round-robin or least
+// busy among the usable ones (healthy and not ejected), other than avoid;
+// when none is usable, any of them (better a chance than a certain error).
+func (u *upstream) pick(avoid *endpoint, now time.Time) *endpoint {
+	n := len(u.endpoints)
+	if n == 1 {
 		return u.endpoints[0]
 	}
-	return u.endpoints[int(u.next.Add(1)-1)%len(u.endpoints)]
+	start := int(u.next.Add(1) - 1)
+	var best *endpoint
+	for i := 0; i < n; i++ {
+		ep := u.endpoints[(start+i)%n]
+		if ep == avoid || !ep.usable(now) {
+			continue
+		}
+		if !u.spec.LeastConnections {
+			return ep
+		}
+		if best == nil || len(ep.busy) < len(best.busy) {
+			best = ep
+		}
+	}
+	if best != nil {
+		return best
+	}
+	for i := 0; i < n; i++ {
+		if ep := u.endpoints[(start+i)%n]; ep != avoid {
+			return ep
+		}
+	}
+	return u.endpoints[start%n]
+}
+
+// usableCount is how many endpoints are healthy and not ejected.
+func (u *upstream) usableCount(now time.Time) int {
+	c := 0
+	for _, ep := range u.endpoints {
+		if ep.usable(now) {
+			c++
+		}
+	}
+	return c
+}
+
+// retryToken spends one retry from the budget: every request earns
+// RetryBudget of a retry, so retries stay within that share of requests
+// (plus a small allowance at start), and never multiply an outage.
+func (u *upstream) retryToken() bool {
+	for {
+		t := u.retryMilli.Load()
+		if t < 1000 {
+			return false
+		}
+		if u.retryMilli.CompareAndSwap(t, t-1000) {
+			return true
+		}
+	}
+}
+
+func (u *upstream) earnRetry() {
+	if t := u.retryMilli.Add(u.retryEarn); t > retryTokenCap {
+		u.retryMilli.Store(retryTokenCap)
+	}
+}
+
+const retryTokenCap = 10_000 // at most 10 retries saved up
+
+// outcome feeds passive health: consecutive failures eject an endpoint.
+func (u *upstream) outcome(ep *endpoint, failed bool, now time.Time, log func(string, ...any)) {
+	if u.spec.PassiveFailures <= 0 {
+		return
+	}
+	if !failed {
+		ep.fails.Store(0)
+		return
+	}
+	if int(ep.fails.Add(1)) >= u.spec.PassiveFailures {
+		ep.fails.Store(0)
+		ep.ejectedUntil.Store(now.Add(u.spec.PassiveEjection).UnixNano())
+		log("endpoint ejected after consecutive failures", "upstream", u.spec.Name, "endpoint", ep.addr,
+			"failures", u.spec.PassiveFailures, "for", u.spec.PassiveEjection.String())
+	}
 }
 
 func (u *upstream) closeIdle() {
 	for _, ep := range u.endpoints {
 		ep.closeIdle(time.Time{})
+	}
+	if u.checker != nil {
+		u.checker.Stop()
 	}
 }
 
@@ -65,6 +149,14 @@ type endpoint struct {
 	mu     sync.Mutex
 	idle   []*upConn // LIFO: the most recently used connection is the warmest
 	closed bool
+
+	healthy      atomic.Bool  // active health checks' verdict (true without checks)
+	fails        atomic.Int32 // consecutive failures (passive health)
+	ejectedUntil atomic.Int64 // unix ns; passive ejection
+}
+
+func (ep *endpoint) usable(now time.Time) bool {
+	return ep.healthy.Load() && ep.ejectedUntil.Load() <= now.UnixNano()
 }
 
 // acquire returns a connection with a busy slot held: a pooled one when
