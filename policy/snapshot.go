@@ -95,7 +95,7 @@ type Upstream struct {
 	PassiveEjection    time.Duration
 	HealthCheck        *HealthCheck // nil: no active checks
 	RequiredForReady   bool
-	Breaker            *Breaker // nil: no circuit breaker
+	Breaker            *Breaker  // nil: no circuit breaker
 	Fallback           *Fallback // nil: errors get the core's statuses
 }
 
