@@ -232,7 +232,8 @@ type UpstreamFile struct {
 	// RequiredForReadiness makes /readyz fail while this upstream has no
 	// usable endpoint. Default false.
 	RequiredForReadiness *bool `toml:"required_for_readiness"`
-	// Breaker enables the circuit breaker and bulkhead. Default: off.
+	// Breaker tunes the circuit breaker and bulkhead, which are on by
+	// default with the defaults of BreakerFile.
 	Breaker *BreakerFile `toml:"breaker"`
 	// Fallback answers for the upstream when its circuit is open, its
 	// bulkhead full, or it fails. Default: the core's 502/503/504.
@@ -251,6 +252,9 @@ type HealthCheckFile struct {
 
 // BreakerFile is [upstreams.NAME.breaker].
 type BreakerFile struct {
+	// Enabled turns the circuit breaker and bulkhead off with false.
+	// Default true.
+	Enabled *bool `toml:"enabled"`
 	// ErrorPercent of failed requests opens the circuit, once
 	// VolumeThreshold requests were seen in the rolling 10 s window.
 	// Defaults 50 and 20.
@@ -303,4 +307,8 @@ type RouteFile struct {
 	// LimitPerRoute counts this route's requests apart from the client's
 	// others. Default false: one count per client and tier.
 	LimitPerRoute *bool `toml:"limit_per_route"`
+	// OwnCircuit gives the route a circuit of its own (with its upstream's
+	// breaker settings), so that one failing route does not cut off the
+	// upstream's others. Default false.
+	OwnCircuit *bool `toml:"own_circuit"`
 }

@@ -156,6 +156,7 @@ type Route struct {
 	Shadow          bool           // route forces shadow mode
 	Limits          map[string]int // tier → limit on this route
 	LimitPerRoute   bool           // counted apart (also when Limits is set)
+	OwnCircuit      bool
 }
 
 // Match returns the first route whose conditions all hold, or nil.

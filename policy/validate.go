@@ -238,8 +238,12 @@ func (v *validator) upstream(name string, f *UpstreamFile) *Upstream {
 	u.MaxConnections = v.intRange(key+".max_connections", f.MaxConnections, DefaultUpstreamMaxConns, 1, 1<<20)
 	u.MaxIdleConnections = v.intRange(key+".max_idle_connections", f.MaxIdleConnections, min(DefaultUpstreamMaxIdle, u.MaxConnections), 0, u.MaxConnections)
 	u.RewriteHost = f.RewriteHost != nil && *f.RewriteHost
-	if f.Breaker != nil {
-		u.Breaker = v.breaker(key+".breaker", f.Breaker)
+	bf := f.Breaker
+	if bf == nil {
+		bf = &BreakerFile{}
+	}
+	if bf.Enabled == nil || *bf.Enabled {
+		u.Breaker = v.breaker(key+".breaker", bf)
 	}
 	if f.Balance != nil {
 		u.LeastConnections = v.oneOf(key+".balance", *f.Balance, "round_robin", "least_connections") == "least_connections"
@@ -548,4 +552,5 @@ func (v *validator) routeLimits(i int, f *RouteFile, r *Route, tiers map[string]
 		r.Limits = f.Limits
 	}
 	r.LimitPerRoute = (f.LimitPerRoute != nil && *f.LimitPerRoute) || len(f.Limits) > 0
+	r.OwnCircuit = f.OwnCircuit != nil && *f.OwnCircuit
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/sidecar-proxy/sidecar/breaker"
+	"github.com/sidecar-proxy/sidecar/policy"
 )
 
 // circuits keeps, per circuit name, the Breaker currently serving it, so
@@ -47,11 +48,15 @@ func (cs *circuits) slot(name string) *atomic.Pointer[breaker.Breaker] {
 
 // newBreaker builds the upstream's circuit (name "upstream:<name>").
 func (p *Proxy) newBreaker(u *upstream) {
-	spec := u.spec.Breaker
-	if spec == nil {
+	if u.spec.Breaker == nil {
 		return
 	}
-	name := "upstream:" + u.spec.Name
+	u.brk = p.circuit("upstream:"+u.spec.Name, u.spec.Breaker)
+	u.rejected = p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_bulkhead_rejections_total{upstream=%q}`, u.spec.Name))
+}
+
+// circuit builds one named circuit with its metrics.
+func (p *Proxy) circuit(name string, spec *policy.Breaker) *breaker.Breaker {
 	toOpen := p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_breaker_transitions_total{circuit=%q,to="open"}`, name))
 	toClosed := p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_breaker_transitions_total{circuit=%q,to="closed"}`, name))
 	b, err := breaker.New(breaker.Settings{Name: name, ErrorPercent: spec.ErrorPercent, VolumeThreshold: spec.VolumeThreshold,
@@ -67,9 +72,8 @@ func (p *Proxy) newBreaker(u *upstream) {
 	if err != nil {
 		panic("BUG: " + err.Error()) // names come from validated config
 	}
-	u.brk = b
 	p.circuits.slot(name).Store(b)
-	u.rejected = p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_bulkhead_rejections_total{upstream=%q}`, u.spec.Name))
+	return b
 }
 
 var fallbackReasons = [...]string{"open", "saturated", "timeout", "error"}
@@ -90,6 +94,9 @@ func fallbackReason(err error) string {
 // answers with the fallback at once (no upstream contact, no queueing).
 func (x *exchange) admit() bool {
 	b := x.up.brk
+	if x.rt.brk != nil {
+		b = x.rt.brk // the route's own circuit
+	}
 	if b == nil {
 		return true
 	}

@@ -71,6 +71,7 @@ type routeRuntime struct {
 	up    *upstream
 	m     *routeMetrics
 	rl    *tierCounters
+	brk   *breaker.Breaker // the route's own circuit (own_circuit), or nil
 }
 
 // New builds a Proxy serving snap.
@@ -124,8 +125,12 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 	}
 	for i := range snap.Routes {
 		r := &snap.Routes[i]
-		st.routes = append(st.routes, routeRuntime{route: r, up: st.upstreams[r.Upstream],
-			m: newRouteMetrics(p.set, r.Name), rl: newTierCounters(p.set, r.Name, snap.Tiers)})
+		rr := routeRuntime{route: r, up: st.upstreams[r.Upstream],
+			m: newRouteMetrics(p.set, r.Name), rl: newTierCounters(p.set, r.Name, snap.Tiers)}
+		if r.OwnCircuit && rr.up.spec.Breaker != nil {
+			rr.brk = p.circuit("route:"+r.Name, rr.up.spec.Breaker)
+		}
+		st.routes = append(st.routes, rr)
 	}
 	st.noRoute = newRouteMetrics(p.set, "none")
 	if old != nil && old.rl.sameConfig(snap) {

@@ -3,6 +3,8 @@ package proxy
 import (
 	"sort"
 	"time"
+
+	"github.com/sidecar-proxy/sidecar/breaker"
 )
 
 // Status is the read-only state that the admin /status endpoint shows.
@@ -32,12 +34,18 @@ type EndpointStatus struct {
 	Idle      int    `json:"idle_connections"`
 	MaxInUse  int    `json:"max_connections"`
 	IdleLimit int    `json:"max_idle_connections"`
+	Healthy   bool   `json:"healthy"` // active health checks' verdict
+	Ejected   bool   `json:"ejected"` // passive ejection after consecutive failures
 }
 
 // LimiterStatus is the rate-limit store.
 type LimiterStatus struct {
 	Store       string `json:"store"` // memory or redis
 	CoolingDown bool   `json:"cooling_down"`
+}
+
+func circuitStatus(name string, b *breaker.Breaker, now time.Time) CircuitStatus {
+	return CircuitStatus{Name: name, State: [...]string{"closed", "open", "half_open"}[b.State(now)], InFlight: b.InFlight()}
 }
 
 // Status reports circuits, pools and the limiter store.
@@ -58,12 +66,17 @@ func (p *Proxy) Status() Status {
 			idle := len(ep.idle)
 			ep.mu.Unlock()
 			us.Endpoints = append(us.Endpoints, EndpointStatus{Addr: ep.addr, Busy: len(ep.busy), Idle: idle,
-				MaxInUse: u.spec.MaxConnections, IdleLimit: u.spec.MaxIdleConnections})
+				MaxInUse: u.spec.MaxConnections, IdleLimit: u.spec.MaxIdleConnections,
+				Healthy: ep.healthy.Load(), Ejected: ep.ejectedUntil.Load() > now.UnixNano()})
 		}
 		s.Upstreams = append(s.Upstreams, us)
 		if u.brk != nil {
-			s.Circuits = append(s.Circuits, CircuitStatus{Name: "upstream:" + name,
-				State: [...]string{"closed", "open", "half_open"}[u.brk.State(now)], InFlight: u.brk.InFlight()})
+			s.Circuits = append(s.Circuits, circuitStatus("upstream:"+name, u.brk, now))
+		}
+	}
+	for _, rr := range st.routes {
+		if rr.brk != nil {
+			s.Circuits = append(s.Circuits, circuitStatus("route:"+rr.route.Name, rr.brk, now))
 		}
 	}
 	s.Limiter = LimiterStatus{Store: st.snap.RateLimit.Store, CoolingDown: st.rl.lim.CoolingDown()}

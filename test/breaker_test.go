@@ -212,3 +212,45 @@ func TestStatusEndpoint(t *testing.T) {
 		}
 	}
 }
+
+func TestRouteWithItsOwnCircuit(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/broken" {
+			w.WriteHeader(502)
+		}
+	})
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.app]
+url = %q
+[upstreams.app.breaker]
+volume_threshold = 5
+sleep_window = "1m"
+[[routes]]
+name = "broken"
+path_prefix = "/broken"
+upstream = "app"
+own_circuit = true
+[[routes]]
+name = "rest"
+upstream = "app"
+`, be.url()))
+	opened := false
+	for i := 0; i < 50 && !opened; i++ {
+		resp, _ := get(t, sc.url("/broken"), nil)
+		opened = resp.Header.Get("X-Sidecar-Fallback") == "open"
+	}
+	if !opened {
+		t.Fatal("the route's circuit never opened")
+	}
+	for i := 0; i < 10; i++ {
+		if resp, _ := get(t, sc.url("/fine"), nil); resp.StatusCode != 200 {
+			t.Fatalf("another route of the same upstream was cut off: %d", resp.StatusCode)
+		}
+	}
+	if v := sc.metric(`sidecar_breaker_state{circuit="route:broken"}`); v != 1 {
+		t.Errorf("route circuit state %v", v)
+	}
+	if v := sc.metric(`sidecar_breaker_state{circuit="upstream:app"}`); v != 0 {
+		t.Errorf("upstream circuit state %v", v)
+	}
+}

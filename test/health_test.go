@@ -124,6 +124,8 @@ urls = ["http://%s", "http://%s"]
 passive_failures = 0
 retries = 1
 retry_budget = 0.2
+[upstreams.app.breaker]
+enabled = false   # count the retries of every request, without a circuit cutting them short
 [[routes]]
 upstream = "app"
 `, freeAddr(t), freeAddr(t)))
