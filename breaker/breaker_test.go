@@ -3,6 +3,7 @@ package breaker
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -10,7 +11,8 @@ import (
 // waitOpen reports failures until the circuit refuses, and returns how
 // many requests it admitted after the thresholds were crossed. hystrix
 // computes health on its own goroutine, so a trip may lag a little; the
-// loop waits for the state, it does not sleep a fixed time.
+// loop waits for the state (it stops when the circuit refuses), pacing
+// requests as a busy upstream would see them.
 func waitOpen(t *testing.T, b *Breaker, volume int) int {
 	t.Helper()
 	for i := 0; i < volume; i++ {
@@ -34,7 +36,12 @@ func waitOpen(t *testing.T, b *Breaker, volume int) int {
 		late++
 		tk.Report(true, time.Now())
 		tk.Done()
-		time.Sleep(time.Millisecond) // let hystrix's metrics goroutine run
+		// Requests to one upstream arrive paced, as through a proxy (here
+		// 5,000 per second); hystrix's metrics goroutine runs between them.
+		// In a tight loop with no pause at all it lags by dozens.
+		time.Sleep(200 * time.Microsecond)
+		runtime.Gosched()
+
 	}
 	t.Fatalf("circuit never opened (%d late requests)", late)
 	return late
@@ -43,7 +50,7 @@ func waitOpen(t *testing.T, b *Breaker, volume int) int {
 func TestCircuitOpensWithinAHandfulOfRequests(t *testing.T) {
 	worst := 0
 	for rep := 0; rep < 100; rep++ {
-		b, err := New(Settings{Name: fmt.Sprintf("test-open-%d", rep), VolumeThreshold: 10, ErrorPercent: 50, SleepWindow: time.Minute}, nil)
+		b, err := New(Settings{Name: fmt.Sprintf("test-open-%d-%d", time.Now().UnixNano(), rep), VolumeThreshold: 10, ErrorPercent: 50, SleepWindow: time.Minute}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -57,7 +64,7 @@ func TestCircuitOpensWithinAHandfulOfRequests(t *testing.T) {
 
 func TestOnlyTheProbeClosesTheCircuit(t *testing.T) {
 	var transitions []State
-	b, _ := New(Settings{Name: "test-probe", VolumeThreshold: 5, SleepWindow: 200 * time.Millisecond}, func(s State) { transitions = append(transitions, s) })
+	b, _ := New(Settings{Name: fmt.Sprintf("test-probe-%d", time.Now().UnixNano()), VolumeThreshold: 5, SleepWindow: 200 * time.Millisecond}, func(s State) { transitions = append(transitions, s) })
 	inFlight, _, err := b.Allow(time.Now()) // started before the trip
 	if err != nil {
 		t.Fatal(err)
@@ -105,7 +112,7 @@ func TestOnlyTheProbeClosesTheCircuit(t *testing.T) {
 }
 
 func TestBulkheadRejectsAtOnceAndIsNotAFailure(t *testing.T) {
-	b, _ := New(Settings{Name: "test-bulkhead", MaxConcurrent: 2, VolumeThreshold: 5}, nil)
+	b, _ := New(Settings{Name: fmt.Sprintf("test-bulkhead-%d", time.Now().UnixNano()), MaxConcurrent: 2, VolumeThreshold: 5}, nil)
 	a, _, _ := b.Allow(time.Now())
 	c, _, _ := b.Allow(time.Now())
 	for i := 0; i < 50; i++ {

@@ -41,6 +41,13 @@ body = '{"error":"try again soon"}'
 	if !opened {
 		t.Fatal("circuit never opened")
 	}
+	// 10 failures cross the thresholds (volume 10, 100 % errors); hystrix
+	// decides on its own goroutine, so a few more may get through.
+	if late := hits.Load() - 10; late > 5 {
+		t.Errorf("%d requests reached the failing upstream after the thresholds were crossed", late)
+	} else {
+		t.Logf("requests that reached the failing upstream after the thresholds were crossed: %d", late)
+	}
 	before := hits.Load()
 	_, connsBefore := be.counts()
 	start := time.Now()
