@@ -61,7 +61,7 @@ func Handler() http.Handler {
 		}
 	})
 	mux.HandleFunc("/fail", func(w http.ResponseWriter, r *http.Request) {
-		http.Error(w, `{"error":"the demo upstream fails on purpose"}`, http.StatusInternalServerError)
+		http.Error(w, `{"error":"the demo upstream fails on purpose"}`, http.StatusServiceUnavailable)
 	})
 	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) {
 		_ = http.NewResponseController(w).EnableFullDuplex()
@@ -113,9 +113,19 @@ admin_listen = "127.0.0.1:9090"
 [upstreams.demo]
 url = %q
 
+[upstreams.demo.fallback]
+status = 503
+content_type = "application/json"
+body = '{"error":"the demo upstream is failing; the sidecar answers for it"}'
+
 [[routes]]
 name = "demo"
 path_prefix = "/"
 upstream = "demo"
+
+# Anonymous clients (everyone, in the demo): 120 requests per minute.
+[tiers.anonymous]
+limit = 120
+window = "1m"
 `, upstreamURL)
 }
