@@ -169,6 +169,8 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 
 	px := proxy.New(snap, proxy.Settings{Logger: log, Metrics: set})
 	defer px.Close()
+	lag := health.StartLagProbe(set, 100*time.Millisecond)
+	defer lag.Stop()
 	srv := px.NewServer(&snap.Server)
 	set.GetOrCreateGauge(`sidecar_open_connections`, func() float64 { return float64(srv.GetOpenConnectionsCount()) })
 

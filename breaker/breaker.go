@@ -18,12 +18,14 @@
 //   - the bulkhead is ours, so a reload can change its size (hystrix's pool
 //     size is frozen when the circuit is created).
 //
-// hystrix computes health on its own goroutine, so a trip can lag the
-// threshold by a few requests.
+// hystrix computes health on its own goroutine, so on its own a trip lags
+// the thresholds (by dozens of requests in a tight loop); a synchronous
+// count of the same window refuses requests as soon as they are crossed.
 package breaker
 
 import (
 	"errors"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -70,6 +72,56 @@ type Breaker struct {
 	slots  chan struct{}
 	opened atomic.Int64 // unix ns the current open period (or last probe) began; 0: closed
 	trans  func(to State)
+	early  window // our synchronous view of hystrix's window, see Allow
+}
+
+// window counts requests and failures over the last 10 s in 1 s buckets,
+// as hystrix does, but synchronously: hystrix applies events on its own
+// goroutine, so under load it can admit dozens of requests past the
+// thresholds before it opens. Allow consults this first and refuses as
+// soon as the thresholds are crossed; hystrix catches up and then runs the
+// open and half-open states as usual.
+type window struct {
+	mu      sync.Mutex
+	volume  int
+	percent int
+	buckets [10]struct{ sec, total, failed int64 }
+	tripped bool
+}
+
+func (w *window) add(now time.Time, failed bool) {
+	sec := now.Unix()
+	w.mu.Lock()
+	b := &w.buckets[sec%10]
+	if b.sec != sec {
+		b.sec, b.total, b.failed = sec, 0, 0
+	}
+	b.total++
+	if failed {
+		b.failed++
+	}
+	w.mu.Unlock()
+}
+
+// unhealthy reports whether the last 10 s cross the thresholds.
+func (w *window) unhealthy(now time.Time) bool {
+	sec := now.Unix()
+	var total, failed int64
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for i := range w.buckets {
+		if b := &w.buckets[i]; sec-b.sec < 10 {
+			total += b.total
+			failed += b.failed
+		}
+	}
+	return total >= int64(w.volume) && failed*100 >= int64(w.percent)*total
+}
+
+func (w *window) reset() {
+	w.mu.Lock()
+	w.buckets = [10]struct{ sec, total, failed int64 }{}
+	w.mu.Unlock()
 }
 
 // New configures the named circuit (keeping its state if it exists: a
@@ -106,7 +158,9 @@ func New(s Settings, onTransition func(to State)) (*Breaker, error) {
 	if onTransition == nil {
 		onTransition = func(State) {}
 	}
-	return &Breaker{name: s.Name, sleep: s.SleepWindow, cb: cb, slots: make(chan struct{}, s.MaxConcurrent), trans: onTransition}, nil
+	b := &Breaker{name: s.Name, sleep: s.SleepWindow, cb: cb, slots: make(chan struct{}, s.MaxConcurrent), trans: onTransition}
+	b.early.volume, b.early.percent = s.VolumeThreshold, s.ErrorPercent
+	return b, nil
 }
 
 // Ticket is one admitted request. Report its verdict once the response
@@ -122,6 +176,11 @@ type Ticket struct {
 // returned duration) or ErrSaturated (the bulkhead is full; no waiting).
 func (b *Breaker) Allow(now time.Time) (Ticket, time.Duration, error) {
 	probe := false
+	if !b.cb.IsOpen() && b.early.unhealthy(now) {
+		// hystrix has not seen it yet: refuse now, it will open shortly.
+		b.markOpen(now)
+		return Ticket{}, b.retryIn(now), ErrOpen
+	}
 	if b.cb.IsOpen() {
 		b.markOpen(now)
 		if !b.cb.AllowRequest() {
@@ -162,11 +221,17 @@ func (t Ticket) Report(failed bool, now time.Time) {
 		return
 	}
 	if failed {
+		t.b.early.add(now, true)
 		_ = t.b.cb.ReportEvent(evFailure, t.start, now.Sub(t.start))
 		return
 	}
 	if !t.probe && t.b.cb.IsOpen() {
 		return // started before the trip: only the probe decides
+	}
+	if t.probe {
+		t.b.early.reset() // hystrix resets its window when the probe closes the circuit
+	} else {
+		t.b.early.add(now, false)
 	}
 	_ = t.b.cb.ReportEvent(evSuccess, t.start, now.Sub(t.start))
 	if t.probe && t.b.opened.Swap(0) != 0 {
@@ -184,6 +249,9 @@ func (t Ticket) Done() {
 // State reports the circuit's state now.
 func (b *Breaker) State(now time.Time) State {
 	if !b.cb.IsOpen() {
+		if b.early.unhealthy(now) {
+			return Open // hystrix is about to agree
+		}
 		return Closed
 	}
 	b.markOpen(now)

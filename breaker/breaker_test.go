@@ -3,16 +3,15 @@ package breaker
 import (
 	"errors"
 	"fmt"
-	"runtime"
 	"testing"
 	"time"
 )
 
 // waitOpen reports failures until the circuit refuses, and returns how
-// many requests it admitted after the thresholds were crossed. hystrix
-// computes health on its own goroutine, so a trip may lag a little; the
-// loop waits for the state (it stops when the circuit refuses), pacing
-// requests as a busy upstream would see them.
+// many requests it admitted after the thresholds were crossed. The loop
+// waits for the state (it stops when the circuit refuses) and runs as fast
+// as it can: hystrix alone, applying events on its own goroutine, let
+// dozens through here; the breaker's synchronous count must not.
 func waitOpen(t *testing.T, b *Breaker, volume int) int {
 	t.Helper()
 	for i := 0; i < volume; i++ {
@@ -36,11 +35,6 @@ func waitOpen(t *testing.T, b *Breaker, volume int) int {
 		late++
 		tk.Report(true, time.Now())
 		tk.Done()
-		// Requests to one upstream arrive paced, as through a proxy (here
-		// 5,000 per second); hystrix's metrics goroutine runs between them.
-		// In a tight loop with no pause at all it lags by dozens.
-		time.Sleep(200 * time.Microsecond)
-		runtime.Gosched()
 
 	}
 	t.Fatalf("circuit never opened (%d late requests)", late)
@@ -57,7 +51,7 @@ func TestCircuitOpensWithinAHandfulOfRequests(t *testing.T) {
 		worst = max(worst, waitOpen(t, b, 10))
 	}
 	t.Logf("worst case over 100 repetitions: %d requests reached the failing upstream after the thresholds were crossed", worst)
-	if worst > 5 {
+	if worst > 1 {
 		t.Errorf("%d requests got through after the thresholds were crossed", worst)
 	}
 }

@@ -63,6 +63,8 @@ type exchange struct {
 	rl       decision // the rate-limit decision, for the response headers
 	clientID []byte
 
+	upStart  time.Time      // the first attempt upstream began
+	upEnd    time.Time      // the upstream's part ended (response complete, or failed)
 	up       *upstream      // where the request goes: the route's, or its fallback
 	ticket   breaker.Ticket // the bulkhead slot and circuit verdict, if the upstream has a breaker
 	pumped   bool           // a pump started: body bytes may have gone upstream
@@ -215,6 +217,9 @@ func (x *exchange) serve() {
 func (x *exchange) forward(upgrade []byte) {
 	ctx, h := x.ctx, &x.ctx.Request.Header
 	x.up.earnRetry()
+	if x.upStart.IsZero() {
+		x.upStart = time.Now()
+	}
 	x.ep = x.up.pick(nil, time.Now())
 	for attempt := 0; ; attempt++ {
 		if x.up.spec.RewriteHost || len(h.Host()) == 0 {
@@ -666,6 +671,7 @@ func (x *exchange) Read(p []byte) (int, error) {
 	switch {
 	case err == io.EOF:
 		x.bodyEOF = true
+		x.upEnd = time.Now()
 	case err != nil:
 		x.upErr = classifyReadErr(err)
 	}
@@ -740,6 +746,15 @@ func (x *exchange) record(now time.Time) {
 	if x.rt != nil {
 		m = x.rt.m
 	}
+	if !x.upStart.IsZero() && x.up != nil {
+		end := x.upEnd
+		if end.IsZero() {
+			end = now
+		}
+		upstream := end.Sub(x.upStart)
+		x.up.m.duration.Update(upstream.Seconds())
+		m.added.Update(max(0, now.Sub(x.start)-upstream).Seconds())
+	}
 	status := x.status
 	if status == 0 {
 		status = x.ctx.Response.StatusCode()
@@ -790,5 +805,6 @@ func (x *exchange) release() {
 	x.status, x.upErr, x.done = 0, nil, false
 	x.rl = decision{}
 	x.up, x.ticket, x.pumped, x.fallback = nil, breaker.Ticket{}, false, ""
+	x.upStart, x.upEnd = time.Time{}, time.Time{}
 	exchangePool.Put(x)
 }

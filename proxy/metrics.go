@@ -40,6 +40,9 @@ func methodIndex(m []byte) int {
 // durationBuckets suit a proxy: 0.5 ms to ~30 s.
 var durationBuckets = metrics.ExponentialBuckets(0.0005, 2, 17)
 
+// addedBuckets suit the proxy's own latency: 10 µs to ~0.3 s.
+var addedBuckets = metrics.ExponentialBuckets(0.00001, 2, 16)
+
 // proxyMetrics are the process-wide series of the forwarding path.
 type proxyMetrics struct {
 	set      *metrics.Set
@@ -64,6 +67,7 @@ type routeMetrics struct {
 	name     string
 	requests [len(methodNames)][6]atomic.Pointer[metrics.Counter]
 	duration *metrics.PrometheusHistogram
+	added    *metrics.PrometheusHistogram // the sidecar's own share: total minus upstream
 	bytesIn  *metrics.Counter
 	bytesOut *metrics.Counter
 }
@@ -73,6 +77,7 @@ func newRouteMetrics(set *metrics.Set, route string) *routeMetrics {
 		set:      set,
 		name:     route,
 		duration: set.GetOrCreatePrometheusHistogramExt(fmt.Sprintf(`sidecar_request_duration_seconds{route=%q}`, route), durationBuckets),
+		added:    set.GetOrCreatePrometheusHistogramExt(fmt.Sprintf(`sidecar_added_latency_seconds{route=%q}`, route), addedBuckets),
 		bytesIn:  set.GetOrCreateCounter(fmt.Sprintf(`sidecar_request_body_bytes_total{route=%q}`, route)),
 		bytesOut: set.GetOrCreateCounter(fmt.Sprintf(`sidecar_response_body_bytes_total{route=%q}`, route)),
 	}
@@ -102,6 +107,7 @@ type upstreamMetrics struct {
 	errors    [7]atomic.Pointer[metrics.Counter]
 	fallbacks [len(fallbackReasons)]atomic.Pointer[metrics.Counter]
 	dials     *metrics.Counter
+	duration  *metrics.PrometheusHistogram
 	retries   *metrics.Counter
 	checkPass *metrics.Counter
 	checkFail *metrics.Counter
@@ -126,6 +132,7 @@ var errorKinds = [...]string{"refused", "connect_timeout", "pool_exhausted", "ti
 func newUpstreamMetrics(set *metrics.Set, name string) *upstreamMetrics {
 	return &upstreamMetrics{set: set, name: name,
 		dials:     set.GetOrCreateCounter(fmt.Sprintf(`sidecar_upstream_dials_total{upstream=%q}`, name)),
+		duration:  set.GetOrCreatePrometheusHistogramExt(fmt.Sprintf(`sidecar_upstream_duration_seconds{upstream=%q}`, name), durationBuckets),
 		retries:   set.GetOrCreateCounter(fmt.Sprintf(`sidecar_upstream_retries_total{upstream=%q}`, name)),
 		checkPass: set.GetOrCreateCounter(fmt.Sprintf(`sidecar_health_checks_total{upstream=%q,result="pass"}`, name)),
 		checkFail: set.GetOrCreateCounter(fmt.Sprintf(`sidecar_health_checks_total{upstream=%q,result="fail"}`, name)),

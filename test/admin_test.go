@@ -104,7 +104,14 @@ func TestAdminEndpointsAndMetrics(t *testing.T) {
 	if v := value("sidecar_response_body_bytes_total", map[string]string{"route": "app"}); v < float64(7*len("upstream:/x")) {
 		t.Errorf("response bytes = %v", v)
 	}
+	if v := value("sidecar_upstream_duration_seconds", map[string]string{"upstream": "app"}); v != 9 {
+		t.Errorf("upstream duration histogram count = %v, want 9", v)
+	}
+	if v := value("sidecar_added_latency_seconds", map[string]string{"route": "app"}); v != 9 {
+		t.Errorf("added latency histogram count = %v, want 9", v)
+	}
 	for _, name := range []string{"sidecar_requests_in_flight", "sidecar_open_connections", "sidecar_build_info",
+		"sidecar_runtime_lag_seconds", "sidecar_runtime_lag_probe_seconds",
 		"go_sched_latencies_seconds", "go_goroutines", "process_resident_memory_bytes", "go_memlimit_bytes"} {
 		if _, ok := families[name]; !ok {
 			t.Errorf("metric %s missing", name)
