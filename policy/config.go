@@ -40,6 +40,20 @@ type File struct {
 	Tiers     map[string]TierFile     `toml:"tiers"`
 	RateLimit RateLimitFile           `toml:"rate_limit"`
 	Redis     RedisFile               `toml:"redis"`
+	AccessLog AccessLogFile           `toml:"access_log"`
+}
+
+// AccessLogFile is [access_log]: one JSON line per request on stdout.
+type AccessLogFile struct {
+	// Enabled turns the access log on. Default false.
+	Enabled *bool `toml:"enabled"`
+	// Sample is the share of successful requests (status < 400) logged;
+	// errors and denials are always logged. Default 1.0.
+	Sample *float64 `toml:"sample"`
+	// FingerprintSecretEnv names the environment variable holding the HMAC
+	// key that turns client ids into fingerprints. Default: a random key
+	// per process (fingerprints then differ between replicas and restarts).
+	FingerprintSecretEnv *string `toml:"fingerprint_secret_env"`
 }
 
 // IdentityFile is the [identity] table: how a client is recognised.

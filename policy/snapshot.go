@@ -20,9 +20,17 @@ type Snapshot struct {
 	Tiers         map[string]*Tier
 	RateLimit     RateLimit
 	Redis         Redis
+	AccessLog     AccessLog
 	// Files lists every file the snapshot was read from (config, keys,
 	// public key): a change of any of them reloads.
 	Files []string
+}
+
+// AccessLog is [access_log] with the secret read from the environment.
+type AccessLog struct {
+	Enabled bool
+	Sample  float64
+	Secret  []byte // nil: the proxy's random per-process key
 }
 
 // RateLimit is [rate_limit] with defaults applied.

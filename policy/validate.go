@@ -124,6 +124,7 @@ func (v *validator) compile(f *File) *Snapshot {
 		}
 	}
 	s.Tiers = v.tiers(f)
+	v.accessLog(&f.AccessLog, &s.AccessLog)
 	v.rateLimit(&f.RateLimit, &s.RateLimit)
 	v.redis(&f.Redis, &s.Redis, s.RateLimit.Store == "redis")
 	v.identity(&f.Identity, &s.Identity, s.Tiers, s)
@@ -553,4 +554,23 @@ func (v *validator) routeLimits(i int, f *RouteFile, r *Route, tiers map[string]
 	}
 	r.LimitPerRoute = (f.LimitPerRoute != nil && *f.LimitPerRoute) || len(f.Limits) > 0
 	r.OwnCircuit = f.OwnCircuit != nil && *f.OwnCircuit
+}
+
+func (v *validator) accessLog(f *AccessLogFile, a *AccessLog) {
+	a.Enabled = f.Enabled != nil && *f.Enabled
+	a.Sample = 1
+	if f.Sample != nil {
+		if *f.Sample < 0 || *f.Sample > 1 {
+			v.addf("access_log.sample", "must be between 0 and 1, got %v", *f.Sample)
+		} else {
+			a.Sample = *f.Sample
+		}
+	}
+	if f.FingerprintSecretEnv != nil {
+		secret := os.Getenv(*f.FingerprintSecretEnv)
+		if len(secret) < 16 {
+			v.addf("access_log.fingerprint_secret_env", "environment variable %s must hold at least 16 bytes", *f.FingerprintSecretEnv)
+		}
+		a.Secret = []byte(secret)
+	}
 }

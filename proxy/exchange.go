@@ -760,6 +760,7 @@ func (x *exchange) record(now time.Time) {
 		status = x.ctx.Response.StatusCode()
 	}
 	m.request(x.method, status).Inc()
+	x.accessLine(status, now)
 	m.duration.Update(now.Sub(x.start).Seconds())
 	if x.sent > 0 {
 		m.bytesIn.Add(int(x.sent))

@@ -55,6 +55,7 @@ type Proxy struct {
 
 	lastShadowLog atomic.Int64
 	circuits      circuits
+	access        *accessLog
 }
 
 // state is everything the handler needs, built from one snapshot.
@@ -86,6 +87,7 @@ func New(snap *policy.Snapshot, s Settings) *Proxy {
 	p := &Proxy{log: s.Logger, set: s.Metrics, ids: newRequestIDs(), stop: make(chan struct{})}
 	p.circuits = circuits{set: s.Metrics, m: map[string]*atomic.Pointer[breaker.Breaker]{}}
 	p.m = newProxyMetrics(s.Metrics)
+	p.access = newAccessLog(s.Logger, s.Metrics, func() []byte { return p.state.Load().snap.AccessLog.Secret })
 	p.Apply(snap)
 	p.wg.Add(1)
 	go p.reapIdle()
@@ -201,6 +203,7 @@ func (p *Proxy) Close() {
 		u.closeIdle()
 	}
 	st.rl.shutdown()
+	p.access.close()
 }
 
 // reapIdle closes pooled upstream connections past their idle timeout, so

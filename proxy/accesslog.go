@@ -1,0 +1,159 @@
+package proxy
+
+import (
+	"context"
+	"crypto/hmac"
+	crand "crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+)
+
+// accessEntry is one request's access-log line, copied out of the
+// exchange so that the request path only hands it over.
+type accessEntry struct {
+	at                       time.Time
+	requestID, route, method string
+	status                   int
+	tier, client             string // client: the raw id; fingerprinted by the writer
+	limit, fallback          string
+	endpoint                 string
+	duration, upstream       time.Duration
+	bytesIn, bytesOut        int64
+}
+
+// accessLog writes access-log lines from a bounded buffer on its own
+// goroutine: logging never blocks a request; when the buffer is full the
+// line is dropped and counted.
+type accessLog struct {
+	log     *slog.Logger
+	entries chan accessEntry
+	dropped *metrics.Counter
+	key     []byte // default HMAC key, random per process
+	secret  func() []byte
+	stop    chan struct{}
+	wg      sync.WaitGroup
+}
+
+const accessLogBuffer = 8192
+
+func newAccessLog(log *slog.Logger, set *metrics.Set, secret func() []byte) *accessLog {
+	a := &accessLog{log: log, entries: make(chan accessEntry, accessLogBuffer), secret: secret, stop: make(chan struct{}),
+		dropped: set.GetOrCreateCounter(`sidecar_access_log_dropped_total`)}
+	a.key = make([]byte, 32)
+	_, _ = crand.Read(a.key)
+	a.wg.Add(1)
+	go a.run()
+	return a
+}
+
+func (a *accessLog) offer(e accessEntry) {
+	select {
+	case a.entries <- e:
+	default:
+		a.dropped.Inc()
+	}
+}
+
+func (a *accessLog) close() {
+	close(a.stop)
+	a.wg.Wait()
+}
+
+func (a *accessLog) run() {
+	defer a.wg.Done()
+	for {
+		select {
+		case e := <-a.entries:
+			a.write(e)
+		case <-a.stop:
+			for {
+				select {
+				case e := <-a.entries:
+					a.write(e)
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+// fingerprint is a keyed hash of the client id: stable for one key, and
+// not reversible to an IP address or API key by brute force without it.
+func (a *accessLog) fingerprint(client string) string {
+	if client == "" {
+		return ""
+	}
+	key := a.secret()
+	if key == nil {
+		key = a.key
+	}
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(client))
+	return hex.EncodeToString(m.Sum(nil)[:8])
+}
+
+func (a *accessLog) write(e accessEntry) {
+	a.log.LogAttrs(context.Background(), slog.LevelInfo, "request",
+		slog.Time("at", e.at),
+		slog.String("request_id", e.requestID),
+		slog.String("route", e.route),
+		slog.String("method", e.method),
+		slog.Int("status", e.status),
+		slog.String("tier", e.tier),
+		slog.String("client", a.fingerprint(e.client)),
+		slog.String("limit", e.limit),
+		slog.String("fallback", e.fallback),
+		slog.String("upstream", e.endpoint),
+		slog.Float64("duration_ms", float64(e.duration.Microseconds())/1000),
+		slog.Float64("upstream_ms", float64(e.upstream.Microseconds())/1000),
+		slog.Int64("bytes_in", e.bytesIn),
+		slog.Int64("bytes_out", e.bytesOut),
+	)
+}
+
+// accessLine hands the exchange's line to the access log, if enabled and
+// sampled in; errors and denials are always logged.
+func (x *exchange) accessLine(status int, now time.Time) {
+	cfg := &x.st.snap.AccessLog
+	if !cfg.Enabled {
+		return
+	}
+	if status < 400 && cfg.Sample < 1 && rand.Float64() >= cfg.Sample {
+		return
+	}
+	e := accessEntry{at: x.start, requestID: string(x.reqID), method: string(x.method), status: status,
+		client: string(x.clientID), fallback: x.fallback, duration: now.Sub(x.start),
+		bytesIn: x.sent, bytesOut: x.bytesOut}
+	if x.rt != nil {
+		e.route = x.rt.route.Name
+	}
+	if x.rl.tier != nil {
+		e.tier = x.rl.tier.Name
+		switch {
+		case x.rl.shadowed:
+			e.limit = "shadow_denied"
+		case x.rl.d.Allowed:
+			e.limit = "allowed"
+		default:
+			e.limit = "denied"
+		}
+	}
+	if x.ep != nil {
+		e.endpoint = x.ep.addr
+	}
+	if !x.upStart.IsZero() {
+		end := x.upEnd
+		if end.IsZero() {
+			end = now
+		}
+		e.upstream = end.Sub(x.upStart)
+	}
+	x.p.access.offer(e)
+}

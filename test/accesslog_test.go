@@ -1,0 +1,66 @@
+package test
+
+import (
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestAccessLog(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	dir := t.TempDir()
+	writeKeys(t, dir)
+	sc := startSidecarIn(t, dir, `
+[identity]
+api_keys_file = "keys.toml"
+[tiers.anonymous]
+limit = 2
+window = "1m"
+[tiers.premium]
+limit = 100
+window = "1m"
+[access_log]
+enabled = true
+sample = 0.0
+fingerprint_secret_env = "SIDECAR_TEST_LOG_SECRET"
+`+routeTo(be.url(), ""), "SIDECAR_TEST_LOG_SECRET=0123456789abcdef-test")
+	get(t, sc.url("/ok"), nil)                                                // success: sampled out
+	get(t, sc.url("/ok"), nil)                                                // success: sampled out
+	get(t, sc.url("/denied"), nil)                                            // 429: always logged
+	get(t, sc.url("/key"), map[string]string{"X-API-Key": "unknown-key-123"}) // 401: always logged
+	var lines []map[string]any
+	deadline := time.Now().Add(3 * time.Second)
+	for len(lines) < 2 && time.Now().Before(deadline) {
+		lines = lines[:0]
+		for _, l := range strings.Split(sc.logs.String(), "\n") {
+			var m map[string]any
+			if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == "request" {
+				lines = append(lines, m)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if len(lines) != 2 {
+		t.Fatalf("want 2 access lines (the 429 and the 401, successes sampled out), got %d:\n%s", len(lines), sc.logs.String())
+	}
+	denied := lines[0]
+	if denied["status"] != float64(429) || denied["route"] != "app" || denied["tier"] != "anonymous" ||
+		denied["limit"] != "denied" || denied["request_id"] == "" {
+		t.Errorf("429 line: %v", denied)
+	}
+	fp, _ := denied["client"].(string)
+	if len(fp) != 16 || strings.Contains(fp, "127.0.0.1") {
+		t.Errorf("client fingerprint %q: want 16 hex digits, never the address", fp)
+	}
+	if lines[1]["status"] != float64(401) {
+		t.Errorf("401 line: %v", lines[1])
+	}
+	if strings.Contains(sc.logs.String(), "unknown-key-123") {
+		t.Errorf("an API key reached the logs")
+	}
+	if v := sc.metric(`sidecar_access_log_dropped_total`); v != 0 {
+		t.Errorf("dropped %v lines", v)
+	}
+}
