@@ -347,7 +347,7 @@ upstream = "bench"
 	mallocs := make([]float64, len(variants))
 	reqs := make([]float64, len(variants))
 	var redisRounds float64
-	const okSeries = `sidecar_requests_total{route="bench",method="GET",status_class="2xx"}`
+	const okSeries = `sidecar_requests_total{route="bench",method="GET",status_class="2xx",tier="anonymous"}`
 	for r := 0; r < runs; r++ {
 		for i, v := range variants {
 			before := scrape(v.admin)

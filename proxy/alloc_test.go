@@ -36,7 +36,7 @@ upstream = "app"
 	const raw = "GET /api/v1/items?x=1 HTTP/1.1\r\nHost: a.example.com\r\nConnection: keep-alive\r\nUser-Agent: t\r\nX-Forwarded-For: 1.2.3.4\r\nAccept: */*\r\n\r\n"
 	var ctx fasthttp.RequestCtx
 	ctx.Init(&fasthttp.Request{}, &net.TCPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 5555}, nil)
-	m := newRouteMetrics(metrics.NewSet(), "app")
+	m := newRouteMetrics(metrics.NewSet(), "app", []string{"anonymous"})
 	ids := newRequestIDs()
 	var scratch, id, client []byte
 	rawBytes := []byte(raw)
@@ -67,7 +67,7 @@ upstream = "app"
 		h.Del("X-Sidecar-Tier")
 		h.SetBytesV("X-Sidecar-Client", client)
 		h.Set("X-Sidecar-Tier", tier)
-		m.request(ctx.Method(), 200).Inc()
+		m.request(ctx.Method(), 200, tier).Inc()
 	})
 	if allocs != 0 {
 		t.Errorf("request header path allocates %.1f times per request", allocs)

@@ -62,6 +62,7 @@ type exchange struct {
 
 	rl       decision // the rate-limit decision, for the response headers
 	clientID []byte
+	tier     string // the client's tier, once identified (from config or a verified token)
 
 	upStart  time.Time      // the first attempt upstream began
 	upEnd    time.Time      // the upstream's part ended (response complete, or failed)
@@ -759,7 +760,11 @@ func (x *exchange) record(now time.Time) {
 	if status == 0 {
 		status = x.ctx.Response.StatusCode()
 	}
-	m.request(x.method, status).Inc()
+	tier := x.tier
+	if tier == "" {
+		tier = tierNone
+	}
+	m.request(x.method, status, tier).Inc()
 	x.accessLine(status, now)
 	m.duration.Update(now.Sub(x.start).Seconds())
 	if x.sent > 0 {
@@ -805,6 +810,7 @@ func (x *exchange) release() {
 	x.stream, x.bodyEOF, x.bytesOut, x.writeArmed = nil, false, 0, time.Time{}
 	x.status, x.upErr, x.done = 0, nil, false
 	x.rl = decision{}
+	x.tier = ""
 	x.up, x.ticket, x.pumped, x.fallback = nil, breaker.Ticket{}, false, ""
 	x.upStart, x.upEnd = time.Time{}, time.Time{}
 	exchangePool.Put(x)

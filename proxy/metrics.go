@@ -65,17 +65,30 @@ func newProxyMetrics(set *metrics.Set) *proxyMetrics {
 type routeMetrics struct {
 	set      *metrics.Set
 	name     string
-	requests [len(methodNames)][6]atomic.Pointer[metrics.Counter]
+	requests map[string]*[len(methodNames)][6]atomic.Pointer[metrics.Counter] // by tier label; read-only after build
 	duration *metrics.PrometheusHistogram
 	added    *metrics.PrometheusHistogram // the sidecar's own share: total minus upstream
 	bytesIn  *metrics.Counter
 	bytesOut *metrics.Counter
 }
 
-func newRouteMetrics(set *metrics.Set, route string) *routeMetrics {
+// tierNone labels requests answered before their client was identified.
+// tierOther labels a tier named by a token but absent from the config, so
+// that a token cannot make up label values.
+const (
+	tierNone  = "none"
+	tierOther = "other"
+)
+
+func newRouteMetrics(set *metrics.Set, route string, tiers []string) *routeMetrics {
+	req := make(map[string]*[len(methodNames)][6]atomic.Pointer[metrics.Counter], len(tiers)+2)
+	for _, t := range append(tiers, tierNone, tierOther) {
+		req[t] = new([len(methodNames)][6]atomic.Pointer[metrics.Counter])
+	}
 	return &routeMetrics{
 		set:      set,
 		name:     route,
+		requests: req,
 		duration: set.GetOrCreatePrometheusHistogramExt(fmt.Sprintf(`sidecar_request_duration_seconds{route=%q}`, route), durationBuckets),
 		added:    set.GetOrCreatePrometheusHistogramExt(fmt.Sprintf(`sidecar_added_latency_seconds{route=%q}`, route), addedBuckets),
 		bytesIn:  set.GetOrCreateCounter(fmt.Sprintf(`sidecar_request_body_bytes_total{route=%q}`, route)),
@@ -85,17 +98,21 @@ func newRouteMetrics(set *metrics.Set, route string) *routeMetrics {
 
 var statusClasses = [...]string{"1xx", "1xx", "2xx", "3xx", "4xx", "5xx"}
 
-func (m *routeMetrics) request(method []byte, status int) *metrics.Counter {
+func (m *routeMetrics) request(method []byte, status int, tier string) *metrics.Counter {
 	mi, ci := methodIndex(method), status/100
 	if ci < 1 || ci > 5 {
 		ci = 5
 	}
-	p := &m.requests[mi][ci]
+	byTier, ok := m.requests[tier]
+	if !ok {
+		tier, byTier = tierOther, m.requests[tierOther]
+	}
+	p := &byTier[mi][ci]
 	if c := p.Load(); c != nil {
 		return c
 	}
-	c := m.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_requests_total{route=%q,method=%q,status_class=%q}`,
-		m.name, methodNames[mi], statusClasses[ci]))
+	c := m.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_requests_total{route=%q,method=%q,status_class=%q,tier=%q}`,
+		m.name, methodNames[mi], statusClasses[ci], tier))
 	p.Store(c)
 	return c
 }

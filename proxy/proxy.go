@@ -128,13 +128,13 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 	for i := range snap.Routes {
 		r := &snap.Routes[i]
 		rr := routeRuntime{route: r, up: st.upstreams[r.Upstream],
-			m: newRouteMetrics(p.set, r.Name), rl: newTierCounters(p.set, r.Name, snap.Tiers)}
+			m: newRouteMetrics(p.set, r.Name, tierLabels(snap)), rl: newTierCounters(p.set, r.Name, snap.Tiers)}
 		if r.OwnCircuit && rr.up.spec.Breaker != nil {
 			rr.brk = p.circuit("route:"+r.Name, rr.up.spec.Breaker)
 		}
 		st.routes = append(st.routes, rr)
 	}
-	st.noRoute = newRouteMetrics(p.set, "none")
+	st.noRoute = newRouteMetrics(p.set, "none", nil)
 	if old != nil && old.rl.sameConfig(snap) {
 		st.rl = old.rl // limits carry over
 	} else {
@@ -151,6 +151,16 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 			old.rl.shutdown() // requests still deciding with it fall back
 		}
 	}
+}
+
+// tierLabels are the tier label values a request can carry: the
+// configured tiers and the identity's default ones.
+func tierLabels(snap *policy.Snapshot) []string {
+	labels := []string{snap.Identity.AnonymousTier, snap.Identity.AuthenticatedTier}
+	for name := range snap.Tiers {
+		labels = append(labels, name)
+	}
+	return labels
 }
 
 // startChecks runs the upstream's active health checks, if configured.

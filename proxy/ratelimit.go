@@ -82,6 +82,9 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 		// The expect handler decided already, before the body was sent.
 		if d, ok := ctx.UserValue(decisionKey).(*decision); ok {
 			x.rl = *d
+			if d.tier != nil {
+				x.tier = d.tier.Name
+			}
 			return true
 		}
 	}
@@ -94,6 +97,7 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 	}
 	clientID, tierName, err := snap.AppendIdentity(x.clientID[:0], h.Peek(id.APIKeyHeader), h.Peek("Authorization"), xff, peer)
 	x.clientID = clientID
+	x.tier = tierName
 	if err != nil {
 		x.fail(ErrUnauthorized)
 		return false

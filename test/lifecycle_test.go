@@ -212,7 +212,7 @@ func TestReloadUnderLoad(t *testing.T) {
 		t.Fatalf("traffic never moved to %s", want)
 	}
 	time.Sleep(200 * time.Millisecond)
-	before := sc.metric(`sidecar_requests_total{route="app",method="GET",status_class="2xx"}`)
+	before := sc.metric(`sidecar_requests_total{route="app",method="GET",status_class="2xx",tier="anonymous"}`)
 
 	// SIGHUP with a new upstream.
 	sc.writeConfig(routeTo(b.url(), ""))
@@ -247,7 +247,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	}
 	time.Sleep(200 * time.Millisecond)
 	stopLoad()
-	after := sc.metric(`sidecar_requests_total{route="app",method="GET",status_class="2xx"}`)
+	after := sc.metric(`sidecar_requests_total{route="app",method="GET",status_class="2xx",tier="anonymous"}`)
 	if after < before || before < 1 {
 		t.Errorf("route counter went from %v to %v across reloads: must carry over", before, after)
 	}
