@@ -765,6 +765,9 @@ func (x *exchange) record(now time.Time) {
 		tier = tierNone
 	}
 	m.request(x.method, status, tier).Inc()
+	if x.tier != "" {
+		x.p.active.add(m.tierLabel(x.tier), x.clientID, now)
+	}
 	x.accessLine(status, now)
 	m.duration.Update(now.Sub(x.start).Seconds())
 	if x.sent > 0 {

@@ -98,6 +98,14 @@ func newRouteMetrics(set *metrics.Set, route string, tiers []string) *routeMetri
 
 var statusClasses = [...]string{"1xx", "1xx", "2xx", "3xx", "4xx", "5xx"}
 
+// tierLabel bounds a tier name to the label values this route knows.
+func (m *routeMetrics) tierLabel(tier string) string {
+	if _, ok := m.requests[tier]; ok {
+		return tier
+	}
+	return tierOther
+}
+
 func (m *routeMetrics) request(method []byte, status int, tier string) *metrics.Counter {
 	mi, ci := methodIndex(method), status/100
 	if ci < 1 || ci > 5 {

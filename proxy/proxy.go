@@ -56,6 +56,7 @@ type Proxy struct {
 	lastShadowLog atomic.Int64
 	circuits      circuits
 	access        *accessLog
+	active        *activeClients
 }
 
 // state is everything the handler needs, built from one snapshot.
@@ -87,6 +88,7 @@ func New(snap *policy.Snapshot, s Settings) *Proxy {
 	p := &Proxy{log: s.Logger, set: s.Metrics, ids: newRequestIDs(), stop: make(chan struct{})}
 	p.circuits = circuits{set: s.Metrics, m: map[string]*atomic.Pointer[breaker.Breaker]{}}
 	p.m = newProxyMetrics(s.Metrics)
+	p.active = newActiveClients(s.Metrics)
 	p.access = newAccessLog(s.Logger, s.Metrics, func() []byte { return p.state.Load().snap.AccessLog.Secret })
 	p.Apply(snap)
 	p.wg.Add(1)

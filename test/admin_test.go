@@ -104,6 +104,9 @@ func TestAdminEndpointsAndMetrics(t *testing.T) {
 	if v := value("sidecar_response_body_bytes_total", map[string]string{"route": "app"}); v < float64(7*len("upstream:/x")) {
 		t.Errorf("response bytes = %v", v)
 	}
+	if v := value("sidecar_active_clients", map[string]string{"tier": "anonymous", "window": "5m"}); v != 1 {
+		t.Errorf("active anonymous clients over 5m = %v, want 1 (all requests came from 127.0.0.1)", v)
+	}
 	if v := value("sidecar_upstream_duration_seconds", map[string]string{"upstream": "app"}); v != 9 {
 		t.Errorf("upstream duration histogram count = %v, want 9", v)
 	}
