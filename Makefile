@@ -1,5 +1,5 @@
-# make test  - everything CI runs: installs redis-server if missing, then format check, vet,
-#              unit and end-to-end tests with -race
+# make test  - everything CI runs: installs redis-server and prometheus if missing, then format
+#              check, vet, unit and end-to-end tests with -race
 # make bench - throughput and latency, direct vs through the sidecar (needs wrk; installed if missing)
 # make run   - the sidecar on the embedded demo config
 
@@ -19,8 +19,11 @@ fmt-check:
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
 # The tests start their own redis-server processes on free loopback ports.
+# The monitoring tests run a real Prometheus and promtool (Debian's prometheus).
 deps-test:
 	@command -v redis-server >/dev/null || { apt-get update -q && $(APT_INSTALL) redis-server; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ apt-get update -q && $(APT_INSTALL) --no-install-recommends prometheus; }
 
 test: fmt-check deps-test
 	$(GO) vet ./...
