@@ -80,8 +80,8 @@ upstream = "app"
 	for i := 0; i < 5; i++ { // allowed, then denied
 		get(t, sc.url("/"), nil)
 	}
-	get(t, sc.url("/dead"), nil) // a refused upstream: an upstream error and a fallback
-	time.Sleep(300 * time.Millisecond)                                       // a few health checks
+	get(t, sc.url("/dead"), nil)       // a refused upstream: an upstream error and a fallback
+	time.Sleep(300 * time.Millisecond) // a few health checks
 	names := exportedNames(t, sc)
 
 	var exprs []string
