@@ -21,7 +21,7 @@ type accessEntry struct {
 	requestID, route, method string
 	status                   int
 	tier, client             string // client: the raw id; fingerprinted by the writer
-	limit, fallback          string
+	limit, fallback, breaker string
 	endpoint                 string
 	duration, upstream       time.Duration
 	bytesIn, bytesOut        int64
@@ -109,6 +109,7 @@ func (a *accessLog) write(e accessEntry) {
 		slog.String("tier", e.tier),
 		slog.String("client", a.fingerprint(e.client)),
 		slog.String("limit", e.limit),
+		slog.String("breaker", e.breaker),
 		slog.String("fallback", e.fallback),
 		slog.String("upstream", e.endpoint),
 		slog.Float64("duration_ms", float64(e.duration.Microseconds())/1000),
@@ -134,8 +135,8 @@ func (x *exchange) accessLine(status int, now time.Time) {
 	if x.rt != nil {
 		e.route = x.rt.route.Name
 	}
+	e.tier = x.tier
 	if x.rl.tier != nil {
-		e.tier = x.rl.tier.Name
 		switch {
 		case x.rl.shadowed:
 			e.limit = "shadow_denied"
@@ -147,6 +148,13 @@ func (x *exchange) accessLine(status int, now time.Time) {
 	}
 	if x.ep != nil {
 		e.endpoint = x.ep.addr
+	}
+	if x.up != nil && x.up.brk != nil {
+		b := x.up.brk
+		if x.rt != nil && x.rt.brk != nil {
+			b = x.rt.brk
+		}
+		e.breaker = [...]string{"closed", "open", "half_open"}[b.State(now)]
 	}
 	if !x.upStart.IsZero() {
 		end := x.upEnd

@@ -54,6 +54,9 @@ fingerprint_secret_env = "SIDECAR_TEST_LOG_SECRET"
 	if len(fp) != 16 || strings.Contains(fp, "127.0.0.1") {
 		t.Errorf("client fingerprint %q: want 16 hex digits, never the address", fp)
 	}
+	if denied["breaker"] != "" { // denied before the upstream was chosen
+		t.Errorf("breaker field on a denial: %v", denied["breaker"])
+	}
 	if lines[1]["status"] != float64(401) {
 		t.Errorf("401 line: %v", lines[1])
 	}
@@ -62,5 +65,32 @@ fingerprint_secret_env = "SIDECAR_TEST_LOG_SECRET"
 	}
 	if v := sc.metric(`sidecar_access_log_dropped_total`); v != 0 {
 		t.Errorf("dropped %v lines", v)
+	}
+}
+
+func TestAccessLogSuccessLine(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("hello")) })
+	sc := startSidecar(t, "[access_log]\nenabled = true\n"+routeTo(be.url(), ""))
+	get(t, sc.url("/x"), nil)
+	var line map[string]any
+	deadline := time.Now().Add(3 * time.Second)
+	for line == nil && time.Now().Before(deadline) {
+		for _, l := range strings.Split(sc.logs.String(), "\n") {
+			var m map[string]any
+			if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == "request" {
+				line = m
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if line == nil {
+		t.Fatal("no access line for a successful request with sample = 1.0")
+	}
+	if line["status"] != float64(200) || line["method"] != "GET" || line["upstream"] != be.Addr ||
+		line["breaker"] != "closed" || line["bytes_out"] != float64(5) || line["tier"] != "anonymous" {
+		t.Errorf("success line: %v", line)
+	}
+	if d, _ := line["duration_ms"].(float64); d <= 0 {
+		t.Errorf("duration_ms %v", line["duration_ms"])
 	}
 }
