@@ -2,11 +2,12 @@
 #              check, vet, unit and end-to-end tests with -race
 # make bench - throughput and latency, direct vs through the sidecar (needs wrk; installed if missing)
 # make run   - the sidecar on the embedded demo config
+# make fuzz  - the fuzz targets (config loader, identity, request heads), FUZZTIME each
 
 GO ?= go
 APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -q
 
-.PHONY: test bench run build deps-test deps-bench fmt-check
+.PHONY: test bench run build deps-test deps-bench fmt-check fuzz
 
 build:
 	$(GO) build -o bin/sidecar .
@@ -36,3 +37,10 @@ deps-bench:
 
 bench: deps-bench
 	$(GO) run ./bench
+
+# Each fuzz target for a short, bounded time (FUZZTIME, default 20s).
+FUZZTIME ?= 20s
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./policy
+	$(GO) test -run '^$$' -fuzz FuzzIdentify -fuzztime $(FUZZTIME) ./policy
+	$(GO) test -run '^$$' -fuzz FuzzRequestHead -fuzztime $(FUZZTIME) ./proxy
