@@ -26,6 +26,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
 
+	"github.com/sidecar-proxy/sidecar/container"
 	"github.com/sidecar-proxy/sidecar/demo"
 	"github.com/sidecar-proxy/sidecar/health"
 	"github.com/sidecar-proxy/sidecar/policy"
@@ -45,6 +46,7 @@ type options struct {
 	logLevel string
 	watch    time.Duration
 	hashKey  string
+	health   bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -58,6 +60,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.DurationVar(&o.watch, "watch-interval", 2*time.Second, "how often to check the config and keys files for changes (0 disables; SIGHUP always reloads)")
 	fs.StringVar(&o.hashKey, "hash-key", "", "print the keys-file form (hex SHA-256) of an API key and exit")
+	fs.BoolVar(&o.health, "healthcheck", false, "probe the admin /healthz of the configured sidecar and exit 0 if it answers 200 (for container HEALTHCHECKs without a shell)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -112,7 +115,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		o.config, o.watch = "", 0
 		log.Info("demo upstream started", "addr", ln.Addr().String(), "endpoints", demo.Endpoints)
 	} else {
-		snap, err = policy.Load(o.config)
+		snap, err = policy.LoadWith(o.config, policy.OverridesFromEnv())
 		if err != nil {
 			fmt.Fprintln(stderr, err)
 			if o.validate {
@@ -125,6 +128,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if o.validate {
 		fmt.Fprintf(stdout, "%s: ok\n%s", o.config, summary(snap))
 		return 0
+	}
+	if o.health {
+		return healthcheck(snap.Server.AdminListen, stderr)
 	}
 	return serve(o, snap, log, stderr)
 }
@@ -158,6 +164,10 @@ func summary(s *policy.Snapshot) string {
 }
 
 func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer) int {
+	if fs, err := container.HostFS(); err == nil {
+		limit, source, _ := container.SetMemoryLimit(fs, container.DefaultRatio)
+		log.Info("runtime limits", "gomemlimit", limit, "gomemlimit_source", source, "gomaxprocs", runtime.GOMAXPROCS(0))
+	}
 	metrics.ExposeMetadata(true)
 	set := metrics.NewSet()
 	metrics.RegisterSet(set)
@@ -200,7 +210,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 
 	files := snap.Files // watched for changes: config, keys file, JWT key
 	reload := func(why string) {
-		next, err := policy.Load(o.config)
+		next, err := policy.LoadWith(o.config, policy.OverridesFromEnv())
 		if next != nil {
 			files = next.Files
 		}
@@ -272,6 +282,24 @@ func drain(snap *policy.Snapshot, srv, admin *fasthttp.Server, state *health.Sta
 		log.Info("drained")
 	}
 	_ = admin.Shutdown()
+	return 0
+}
+
+// healthcheck asks the running sidecar's admin listener for /healthz.
+func healthcheck(admin string, stderr io.Writer) int {
+	host, port, err := net.SplitHostPort(admin)
+	if err != nil {
+		fmt.Fprintln(stderr, "sidecar: healthcheck:", err)
+		return 1
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	status, _, err := fasthttp.GetTimeout(nil, "http://"+net.JoinHostPort(host, port)+"/healthz", 2*time.Second)
+	if err != nil || status != fasthttp.StatusOK {
+		fmt.Fprintf(stderr, "sidecar: healthcheck: status %d, %v\n", status, err)
+		return 1
+	}
 	return 0
 }
 

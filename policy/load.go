@@ -57,22 +57,46 @@ func (e *Error) Error() string {
 // Unwrap lets errors.Is(err, ErrInvalid) succeed.
 func (e *Error) Unwrap() error { return ErrInvalid }
 
+// Overrides are the few settings container users change most, taken from
+// the environment; empty fields override nothing. The file stays the
+// source of truth for everything else.
+type Overrides struct {
+	Listen      string // SIDECAR_LISTEN → server.listen
+	AdminListen string // SIDECAR_ADMIN_LISTEN → server.admin_listen
+	UpstreamURL string // SIDECAR_UPSTREAM_URL → the url of the only upstream
+	RedisAddr   string // SIDECAR_REDIS_ADDR → redis.addrs = [it]
+}
+
+// OverridesFromEnv reads the SIDECAR_* overrides.
+func OverridesFromEnv() Overrides {
+	return Overrides{Listen: os.Getenv("SIDECAR_LISTEN"), AdminListen: os.Getenv("SIDECAR_ADMIN_LISTEN"),
+		UpstreamURL: os.Getenv("SIDECAR_UPSTREAM_URL"), RedisAddr: os.Getenv("SIDECAR_REDIS_ADDR")}
+}
+
 // Load reads, strictly decodes, validates and compiles the config at path.
-func Load(path string) (*Snapshot, error) {
+func Load(path string) (*Snapshot, error) { return LoadWith(path, Overrides{}) }
+
+// LoadWith is Load with environment overrides applied before validation.
+func LoadWith(path string, o Overrides) (*Snapshot, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("policy: read config: %w", err)
 	}
-	return Parse(path, data)
+	return parse(path, data, o)
 }
 
 // Parse is Load for a document already in memory; name is used in errors.
-func Parse(name string, data []byte) (*Snapshot, error) {
+func Parse(name string, data []byte) (*Snapshot, error) { return parse(name, data, Overrides{}) }
+
+func parse(name string, data []byte, o Overrides) (*Snapshot, error) {
 	var f File
 	dec := toml.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&f); err != nil {
 		return nil, &Error{Problems: decodeProblems(name, err)}
+	}
+	if p := o.apply(&f, name); p != nil {
+		return nil, &Error{Problems: []Problem{*p}}
 	}
 	pos := indexPositions(data)
 	v := validator{file: name, pos: pos}
@@ -163,4 +187,26 @@ func indexPositions(data []byte) map[string]unstable.Position {
 		}
 	}
 	return pos
+}
+
+func (o Overrides) apply(f *File, name string) *Problem {
+	if o.Listen != "" {
+		f.Server.Listen = &o.Listen
+	}
+	if o.AdminListen != "" {
+		f.Server.AdminListen = &o.AdminListen
+	}
+	if o.RedisAddr != "" {
+		f.Redis.Addrs = []string{o.RedisAddr}
+	}
+	if o.UpstreamURL != "" {
+		if len(f.Upstreams) != 1 {
+			return &Problem{File: "SIDECAR_UPSTREAM_URL", Msg: fmt.Sprintf("sets the url of the only upstream, but %s defines %d", name, len(f.Upstreams))}
+		}
+		for k, u := range f.Upstreams {
+			u.URL, u.URLs = &o.UpstreamURL, nil
+			f.Upstreams[k] = u
+		}
+	}
+	return nil
 }

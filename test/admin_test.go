@@ -1,6 +1,7 @@
 package test
 
 import (
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -205,4 +206,53 @@ func mustRead(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+func TestMemoryLimitFromEnvironmentWins(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	s := &sidecar{t: t, Addr: freeAddr(t), Admin: freeAddr(t), logs: &syncBuffer{}, waited: make(chan struct{})}
+	s.Config = filepath.Join(t.TempDir(), "sidecar.toml")
+	s.writeConfig(routeTo(be.url(), ""))
+	s.run([]string{"GOMEMLIMIT=200MiB"})
+	if v := s.metric("go_memlimit_bytes"); v != 200<<20 {
+		t.Errorf("go_memlimit_bytes = %v, want 200 MiB", v)
+	}
+	if !strings.Contains(s.logs.String(), `"gomemlimit_source":"GOMEMLIMIT environment variable"`) {
+		t.Errorf("start-up log does not say where the memory limit came from:\n%s", s.logs.String())
+	}
+}
+
+func TestEnvironmentOverridesAndHealthcheck(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "sidecar.toml")
+	os.WriteFile(cfg, []byte(routeTo("http://127.0.0.1:3000", "")), 0o600)
+	run := func(env []string, args ...string) (string, int) {
+		cmd := exec.Command(sidecarBin, args...)
+		cmd.Env = append(os.Environ(), env...)
+		out, err := cmd.CombinedOutput()
+		if ee, ok := err.(*exec.ExitError); ok {
+			return string(out), ee.ExitCode()
+		}
+		return string(out), 0
+	}
+	out, code := run([]string{"SIDECAR_LISTEN=0.0.0.0:8181", "SIDECAR_ADMIN_LISTEN=0.0.0.0:9191", "SIDECAR_UPSTREAM_URL=http://app:8000"},
+		"-validate", "-config", cfg)
+	if code != 0 || !strings.Contains(out, "listen 0.0.0.0:8181, admin 0.0.0.0:9191") || !strings.Contains(out, "upstream app: http://app:8000") {
+		t.Errorf("-validate with overrides: %d\n%s", code, out)
+	}
+	two := filepath.Join(dir, "two.toml")
+	os.WriteFile(two, []byte(routeTo("http://127.0.0.1:3000", "")+"[upstreams.other]\nurl = \"http://127.0.0.1:3001\"\n"), 0o600)
+	if out, code := run([]string{"SIDECAR_UPSTREAM_URL=http://app:8000"}, "-validate", "-config", two); code == 0 || !strings.Contains(out, "SIDECAR_UPSTREAM_URL") {
+		t.Errorf("ambiguous SIDECAR_UPSTREAM_URL accepted: %d\n%s", code, out)
+	}
+
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	sc := startSidecar(t, routeTo(be.url(), ""))
+	if out, code := run(nil, "-healthcheck", "-config", sc.Config); code != 0 {
+		t.Errorf("-healthcheck against a running sidecar: %d %s", code, out)
+	}
+	os.WriteFile(cfg, []byte(fmt.Sprintf("[server]\nadmin_listen = %q\n", freeAddr(t))+routeTo("http://127.0.0.1:3000", "")), 0o600)
+	if _, code := run(nil, "-healthcheck", "-config", cfg); code == 0 {
+		t.Errorf("-healthcheck succeeded with nothing listening")
+	}
 }
