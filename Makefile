@@ -1,5 +1,5 @@
-# make test  - everything CI runs: installs redis-server and prometheus if missing, then format
-#              check, vet, unit and end-to-end tests with -race
+# make test  - everything CI runs: installs redis-server, prometheus and docker-compose if missing,
+#              then format check, vet, unit and end-to-end tests with -race, deploy/ checks
 # make bench - throughput and latency, direct vs through the sidecar (needs wrk; installed if missing)
 # make run   - the sidecar on the embedded demo config
 # make fuzz  - the fuzz targets (config loader, identity, request heads), FUZZTIME each
@@ -25,12 +25,14 @@ deps-test:
 	@command -v redis-server >/dev/null || { apt-get update -q && $(APT_INSTALL) redis-server; }
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		{ apt-get update -q && $(APT_INSTALL) --no-install-recommends prometheus; }
+	@command -v docker-compose >/dev/null || { apt-get update -q && $(APT_INSTALL) --no-install-recommends docker-compose; }
 
 test: fmt-check deps-test
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m ./...
 	# deploy/ is its own module (the Kubernetes API types stay out of the binary)
 	cd deploy && $(GO) vet ./... && $(GO) test -count=1 ./...
+	docker-compose -f deploy/docker-compose/docker-compose.yml --profile monitoring config -q
 
 deps-bench:
 	@command -v wrk >/dev/null || { apt-get update -q && $(APT_INSTALL) wrk; }

@@ -111,3 +111,29 @@ func checkPod(t *testing.T, file string, pod *corev1.PodSpec) {
 		}
 	}
 }
+
+func TestComposeExample(t *testing.T) {
+	if _, err := policy.Load("docker-compose/sidecar.toml"); err != nil {
+		t.Errorf("docker-compose/sidecar.toml:\n%v", err)
+	}
+	raw, err := os.ReadFile("docker-compose/docker-compose.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var compose struct {
+		Services map[string]struct {
+			Ports []string `json:"ports"`
+		} `json:"services"`
+	}
+	if err := yaml.Unmarshal(raw, &compose); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"legacy", "redis", "sidecar", "prometheus"} {
+		if _, ok := compose.Services[name]; !ok {
+			t.Errorf("no %s service", name)
+		}
+	}
+	if len(compose.Services["legacy"].Ports) != 0 {
+		t.Errorf("the legacy app publishes ports: clients must go through the sidecar")
+	}
+}
