@@ -25,6 +25,7 @@ import (
 
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
+	"github.com/valyala/fasthttp/reuseport"
 
 	"github.com/sidecar-proxy/sidecar/container"
 	"github.com/sidecar-proxy/sidecar/demo"
@@ -184,7 +185,11 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 	srv := px.NewServer(&snap.Server)
 	set.GetOrCreateGauge(`sidecar_open_connections`, func() float64 { return float64(srv.GetOpenConnectionsCount()) })
 
-	ln, err := net.Listen("tcp", snap.Server.Listen)
+	listen := net.Listen
+	if snap.Server.ReusePort {
+		listen = reuseport.Listen
+	}
+	ln, err := listen("tcp", snap.Server.Listen)
 	if err != nil {
 		fmt.Fprintf(stderr, "sidecar: server.listen: %v\n", err)
 		return 1

@@ -202,6 +202,10 @@ type ServerFile struct {
 	// AdminPprof serves Go's profiler under /debug/pprof/ on the admin
 	// listener. Default false: profiles reveal internals.
 	AdminPprof *bool `toml:"admin_pprof"`
+	// ReusePort opens the proxy listener with SO_REUSEPORT, so that several
+	// processes can share the port (the kernel balances connections) and a
+	// new process can start before the old one drains. Default false.
+	ReusePort *bool `toml:"reuse_port"`
 }
 
 // UpstreamFile is one [upstreams.NAME] table.

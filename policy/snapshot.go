@@ -70,6 +70,7 @@ type Server struct {
 	TrustedProxies      []netip.Prefix
 	RequestIDHeader     string
 	AdminPprof          bool
+	ReusePort           bool
 }
 
 // Trusted reports whether addr is inside server.trusted_proxies.

@@ -174,6 +174,7 @@ func (v *validator) server(f *ServerFile, s *Server) {
 		s.TrustedProxies = append(s.TrustedProxies, p)
 	}
 	s.AdminPprof = f.AdminPprof != nil && *f.AdminPprof
+	s.ReusePort = f.ReusePort != nil && *f.ReusePort
 	s.RequestIDHeader = DefaultRequestIDHeader
 	if f.RequestIDHeader != nil {
 		if !tokenRE.MatchString(*f.RequestIDHeader) {

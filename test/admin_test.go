@@ -8,7 +8,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -254,5 +256,26 @@ func TestEnvironmentOverridesAndHealthcheck(t *testing.T) {
 	os.WriteFile(cfg, []byte(fmt.Sprintf("[server]\nadmin_listen = %q\n", freeAddr(t))+routeTo("http://127.0.0.1:3000", "")), 0o600)
 	if _, code := run(nil, "-healthcheck", "-config", cfg); code == 0 {
 		t.Errorf("-healthcheck succeeded with nothing listening")
+	}
+}
+
+// Two processes share the proxy port with reuse_port: a new process can
+// start before the old one drains.
+func TestReusePortHandover(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	cfg := "[server]\nreuse_port = true\n" + routeTo(be.url(), "")
+	old := startSidecar(t, cfg)
+	next := &sidecar{t: t, Addr: old.Addr, Admin: freeAddr(t), logs: &syncBuffer{}, waited: make(chan struct{})}
+	next.Config = filepath.Join(t.TempDir(), "sidecar.toml")
+	next.writeConfig(cfg)
+	next.run(nil)
+	old.signal(syscall.SIGTERM)
+	if code := old.wait(10 * time.Second); code != 0 {
+		t.Fatalf("old process exit %d", code)
+	}
+	for i := 0; i < 10; i++ {
+		if resp, body := get(t, old.url("/"), nil); resp.StatusCode != 200 || body != "ok" {
+			t.Fatalf("after the handover: %d %q", resp.StatusCode, body)
+		}
 	}
 }
