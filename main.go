@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -194,6 +195,35 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 		fmt.Fprintf(stderr, "sidecar: server.listen: %v\n", err)
 		return 1
 	}
+	if snap.Server.TLS != nil {
+		// Certificates and client-CA settings come from the current
+		// snapshot at every handshake: a reload (or a changed file) swaps
+		// them without a restart.
+		ln = tls.NewListener(ln, &tls.Config{
+			MinVersion: tls.VersionTLS12,
+			GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+				t := px.Snapshot().Server.TLS
+				if t == nil {
+					return nil, errors.New("TLS turned off by a reload: restart to serve plain HTTP")
+				}
+				return &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{*t.Cert},
+					ClientCAs: t.ClientCAs, ClientAuth: t.ClientAuth}, nil
+			},
+		})
+		if r := snap.Server.TLS.RedirectListen; r != "" {
+			rln, err := net.Listen("tcp", r)
+			if err != nil {
+				ln.Close()
+				fmt.Fprintf(stderr, "sidecar: server.tls.redirect_listen: %v\n", err)
+				return 1
+			}
+			_, tlsPort, _ := net.SplitHostPort(ln.Addr().String())
+			redirect := &fasthttp.Server{Handler: redirectToHTTPS(tlsPort), ReadTimeout: 10 * time.Second,
+				NoDefaultServerHeader: true, CloseOnShutdown: true}
+			go func() { _ = redirect.Serve(rln) }()
+			defer redirect.Shutdown() //nolint:errcheck
+		}
+	}
 	aln, err := net.Listen("tcp", snap.Server.AdminListen)
 	if err != nil {
 		ln.Close()
@@ -290,6 +320,22 @@ func drain(snap *policy.Snapshot, srv, admin *fasthttp.Server, state *health.Sta
 	return 0
 }
 
+// redirectToHTTPS answers plain-HTTP requests with a permanent redirect
+// (308: the method and body are kept) to the same URL over HTTPS.
+func redirectToHTTPS(tlsPort string) fasthttp.RequestHandler {
+	return func(ctx *fasthttp.RequestCtx) {
+		host := string(ctx.Host())
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
+		if tlsPort != "443" {
+			host = net.JoinHostPort(host, tlsPort)
+		}
+		ctx.Response.Header.Set("Location", "https://"+host+string(ctx.RequestURI()))
+		ctx.SetStatusCode(fasthttp.StatusPermanentRedirect)
+	}
+}
+
 // healthcheck asks the running sidecar's admin listener for /healthz.
 func healthcheck(admin string, stderr io.Writer) int {
 	host, port, err := net.SplitHostPort(admin)
@@ -329,6 +375,9 @@ func needsRestart(old, next *policy.Snapshot) string {
 	}
 	if a.MaxConnectionsPerIP != b.MaxConnectionsPerIP {
 		keys = append(keys, "server.max_connections_per_ip")
+	}
+	if (a.TLS == nil) != (b.TLS == nil) || (a.TLS != nil && a.TLS.RedirectListen != b.TLS.RedirectListen) {
+		keys = append(keys, "server.tls (on/off, redirect_listen)")
 	}
 	return strings.Join(keys, ", ")
 }

@@ -1,6 +1,7 @@
 package health
 
 import (
+	"crypto/tls"
 	"net/http"
 	"sync"
 	"time"
@@ -13,8 +14,9 @@ type Check struct {
 	Interval           time.Duration
 	Timeout            time.Duration
 	ExpectedStatus     int
-	HealthyThreshold   int // consecutive passes to become healthy
-	UnhealthyThreshold int // consecutive failures to become unhealthy
+	HealthyThreshold   int         // consecutive passes to become healthy
+	UnhealthyThreshold int         // consecutive failures to become unhealthy
+	TLS                *tls.Config // https endpoint; nil: http
 }
 
 // Checker runs active health checks until Stop. Endpoints start healthy:
@@ -45,7 +47,7 @@ func (c *Checker) Stop() {
 
 func (c *Checker) run(i int, chk Check, changed func(int, bool), result func(int, bool)) {
 	defer c.wg.Done()
-	client := &http.Client{Timeout: chk.Timeout, Transport: &http.Transport{DisableKeepAlives: true}}
+	client := &http.Client{Timeout: chk.Timeout, Transport: &http.Transport{DisableKeepAlives: true, TLSClientConfig: chk.TLS}}
 	healthy, passes, fails := true, 0, 0
 	t := time.NewTicker(chk.Interval)
 	defer t.Stop()
@@ -74,7 +76,11 @@ func (c *Checker) run(i int, chk Check, changed func(int, bool), result func(int
 }
 
 func probe(client *http.Client, chk Check) bool {
-	resp, err := client.Get("http://" + chk.Addr + chk.Path)
+	scheme := "http://"
+	if chk.TLS != nil {
+		scheme = "https://"
+	}
+	resp, err := client.Get(scheme + chk.Addr + chk.Path)
 	if err != nil {
 		return false
 	}

@@ -72,6 +72,9 @@ type IdentityFile struct {
 	// AuthenticatedTier is the tier of a token without a tier claim.
 	// Default "authenticated".
 	AuthenticatedTier *string `toml:"authenticated_tier"`
+	// ClientCertTier is the tier of clients with a verified TLS client
+	// certificate (identified as "cert:<subject CN>"). Default: not used.
+	ClientCertTier *string `toml:"client_cert_tier"`
 	// IPv6Prefix groups anonymous IPv6 clients by network. Default 64.
 	IPv6Prefix *int `toml:"ipv6_prefix"`
 	// ClientHeader and TierHeader carry the verified identity upstream;
@@ -202,10 +205,26 @@ type ServerFile struct {
 	// AdminPprof serves Go's profiler under /debug/pprof/ on the admin
 	// listener. Default false: profiles reveal internals.
 	AdminPprof *bool `toml:"admin_pprof"`
+	// TLS terminates TLS on the proxy listener. Default: plain HTTP.
+	TLS *TLSFile `toml:"tls"`
 	// ReusePort opens the proxy listener with SO_REUSEPORT, so that several
 	// processes can share the port (the kernel balances connections) and a
 	// new process can start before the old one drains. Default false.
 	ReusePort *bool `toml:"reuse_port"`
+}
+
+// TLSFile is [server.tls]. Files are reloaded when they change.
+type TLSFile struct {
+	CertFile *string `toml:"cert_file"` // PEM certificate chain; required
+	KeyFile  *string `toml:"key_file"`  // PEM private key; required
+	// ClientCAFile verifies client certificates against these CAs.
+	ClientCAFile *string `toml:"client_ca_file"`
+	// ClientAuth is "none" (default), "request" (verify when sent) or
+	// "require".
+	ClientAuth *string `toml:"client_auth"`
+	// RedirectListen, when set, serves plain HTTP there that redirects
+	// every request to HTTPS (308).
+	RedirectListen *string `toml:"redirect_listen"`
 }
 
 // UpstreamFile is one [upstreams.NAME] table.
@@ -232,6 +251,12 @@ type UpstreamFile struct {
 	// RewriteHost sends the endpoint's host:port as Host instead of the
 	// client's Host. Default false (Host is preserved).
 	RewriteHost *bool `toml:"rewrite_host"`
+	// CAFile verifies https endpoints against these CAs. Default: the
+	// system's.
+	CAFile *string `toml:"ca_file"`
+	// ServerName is the TLS server name (SNI) for https endpoints. Default:
+	// the URL's host.
+	ServerName *string `toml:"server_name"`
 	// Balance is "round_robin" (default) or "least_connections".
 	Balance *string `toml:"balance"`
 	// Retries is how many more endpoints an idempotent request without a

@@ -23,6 +23,7 @@ type Identity struct {
 	APIKeyHeader      string
 	AnonymousTier     string
 	AuthenticatedTier string
+	ClientCertTier    string // "": client certificates are not an identity
 	IPv6Prefix        int
 	ClientHeader      string
 	TierHeader        string
@@ -77,13 +78,16 @@ var (
 // that is not itself a trusted proxy. Nothing a client sends can choose
 // its tier without a valid key or token.
 func (s *Snapshot) Identify(apiKey, authorization []byte, xff [][]byte, peer netip.Addr) (Client, error) {
-	id, tier, err := s.AppendIdentity(nil, apiKey, authorization, xff, peer)
+	id, tier, err := s.AppendIdentity(nil, apiKey, authorization, nil, xff, peer)
 	return Client{ID: string(id), Tier: tier}, err
 }
 
 // AppendIdentity is Identify that appends the client id to dst, so that
-// the request path builds it without allocating.
-func (s *Snapshot) AppendIdentity(dst, apiKey, authorization []byte, xff [][]byte, peer netip.Addr) ([]byte, string, error) {
+// the request path builds it without allocating. certCN is the subject
+// common name of a verified TLS client certificate, or nil: with
+// identity.client_cert_tier set, it identifies the client after API keys
+// and tokens and before the address.
+func (s *Snapshot) AppendIdentity(dst, apiKey, authorization, certCN []byte, xff [][]byte, peer netip.Addr) ([]byte, string, error) {
 	id := &s.Identity
 	if len(apiKey) > 0 && id.keys != nil {
 		k, ok := id.lookup(apiKey)
@@ -97,6 +101,9 @@ func (s *Snapshot) AppendIdentity(dst, apiKey, authorization []byte, xff [][]byt
 			c, err := id.verify(tok)
 			return append(dst, c.ID...), c.Tier, err
 		}
+	}
+	if len(certCN) > 0 && id.ClientCertTier != "" {
+		return append(append(dst, "cert:"...), certCN...), id.ClientCertTier, nil
 	}
 	addr := s.Server.clientAddr(xff, peer)
 	dst = append(dst, "ip:"...)

@@ -2,6 +2,8 @@ package policy
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"net/netip"
 	"time"
 )
@@ -71,6 +73,15 @@ type Server struct {
 	RequestIDHeader     string
 	AdminPprof          bool
 	ReusePort           bool
+	TLS                 *ServerTLS // nil: plain HTTP
+}
+
+// ServerTLS is [server.tls], with the certificate loaded.
+type ServerTLS struct {
+	Cert           *tls.Certificate
+	ClientCAs      *x509.CertPool
+	ClientAuth     tls.ClientAuthType
+	RedirectListen string
 }
 
 // Trusted reports whether addr is inside server.trusted_proxies.
@@ -104,8 +115,9 @@ type Upstream struct {
 	PassiveEjection    time.Duration
 	HealthCheck        *HealthCheck // nil: no active checks
 	RequiredForReady   bool
-	Breaker            *Breaker  // nil: no circuit breaker
-	Fallback           *Fallback // nil: errors get the core's statuses
+	Breaker            *Breaker    // nil: no circuit breaker
+	TLSConfig          *tls.Config // for https endpoints
+	Fallback           *Fallback   // nil: errors get the core's statuses
 }
 
 // HealthCheck is [upstreams.NAME.health_check] with defaults applied.
@@ -149,6 +161,7 @@ type Fallback struct {
 type Endpoint struct {
 	URL  string // as configured
 	Addr string // host:port to dial
+	TLS  bool   // https
 }
 
 // Route decides which upstream serves a request.

@@ -1,6 +1,8 @@
 package policy
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"net"
 	"net/netip"
@@ -46,6 +48,7 @@ type validator struct {
 	file     string
 	pos      map[string]unstable.Position
 	problems []Problem
+	files    []string // files read besides the config (certificates)
 }
 
 func (v *validator) addf(key, format string, args ...any) {
@@ -123,6 +126,7 @@ func (v *validator) compile(f *File) *Snapshot {
 			s.Upstreams[name].Fallback = v.fallback(name, uf.Fallback, f.Upstreams, s)
 		}
 	}
+	s.Files = append(s.Files, v.files...)
 	s.Tiers = v.tiers(f)
 	v.accessLog(&f.AccessLog, &s.AccessLog)
 	v.rateLimit(&f.RateLimit, &s.RateLimit)
@@ -175,6 +179,9 @@ func (v *validator) server(f *ServerFile, s *Server) {
 	}
 	s.AdminPprof = f.AdminPprof != nil && *f.AdminPprof
 	s.ReusePort = f.ReusePort != nil && *f.ReusePort
+	if f.TLS != nil {
+		s.TLS = v.serverTLS(f.TLS)
+	}
 	s.RequestIDHeader = DefaultRequestIDHeader
 	if f.RequestIDHeader != nil {
 		if !tokenRE.MatchString(*f.RequestIDHeader) {
@@ -277,7 +284,92 @@ func (v *validator) upstream(name string, f *UpstreamFile) *Upstream {
 		u.HealthCheck = h
 	}
 	u.RequiredForReady = f.RequiredForReadiness != nil && *f.RequiredForReadiness
+	u.TLSConfig = v.upstreamTLS(key, f, u)
 	return u
+}
+
+// upstreamTLS builds the client TLS config of an upstream with https
+// endpoints: TLS 1.2+, the CA bundle when given, SNI from the URL.
+func (v *validator) upstreamTLS(key string, f *UpstreamFile, u *Upstream) *tls.Config {
+	https := false
+	for _, ep := range u.Endpoints {
+		https = https || ep.TLS
+	}
+	if !https {
+		if f.CAFile != nil || f.ServerName != nil {
+			v.addf(key, "ca_file and server_name apply to https endpoints only")
+		}
+		return nil
+	}
+	c := &tls.Config{MinVersion: tls.VersionTLS12}
+	if f.ServerName != nil {
+		c.ServerName = *f.ServerName
+	}
+	if f.CAFile != nil {
+		path := relPath(v.file, *f.CAFile)
+		v.files = append(v.files, path)
+		pool, err := loadPool(path)
+		if err != nil {
+			v.addf(key+".ca_file", "%v", err)
+			return c
+		}
+		c.RootCAs = pool
+	}
+	return c
+}
+
+func loadPool(path string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("no PEM certificate in %s", path)
+	}
+	return pool, nil
+}
+
+func (v *validator) serverTLS(f *TLSFile) *ServerTLS {
+	const key = "server.tls"
+	if f.CertFile == nil || f.KeyFile == nil {
+		v.addf(key, "cert_file and key_file are required")
+		return nil
+	}
+	certPath, keyPath := relPath(v.file, *f.CertFile), relPath(v.file, *f.KeyFile)
+	v.files = append(v.files, certPath, keyPath)
+	cert, err := tls.LoadX509KeyPair(certPath, keyPath)
+	if err != nil {
+		v.addf(key+".cert_file", "%v", err)
+		return nil
+	}
+	t := &ServerTLS{Cert: &cert}
+	if f.ClientCAFile != nil {
+		path := relPath(v.file, *f.ClientCAFile)
+		v.files = append(v.files, path)
+		pool, err := loadPool(path)
+		if err != nil {
+			v.addf(key+".client_ca_file", "%v", err)
+		}
+		t.ClientCAs = pool
+	}
+	auth := "none"
+	if f.ClientAuth != nil {
+		auth = v.oneOf(key+".client_auth", *f.ClientAuth, "none", "request", "require")
+	}
+	switch auth {
+	case "request":
+		t.ClientAuth = tls.VerifyClientCertIfGiven
+	case "require":
+		t.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	if auth != "none" && t.ClientCAs == nil {
+		v.addf(key+".client_auth", "verifying client certificates needs client_ca_file")
+	}
+	if f.RedirectListen != nil {
+		t.RedirectListen = v.addr(key+".redirect_listen", f.RedirectListen, "")
+	}
+	return t
 }
 
 func (v *validator) breaker(key string, f *BreakerFile) *Breaker {
@@ -344,23 +436,21 @@ func parseEndpoint(raw string) (Endpoint, string) {
 		return Endpoint{}, fmt.Sprintf("want a URL such as \"http://127.0.0.1:3000\", got %q", raw)
 	}
 	switch pu.Scheme {
-	case "http":
-	case "https":
-		return Endpoint{}, fmt.Sprintf("%q: https upstreams are not supported yet", raw)
+	case "http", "https":
 	default:
-		return Endpoint{}, fmt.Sprintf("%q: scheme must be http", raw)
+		return Endpoint{}, fmt.Sprintf("%q: scheme must be http or https", raw)
 	}
 	if (pu.Path != "" && pu.Path != "/") || pu.RawQuery != "" || pu.User != nil || pu.Fragment != "" {
 		return Endpoint{}, fmt.Sprintf("%q: only scheme://host:port is allowed; the client's path and query are forwarded unchanged", raw)
 	}
 	host, port := pu.Hostname(), pu.Port()
 	if port == "" {
-		port = "80"
+		port = map[string]string{"http": "80", "https": "443"}[pu.Scheme]
 	}
 	if n, err := strconv.Atoi(port); err != nil || n <= 0 || n > 65535 {
 		return Endpoint{}, fmt.Sprintf("%q: invalid port", raw)
 	}
-	return Endpoint{URL: raw, Addr: net.JoinHostPort(host, port)}, ""
+	return Endpoint{URL: raw, Addr: net.JoinHostPort(host, port), TLS: pu.Scheme == "https"}, ""
 }
 
 func (v *validator) route(i int, f *RouteFile, ups map[string]UpstreamFile) Route {
@@ -522,6 +612,7 @@ func (v *validator) identity(f *IdentityFile, id *Identity, tiers map[string]*Ti
 	id.TierHeader = str("identity.tier_header", f.TierHeader, "X-Sidecar-Tier", true)
 	id.AnonymousTier = str("identity.anonymous_tier", f.AnonymousTier, "anonymous", false)
 	id.AuthenticatedTier = str("identity.authenticated_tier", f.AuthenticatedTier, "authenticated", false)
+	id.ClientCertTier = str("identity.client_cert_tier", f.ClientCertTier, "", false)
 	id.IPv6Prefix = v.intRange("identity.ipv6_prefix", f.IPv6Prefix, 64, 16, 128)
 	if f.APIKeysFile != nil {
 		path := relPath(v.file, *f.APIKeysFile)

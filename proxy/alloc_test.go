@@ -58,7 +58,7 @@ upstream = "app"
 		ctx.Request.Header.SetBytesV("X-Request-Id", id)
 		h := &ctx.Request.Header
 		var tier string
-		client, tier, err = snap.AppendIdentity(client[:0], h.Peek("X-API-Key"), h.Peek("Authorization"),
+		client, tier, err = snap.AppendIdentity(client[:0], h.Peek("X-API-Key"), h.Peek("Authorization"), nil,
 			h.PeekAll("X-Forwarded-For"), peerAddr(&ctx))
 		if err != nil || string(client) != "ip:1.2.3.4" {
 			t.Fatalf("identity %q %v", client, err)

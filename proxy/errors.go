@@ -23,6 +23,7 @@ var (
 	ErrResponseTimeout = errors.New("proxy: upstream response timed out")
 	ErrUpstreamReset   = errors.New("proxy: upstream closed the connection")
 	ErrUpstreamProto   = errors.New("proxy: upstream sent a malformed response")
+	ErrUpstreamTLS     = errors.New("proxy: TLS handshake with the upstream failed")
 	ErrClientBody      = errors.New("proxy: reading the client's request body failed")
 	ErrPanic           = errors.New("proxy: internal error")
 	ErrUnauthorized    = errors.New("proxy: unknown API key or invalid token")
@@ -44,6 +45,8 @@ func errorKind(err error) string {
 		return "reset"
 	case errors.Is(err, ErrUpstreamProto):
 		return "protocol"
+	case errors.Is(err, ErrUpstreamTLS):
+		return "tls"
 	default:
 		return "other"
 	}

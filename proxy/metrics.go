@@ -129,7 +129,7 @@ func (m *routeMetrics) request(method []byte, status int, tier string) *metrics.
 type upstreamMetrics struct {
 	set       *metrics.Set
 	name      string
-	errors    [7]atomic.Pointer[metrics.Counter]
+	errors    [len(errorKinds)]atomic.Pointer[metrics.Counter]
 	fallbacks [len(fallbackReasons)]atomic.Pointer[metrics.Counter]
 	dials     *metrics.Counter
 	duration  *metrics.PrometheusHistogram
@@ -152,7 +152,7 @@ func (m *upstreamMetrics) fallbackInc(reason string) {
 	c.Inc()
 }
 
-var errorKinds = [...]string{"refused", "connect_timeout", "pool_exhausted", "timeout", "reset", "protocol", "other"}
+var errorKinds = [...]string{"refused", "connect_timeout", "pool_exhausted", "timeout", "reset", "protocol", "tls", "other"}
 
 func newUpstreamMetrics(set *metrics.Set, name string) *upstreamMetrics {
 	return &upstreamMetrics{set: set, name: name,

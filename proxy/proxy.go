@@ -174,7 +174,8 @@ func (p *Proxy) startChecks(u *upstream) {
 	checks := make([]health.Check, len(u.endpoints))
 	for i, ep := range u.endpoints {
 		checks[i] = health.Check{Addr: ep.addr, Path: hc.Path, Interval: hc.Interval, Timeout: hc.Timeout,
-			ExpectedStatus: hc.ExpectedStatus, HealthyThreshold: hc.HealthyThreshold, UnhealthyThreshold: hc.UnhealthyThreshold}
+			ExpectedStatus: hc.ExpectedStatus, HealthyThreshold: hc.HealthyThreshold, UnhealthyThreshold: hc.UnhealthyThreshold,
+			TLS: ep.tls}
 	}
 	u.checker = health.StartChecks(checks, func(i int, healthy bool) {
 		u.endpoints[i].healthy.Store(healthy)

@@ -95,7 +95,13 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 	if snap.Server.Trusted(peer) {
 		xff = h.PeekAll("X-Forwarded-For")
 	}
-	clientID, tierName, err := snap.AppendIdentity(x.clientID[:0], h.Peek(id.APIKeyHeader), h.Peek("Authorization"), xff, peer)
+	var certCN []byte
+	if id.ClientCertTier != "" && ctx.IsTLS() {
+		if st := ctx.TLSConnectionState(); st != nil && len(st.VerifiedChains) > 0 && len(st.PeerCertificates) > 0 {
+			certCN = []byte(st.PeerCertificates[0].Subject.CommonName)
+		}
+	}
+	clientID, tierName, err := snap.AppendIdentity(x.clientID[:0], h.Peek(id.APIKeyHeader), h.Peek("Authorization"), certCN, xff, peer)
 	x.clientID = clientID
 	x.tier = tierName
 	if err != nil {

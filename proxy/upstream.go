@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"bufio"
+	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -37,6 +39,12 @@ func newUpstream(spec *policy.Upstream, m *upstreamMetrics, idle time.Duration) 
 	u.retryMilli.Store(3000) // a few retries allowed before any request has earned them
 	for _, ep := range spec.Endpoints {
 		e := &endpoint{addr: ep.Addr, spec: spec, idleTimeout: idle, m: m, busy: make(chan struct{}, spec.MaxConnections)}
+		if ep.TLS {
+			e.tls = spec.TLSConfig.Clone()
+			if e.tls.ServerName == "" {
+				e.tls.ServerName, _, _ = net.SplitHostPort(ep.Addr) // SNI and verification: the URL's host
+			}
+		}
 		e.healthy.Store(true)
 		u.endpoints = append(u.endpoints, e)
 	}
@@ -150,6 +158,7 @@ type endpoint struct {
 	idle   []*upConn // LIFO: the most recently used connection is the warmest
 	closed bool
 
+	tls          *tls.Config  // https endpoint; nil: plain TCP
 	healthy      atomic.Bool  // active health checks' verdict (true without checks)
 	fails        atomic.Int32 // consecutive failures (passive health)
 	ejectedUntil atomic.Int64 // unix ns; passive ejection
@@ -211,8 +220,17 @@ func (ep *endpoint) dial() (*upConn, error) {
 		return nil, classifyDialErr(err)
 	}
 	c := &upConn{Conn: raw, ep: ep}
-	if sc, ok := raw.(syscall.Conn); ok {
-		c.raw, _ = sc.SyscallConn()
+	if ep.tls != nil {
+		tc := tls.Client(raw, ep.tls)
+		_ = tc.SetDeadline(time.Now().Add(ep.spec.ConnectTimeout)) // the handshake is part of connecting
+		if err := tc.Handshake(); err != nil {
+			_ = raw.Close()
+			return nil, errors.Join(ErrUpstreamTLS, err)
+		}
+		_ = tc.SetDeadline(time.Time{})
+		c.Conn = tc
+	} else if sc, ok := raw.(syscall.Conn); ok {
+		c.raw, _ = sc.SyscallConn() // plain TCP only: readAfterWait reads the socket itself
 	}
 	c.br = bufio.NewReaderSize(c, 16<<10) // also the largest response head accepted
 	c.bw = bufio.NewWriterSize(c, 16<<10)
@@ -364,6 +382,9 @@ func (c *upConn) setReadTimeout(d time.Duration, now time.Time) {
 func (c *upConn) alive() bool {
 	if c.br.Buffered() > 0 {
 		return false // unsolicited bytes: the connection is out of sync
+	}
+	if c.raw == nil {
+		return true // TLS: a timed-out read is not a probe to make on it
 	}
 	c.readDeadline = time.Unix(1, 0)
 	_ = c.Conn.SetReadDeadline(c.readDeadline)
