@@ -33,6 +33,8 @@ test: fmt-check deps-test
 	# deploy/ is its own module (the Kubernetes API types stay out of the binary)
 	cd deploy && $(GO) vet ./... && $(GO) test -count=1 ./...
 	docker-compose -f deploy/docker-compose/docker-compose.yml --profile monitoring config -q
+	# each fuzz target for a short, bounded time (make fuzz runs them longer)
+	$(MAKE) --no-print-directory fuzz FUZZTIME=8s
 
 deps-bench:
 	@command -v wrk >/dev/null || { apt-get update -q && $(APT_INSTALL) wrk; }
