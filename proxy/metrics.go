@@ -115,14 +115,10 @@ func (m *routeMetrics) request(method []byte, status int, tier string) *metrics.
 	if !ok {
 		tier, byTier = tierOther, m.requests[tierOther]
 	}
-	p := &byTier[mi][ci]
-	if c := p.Load(); c != nil {
-		return c
-	}
-	c := m.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_requests_total{route=%q,method=%q,status_class=%q,tier=%q}`,
-		m.name, methodNames[mi], statusClasses[ci], tier))
-	p.Store(c)
-	return c
+	return lazyCounter(m.set, &byTier[mi][ci], func() string {
+		return fmt.Sprintf(`sidecar_requests_total{route=%q,method=%q,status_class=%q,tier=%q}`,
+			m.name, methodNames[mi], statusClasses[ci], tier)
+	})
 }
 
 // upstreamMetrics are one upstream's series.
@@ -139,17 +135,33 @@ type upstreamMetrics struct {
 }
 
 func (m *upstreamMetrics) fallbackInc(reason string) {
-	i := 0
-	for i < len(fallbackReasons)-1 && fallbackReasons[i] != reason {
-		i++
+	i := indexOr(fallbackReasons[:], reason)
+	lazyCounter(m.set, &m.fallbacks[i], func() string {
+		return fmt.Sprintf(`sidecar_fallbacks_total{upstream=%q,reason=%q}`, m.name, fallbackReasons[i])
+	}).Inc()
+}
+
+// indexOr returns v's index in a closed set of label values, or the last
+// one (the set's catch-all) when v is not in it.
+func indexOr(set []string, v string) int {
+	for i, s := range set[:len(set)-1] {
+		if s == v {
+			return i
+		}
 	}
-	p := &m.fallbacks[i]
-	c := p.Load()
-	if c == nil {
-		c = m.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_fallbacks_total{upstream=%q,reason=%q}`, m.name, fallbackReasons[i]))
-		p.Store(c)
+	return len(set) - 1
+}
+
+// lazyCounter returns the counter held in p, registering it under name()
+// on first use: series appear once they have something to count, and the
+// name is built once, not per request.
+func lazyCounter(set *metrics.Set, p *atomic.Pointer[metrics.Counter], name func() string) *metrics.Counter {
+	if c := p.Load(); c != nil {
+		return c
 	}
-	c.Inc()
+	c := set.GetOrCreateCounter(name())
+	p.Store(c)
+	return c
 }
 
 var errorKinds = [...]string{"refused", "connect_timeout", "pool_exhausted", "timeout", "reset", "protocol", "tls", "other"}
@@ -165,16 +177,8 @@ func newUpstreamMetrics(set *metrics.Set, name string) *upstreamMetrics {
 }
 
 func (m *upstreamMetrics) errorInc(err error) {
-	kind := errorKind(err)
-	i := 0
-	for i < len(errorKinds)-1 && errorKinds[i] != kind {
-		i++
-	}
-	p := &m.errors[i]
-	c := p.Load()
-	if c == nil {
-		c = m.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_upstream_errors_total{upstream=%q,kind=%q}`, m.name, errorKinds[i]))
-		p.Store(c)
-	}
-	c.Inc()
+	i := indexOr(errorKinds[:], errorKind(err))
+	lazyCounter(m.set, &m.errors[i], func() string {
+		return fmt.Sprintf(`sidecar_upstream_errors_total{upstream=%q,kind=%q}`, m.name, errorKinds[i])
+	}).Inc()
 }

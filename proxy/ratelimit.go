@@ -229,16 +229,9 @@ func newTierCounters(set *metrics.Set, route string, tiers map[string]*policy.Ti
 }
 
 func (tc *tierCounters) counter(tier, result string, src limiter.Source) *metrics.Counter {
-	ri := 0
-	for ri < len(decisionResults)-1 && decisionResults[ri] != result {
-		ri++
-	}
-	p := &tc.m[tier][ri][src]
-	if c := p.Load(); c != nil {
-		return c
-	}
-	c := tc.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_ratelimit_decisions_total{route=%q,tier=%q,result=%q,source=%q}`,
-		tc.route, tier, result, src.String()))
-	p.Store(c)
-	return c
+	ri := indexOr(decisionResults[:], result)
+	return lazyCounter(tc.set, &tc.m[tier][ri][src], func() string {
+		return fmt.Sprintf(`sidecar_ratelimit_decisions_total{route=%q,tier=%q,result=%q,source=%q}`,
+			tc.route, tier, decisionResults[ri], src.String())
+	})
 }
