@@ -25,9 +25,9 @@ type loadResult struct {
 	// connection when a request starts just before the previous one is
 	// back in its idle pool, and then closes the spare itself.
 	remoteCloses atomic.Int64
-	mu                   sync.Mutex
-	firstDrop            error
-	bodies               map[string]int
+	mu           sync.Mutex
+	firstDrop    error
+	bodies       map[string]int
 }
 
 // runLoad runs workers sending GET path until stop is closed or a dial is
