@@ -5,8 +5,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"strconv"
-	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-redis/redis_rate/v10"
@@ -103,59 +105,137 @@ flush(reset + 1)
 return {1, limit - total, 0, reset}
 `)
 
-// RedisOptions says how to reach Redis.
+// RedisOptions says how to reach Redis. Zero values are the defaults.
 type RedisOptions struct {
-	// Mode is "single" (default); "cluster" and "sentinel" come with the
-	// scale-out issue.
-	Mode  string
+	// Mode is "single" (default), "cluster" or "sentinel".
+	Mode string
+	// Addrs are, by mode: the server (single, exactly one); seed nodes
+	// (cluster: any one that answers tells the whole topology); the
+	// sentinels (sentinel). Required.
 	Addrs []string
-	// Password comes from the environment, never from the config file.
+	// MasterName is the primary's name in the sentinels' configuration
+	// (`sentinel monitor NAME ...`). Required for sentinel, refused
+	// otherwise.
+	MasterName string
+	// Username and Password authenticate to the data nodes (an ACL user;
+	// no username is Redis' "default" user). Default: none. They come
+	// from the environment, never from the config file.
+	Username string
 	Password string
-	DB       int
-	TLS      *tls.Config
+	// SentinelPassword authenticates to the sentinels (their
+	// requirepass). Default: none.
+	SentinelPassword string
+	// DB selects the database (single and sentinel). Redis Cluster has
+	// only db 0: any other value is refused. Default 0.
+	DB int
+	// TLS, when set, is used for every connection (data nodes and
+	// sentinels). Default: plain TCP.
+	TLS *tls.Config
 	// Timeout bounds every command (dial, read, write). Default 50 ms.
 	Timeout time.Duration
 }
 
-// NewRedisClient returns a go-redis client tuned to fail fast: go-redis'
-// defaults take ~2 s per call to fail while Redis is down (dial retries
-// and command retries), which would add seconds to every request.
+// ErrRedisOptions is wrapped by NewRedisClient's errors.
+var ErrRedisOptions = errors.New("limiter: invalid redis options")
+
+// NewRedisClient returns a go-redis client for o.Mode, tuned to fail fast:
+// go-redis' defaults take ~2 s per call to fail while Redis is down (dial
+// retries and command retries), which would add seconds to every request.
+//
+//   - single: redis.NewClient.
+//   - cluster: redis.NewClusterClient. Every command goes to the primary
+//     of its slot (ReadOnly false: the limiter writes on every decision, so
+//     RouteByLatency and RouteRandomly, which only move reads to replicas,
+//     do not apply). MaxRedirects stays at 3: in a ClusterClient, MaxRetries
+//     only sets the node clients' own retries, while the cluster loop
+//     follows MOVED/ASK (after a failover or a resharding) and retries
+//     network errors up to MaxRedirects times; -1 there would turn every
+//     redirect into an error. Its retries run without back-off sleeps
+//     (MinRetryBackoff -1): a redirect costs one more round trip, and a
+//     dead node a few refused dials, not a sleep through Timeout.
+//   - sentinel: redis.NewFailoverClient. Each new connection asks a
+//     sentinel for the primary, and a +switch-master event closes the
+//     connections to the old one.
 func NewRedisClient(o RedisOptions) (redis.UniversalClient, error) {
 	if len(o.Addrs) == 0 {
-		return nil, errors.New("limiter: redis needs at least one address")
+		return nil, fmt.Errorf("%w: at least one address is needed", ErrRedisOptions)
 	}
-	if o.Mode != "" && o.Mode != "single" {
-		return nil, fmt.Errorf("limiter: redis mode %q is not supported yet (single only)", o.Mode)
+	if o.Mode == "" {
+		o.Mode = "single"
+	}
+	if o.Mode != "sentinel" && o.MasterName != "" {
+		return nil, fmt.Errorf("%w: master name %q is for mode sentinel, not %s", ErrRedisOptions, o.MasterName, o.Mode)
+	}
+	if o.Mode != "sentinel" && o.SentinelPassword != "" {
+		return nil, fmt.Errorf("%w: a sentinel password is for mode sentinel, not %s", ErrRedisOptions, o.Mode)
 	}
 	if o.Timeout <= 0 {
 		o.Timeout = 50 * time.Millisecond
 	}
-	return redis.NewUniversalClient(&redis.UniversalOptions{
-		Addrs:                 o.Addrs[:1],
-		Password:              o.Password,
-		DB:                    o.DB,
-		TLSConfig:             o.TLS,
-		DialTimeout:           o.Timeout,
-		ReadTimeout:           o.Timeout,
-		WriteTimeout:          o.Timeout,
-		PoolTimeout:           o.Timeout,
-		ContextTimeoutEnabled: true,
-		MaxRetries:            -1, // a retry is the caller's decision: we fall back instead
-		DialerRetries:         1,
-		PoolSize:              64,
-		MinIdleConns:          4,
-	}), nil
+	const (
+		poolSize     = 64
+		minIdleConns = 4
+	)
+	switch o.Mode {
+	case "single":
+		if len(o.Addrs) != 1 {
+			return nil, fmt.Errorf("%w: mode single takes one address, got %d", ErrRedisOptions, len(o.Addrs))
+		}
+		return redis.NewClient(&redis.Options{
+			Addr:     o.Addrs[0],
+			Username: o.Username, Password: o.Password, DB: o.DB, TLSConfig: o.TLS,
+			DialTimeout: o.Timeout, ReadTimeout: o.Timeout, WriteTimeout: o.Timeout, PoolTimeout: o.Timeout,
+			ContextTimeoutEnabled: true,
+			MaxRetries:            -1, // a retry is the caller's decision: we fall back instead
+			DialerRetries:         1,
+			PoolSize:              poolSize, MinIdleConns: minIdleConns,
+		}), nil
+	case "cluster":
+		if o.DB != 0 {
+			return nil, fmt.Errorf("%w: Redis Cluster has only db 0, got db %d", ErrRedisOptions, o.DB)
+		}
+		return redis.NewClusterClient(&redis.ClusterOptions{
+			Addrs:    o.Addrs,
+			Username: o.Username, Password: o.Password, TLSConfig: o.TLS,
+			DialTimeout: o.Timeout, ReadTimeout: o.Timeout, WriteTimeout: o.Timeout, PoolTimeout: o.Timeout,
+			ContextTimeoutEnabled: true,
+			MaxRedirects:          3,
+			MaxRetries:            -1,
+			MinRetryBackoff:       -1,
+			DialerRetries:         1,
+			PoolSize:              poolSize, MinIdleConns: minIdleConns, // per node
+		}), nil
+	case "sentinel":
+		if o.MasterName == "" {
+			return nil, fmt.Errorf("%w: mode sentinel needs the master name", ErrRedisOptions)
+		}
+		return redis.NewFailoverClient(&redis.FailoverOptions{
+			MasterName: o.MasterName, SentinelAddrs: o.Addrs, SentinelPassword: o.SentinelPassword,
+			Username: o.Username, Password: o.Password, DB: o.DB, TLSConfig: o.TLS,
+			DialTimeout: o.Timeout, ReadTimeout: o.Timeout, WriteTimeout: o.Timeout, PoolTimeout: o.Timeout,
+			ContextTimeoutEnabled: true,
+			MaxRetries:            -1,
+			DialerRetries:         1,
+			PoolSize:              poolSize, MinIdleConns: minIdleConns,
+		}), nil
+	}
+	return nil, fmt.Errorf("%w: unknown mode %q (want single, cluster or sentinel)", ErrRedisOptions, o.Mode)
 }
 
 // redisStore runs decisions against Redis.
 type redisStore struct {
-	rdb    redis.UniversalClient
-	gcra   *redis_rate.Limiter
-	prefix string
+	rdb     redis.UniversalClient
+	cluster *redis.ClusterClient // rdb, when it is one
+	gcra    *redis_rate.Limiter
+	prefix  string
+
+	lastRefresh atomic.Int64 // unix ms of the last cluster topology refresh
 }
 
 func newRedisStore(rdb redis.UniversalClient, prefix string) *redisStore {
-	return &redisStore{rdb: rdb, gcra: redis_rate.NewLimiter(rdb), prefix: prefix}
+	s := &redisStore{rdb: rdb, gcra: redis_rate.NewLimiter(rdb), prefix: prefix}
+	s.cluster, _ = rdb.(*redis.ClusterClient)
+	return s
 }
 
 // key puts the whole client key in a hash tag, so that every key of one
@@ -192,9 +272,15 @@ func nowArg(nowMs int64) string {
 	return strconv.FormatInt(nowMs, 10)
 }
 
-// gcraAllow runs redis_rate's GCRA for one decision.
+// gcraAllow runs redis_rate's GCRA for one decision. redis_rate falls
+// back from EVALSHA to EVAL by itself on NOSCRIPT.
 func (s *redisStore) gcraAllow(ctx context.Context, key string, rule Rule, cost int) (Decision, error) {
-	res, err := s.gcra.AllowN(ctx, s.key(key), redis_rate.Limit{Rate: rule.Limit, Period: rule.Window, Burst: rule.burst()}, cost)
+	limit := redis_rate.Limit{Rate: rule.Limit, Period: rule.Window, Burst: rule.burst()}
+	res, err := s.gcra.AllowN(ctx, s.key(key), limit, cost)
+	if err != nil && s.cluster != nil && unreachable(err) && ctx.Err() == nil {
+		s.refreshCluster(ctx)
+		res, err = s.gcra.AllowN(ctx, s.key(key), limit, cost)
+	}
 	if err != nil {
 		return Decision{}, err
 	}
@@ -206,48 +292,111 @@ func (s *redisStore) gcraAllow(ctx context.Context, key string, rule Rule, cost 
 }
 
 // slidingBatch runs many sliding-window decisions in one pipeline: one
-// round trip and one write for all of them. nowMs 0 means Redis' clock.
+// round trip and one write for all of them (on a cluster, one per primary
+// holding some of the keys, in parallel). nowMs 0 means Redis' clock.
+// Each call gets its own decision or error; calls that failed only
+// because of where they were sent get one more try within ctx:
+//   - NOSCRIPT: after a restart or failover the script cache is empty
+//     (Redis does not replicate it), and a pipeline of EVALSHA does not
+//     fall back to EVAL: the script is loaded and those calls run again;
+//   - a cluster node that cannot be reached: see refreshCluster.
+//
+// Only the failed calls run again, never the whole batch, so a decision
+// that Redis counted is not counted twice. A call whose reply was lost
+// after Redis ran it (a connection cut mid-reply) may be: the error is on
+// the side of denying.
 func (s *redisStore) slidingBatch(ctx context.Context, calls []*call, nowMs int64) error {
-	run := func() ([]redis.Cmder, error) {
-		pipe := s.rdb.Pipeline()
-		for _, c := range calls {
-			slidingWindowLua.EvalSha(ctx, pipe, []string{s.key(c.key)},
-				c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs))
+	s.slidingRun(ctx, calls, nowMs)
+	var again []*call
+	noScript, lost := false, false
+	for _, c := range calls {
+		switch {
+		case c.err == nil:
+		case isNoScript(c.err):
+			noScript = true
+			again = append(again, c)
+		case s.cluster != nil && unreachable(c.err):
+			lost = true
+			again = append(again, c)
 		}
-		return pipe.Exec(ctx)
 	}
-	cmds, err := run()
-	if err != nil && isNoScript(err) {
-		// After a restart or failover the script cache is empty: load it
-		// (on every shard, for Cluster) and run the batch again.
-		if lerr := s.loadScript(ctx); lerr != nil {
-			return lerr
-		}
-		cmds, err = run()
+	if len(again) == 0 || ctx.Err() != nil {
+		return nil
 	}
-	if err != nil && len(cmds) == 0 {
-		return err
+	switch {
+	case lost:
+		s.refreshCluster(ctx) // loads the script on the primaries too
+	case noScript:
+		_ = s.loadScript(ctx) // a shard that fails here fails the rerun
 	}
-	for i, cmd := range cmds {
-		c := calls[i]
-		if cerr := cmd.Err(); cerr != nil {
-			c.err = cerr
-			continue
-		}
-		c.d, c.err = decisionFromReply(c.rule.Limit, cmd.(*redis.Cmd).Val())
+	if ctx.Err() == nil {
+		s.slidingRun(ctx, again, nowMs)
 	}
 	return nil
 }
 
+// slidingRun sends one pipeline and gives each call its decision or error.
+func (s *redisStore) slidingRun(ctx context.Context, calls []*call, nowMs int64) {
+	pipe := s.rdb.Pipeline()
+	cmds := make([]*redis.Cmd, len(calls))
+	for i, c := range calls {
+		cmds[i] = slidingWindowLua.EvalSha(ctx, pipe, []string{s.key(c.key)},
+			c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs))
+	}
+	_, _ = pipe.Exec(ctx) // errors are per command
+	for i, c := range calls {
+		if err := cmds[i].Err(); err != nil {
+			c.err = err
+			continue
+		}
+		c.d, c.err = decisionFromReply(c.rule.Limit, cmds[i].Val())
+	}
+}
+
+// loadScript loads the sliding-window script where decisions run: the
+// server, or every primary of a cluster.
 func (s *redisStore) loadScript(ctx context.Context) error {
-	if cc, ok := s.rdb.(*redis.ClusterClient); ok {
-		return cc.ForEachShard(ctx, func(ctx context.Context, c *redis.Client) error {
+	if s.cluster != nil {
+		return s.cluster.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
 			return slidingWindowLua.Load(ctx, c).Err()
 		})
 	}
 	return slidingWindowLua.Load(ctx, s.rdb).Err()
 }
 
+// clusterRefreshEvery spaces topology refreshes when many decisions fail
+// at once (a dead primary, before its replica takes over).
+const clusterRefreshEvery = 100 * time.Millisecond
+
+// refreshCluster reloads the slot map of a cluster at once, then loads
+// the script on every primary. go-redis' ClusterClient reloads its slot
+// map on MOVED/ASK (a live node redirecting) and every
+// ClusterStateReloadInterval (60 s), not when a node stops answering: after
+// a primary dies, its slots would go on being sent to the dead address for
+// up to a minute after its replica took over. ForEachMaster reloads the
+// map synchronously first; the replica it finds promoted has an empty
+// script cache, which the load fills. At most one refresh per
+// clusterRefreshEvery; errors are left to the rerun.
+func (s *redisStore) refreshCluster(ctx context.Context) {
+	now := time.Now().UnixMilli()
+	last := s.lastRefresh.Load()
+	if now-last < clusterRefreshEvery.Milliseconds() || !s.lastRefresh.CompareAndSwap(last, now) {
+		return
+	}
+	_ = s.loadScript(ctx)
+}
+
+// unreachable reports whether err says that a node could not be reached
+// or dropped the connection (refused, reset, EOF), as opposed to an error
+// reply, a timeout (no time would be left to try again) or a bad reply.
+func unreachable(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) {
+		return !ne.Timeout()
+	}
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
+}
+
 func isNoScript(err error) bool {
-	return err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT")
+	return redis.HasErrorPrefix(err, "NOSCRIPT")
 }

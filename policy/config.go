@@ -139,14 +139,37 @@ type RateLimitFile struct {
 
 // RedisFile is [redis].
 type RedisFile struct {
-	// Mode is "single" (default); "cluster" and "sentinel" come later.
-	Mode  *string  `toml:"mode"`
+	// Mode is "single" (default), "cluster" (Redis Cluster) or "sentinel"
+	// (a primary and replicas watched by Redis Sentinel).
+	Mode *string `toml:"mode"`
+	// Addrs are host:port addresses: the server (single: exactly one),
+	// seed nodes (cluster: one or more; any that answers gives the whole
+	// topology), or the sentinels (sentinel). Required with
+	// rate_limit.store = "redis".
 	Addrs []string `toml:"addrs"`
-	// PasswordEnv names the environment variable holding the password;
-	// the password itself is never in the file.
+	// MasterName is the name the sentinels monitor the primary under.
+	// Required with mode "sentinel", refused otherwise.
+	MasterName *string `toml:"master_name"`
+	// UsernameEnv and PasswordEnv name the environment variables holding
+	// the ACL user and its password for the data nodes; neither is ever in
+	// the file. Default: no username (Redis' "default" user), no password.
+	UsernameEnv *string `toml:"username_env"`
 	PasswordEnv *string `toml:"password_env"`
-	DB          *int    `toml:"db"`
-	TLS         *bool   `toml:"tls"`
+	// SentinelPasswordEnv names the environment variable holding the
+	// sentinels' own password (their requirepass). Mode "sentinel" only.
+	// Default: none.
+	SentinelPasswordEnv *string `toml:"sentinel_password_env"`
+	// DB is the database number, 0-15. Redis Cluster has only db 0.
+	// Default 0.
+	DB *int `toml:"db"`
+	// TLS connects with TLS 1.2+ (to sentinels too). Default false.
+	TLS *bool `toml:"tls"`
+	// TLSCAFile verifies the servers against these CAs (PEM; relative to
+	// the config file). Needs tls = true. Default: the system's.
+	TLSCAFile *string `toml:"tls_ca_file"`
+	// TLSServerName is the name the servers' certificates must carry.
+	// Needs tls = true. Default: the host of each address.
+	TLSServerName *string `toml:"tls_server_name"`
 	// KeyPrefix starts every key. Default "sidecar".
 	KeyPrefix *string `toml:"key_prefix"`
 }

@@ -1,8 +1,19 @@
 package policy
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
+	"math/big"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -90,6 +101,92 @@ func TestProblems(t *testing.T) {
 	f("[upstreams.app]\nurl = \"http://a:1\"\n", "routes", 0, "at least one")
 	f("[[routes]]\nupstream = \"x\"\n", "upstreams", 0, "at least one")
 	f("[server\n", "", 1, "")
+
+	// [redis]: modes, credentials, TLS.
+	const redisStore = "[rate_limit]\nstore = \"redis\"\n"
+	f("[redis]\nmode = \"ring\"\n"+minimal, "redis.mode", 2, "want one of")
+	f("[redis]\nmaster = \"m\"\n"+minimal, "redis.master", 2, "unknown key")
+	f("[redis]\naddrs = [\"a:1\", \"b:1\"]\n"+minimal, "redis.addrs", 2, "takes one address")
+	f("[redis]\nmode = \"cluster\"\naddrs = [\"a:1\", \"nope\"]\n"+minimal, "redis.addrs[1]", 3, "want host:port")
+	f(redisStore+"[redis]\nmode = \"cluster\"\n"+minimal, "redis.addrs", 3, "one or more seed nodes")
+	f(redisStore+"[redis]\nmode = \"sentinel\"\n"+minimal, "redis.addrs", 3, "the sentinels' addresses")
+	f(redisStore+"[redis]\nmode = \"sentinel\"\naddrs = [\"127.0.0.1:26379\"]\n"+minimal, "redis", 3, "needs master_name")
+	f("[redis]\nmode = \"sentinel\"\nmaster_name = \"\"\n"+minimal, "redis.master_name", 3, "want the name")
+	f("[redis]\nmode = \"cluster\"\nmaster_name = \"m\"\n"+minimal, "redis.master_name", 3, "only for mode = \"sentinel\"")
+	f("[redis]\nmaster_name = \"m\"\n"+minimal, "redis.master_name", 2, "only for mode = \"sentinel\"")
+	f("[redis]\nsentinel_password_env = \"X\"\n"+minimal, "redis.sentinel_password_env", 2, "only for mode")
+	f("[redis]\nmode = \"cluster\"\ndb = 2\n"+minimal, "redis.db", 3, "only db 0")
+	f("[redis]\ndb = 16\n"+minimal, "redis.db", 2, "between 0 and 15")
+	f(redisStore+"[redis]\naddrs = [\"a:1\"]\nusername_env = \"SIDECAR_TEST_UNSET\"\n"+minimal, "redis.username_env", 5, "SIDECAR_TEST_UNSET is not set")
+	f(redisStore+"[redis]\nmode = \"sentinel\"\naddrs = [\"a:1\"]\nmaster_name = \"m\"\nsentinel_password_env = \"SIDECAR_TEST_UNSET\"\n"+minimal,
+		"redis.sentinel_password_env", 7, "is not set")
+	f("[redis]\ntls_ca_file = \"ca.pem\"\n"+minimal, "redis.tls_ca_file", 2, "needs tls = true")
+	f("[redis]\ntls_server_name = \"redis.internal\"\n"+minimal, "redis.tls_server_name", 2, "needs tls = true")
+	f("[redis]\ntls = true\ntls_ca_file = \"nope.pem\"\n"+minimal, "redis.tls_ca_file", 3, "no such file")
+	f("[redis]\ntls = true\ntls_server_name = \"bad name\"\n"+minimal, "redis.tls_server_name", 3, "host name")
+}
+
+// The three Redis modes compile into what limiter.NewRedisClient needs,
+// with the credentials from the environment and the CA bundle read.
+func TestRedisModes(t *testing.T) {
+	t.Setenv("SIDECAR_TEST_REDIS_USER", "limiter")
+	t.Setenv("SIDECAR_TEST_REDIS_PASS", "s3cret")
+	t.Setenv("SIDECAR_TEST_SENTINEL_PASS", "watch")
+	dir := t.TempDir()
+	ca := writeTestCA(t, filepath.Join(dir, "redis-ca.pem"))
+	f := func(redis string, want Redis) {
+		t.Helper()
+		path := filepath.Join(dir, "sidecar.toml")
+		if err := os.WriteFile(path, []byte("[rate_limit]\nstore = \"redis\"\n[redis]\n"+redis+minimal), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		s, err := Load(path)
+		if err != nil {
+			t.Fatalf("%s: %v", redis, err)
+		}
+		if !reflect.DeepEqual(s.Redis, want) {
+			t.Errorf("%s:\ngot  %+v\nwant %+v", redis, s.Redis, want)
+		}
+	}
+	f("addrs = [\"10.0.0.1:6379\"]\n",
+		Redis{Mode: "single", Addrs: []string{"10.0.0.1:6379"}, KeyPrefix: "sidecar"})
+	f("mode = \"cluster\"\naddrs = [\"10.0.0.1:6379\", \"10.0.0.2:6379\"]\nusername_env = \"SIDECAR_TEST_REDIS_USER\"\npassword_env = \"SIDECAR_TEST_REDIS_PASS\"\n",
+		Redis{Mode: "cluster", Addrs: []string{"10.0.0.1:6379", "10.0.0.2:6379"}, Username: "limiter", Password: "s3cret", KeyPrefix: "sidecar"})
+	f("mode = \"sentinel\"\naddrs = [\"10.0.0.1:26379\", \"10.0.0.2:26379\", \"10.0.0.3:26379\"]\nmaster_name = \"mymaster\"\n"+
+		"password_env = \"SIDECAR_TEST_REDIS_PASS\"\nsentinel_password_env = \"SIDECAR_TEST_SENTINEL_PASS\"\ndb = 3\n"+
+		"tls = true\ntls_ca_file = \"redis-ca.pem\"\ntls_server_name = \"redis.internal\"\nkey_prefix = \"edge\"\n",
+		Redis{Mode: "sentinel", Addrs: []string{"10.0.0.1:26379", "10.0.0.2:26379", "10.0.0.3:26379"}, MasterName: "mymaster",
+			Password: "s3cret", SentinelPassword: "watch", DB: 3, TLS: true, TLSCA: ca, TLSServerName: "redis.internal", KeyPrefix: "edge"})
+
+	// The CA file is watched like the config: a change reloads.
+	s, err := Load(filepath.Join(dir, "sidecar.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(s.Files, filepath.Join(dir, "redis-ca.pem")) {
+		t.Errorf("CA file not among the watched files %v", s.Files)
+	}
+}
+
+// writeTestCA writes a self-signed CA certificate (PEM) to path.
+func writeTestCA(t *testing.T, path string) []byte {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test redis CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true,
+		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return data
 }
 
 func TestEveryProblemIsReported(t *testing.T) {

@@ -47,14 +47,22 @@ type RateLimit struct {
 	LegacyHeaders    bool
 }
 
-// Redis is [redis] with the password read from the environment.
+// Redis is [redis] with the credentials read from the environment and
+// the CA file read. It holds no pointers or functions, so that two
+// Redis values compare equal (reflect.DeepEqual) when a reload keeps the
+// store as it was.
 type Redis struct {
-	Mode      string
-	Addrs     []string
-	Password  string
-	DB        int
-	TLS       bool
-	KeyPrefix string
+	Mode             string // "single", "cluster" or "sentinel"
+	Addrs            []string
+	MasterName       string // sentinel only
+	Username         string
+	Password         string
+	SentinelPassword string // sentinel only
+	DB               int
+	TLS              bool
+	TLSCA            []byte // PEM from tls_ca_file; nil: the system's roots
+	TLSServerName    string // "": each address's host
+	KeyPrefix        string
 }
 
 // Server holds the [server] settings with defaults applied.

@@ -126,11 +126,11 @@ func (v *validator) compile(f *File) *Snapshot {
 			s.Upstreams[name].Fallback = v.fallback(name, uf.Fallback, f.Upstreams, s)
 		}
 	}
-	s.Files = append(s.Files, v.files...)
 	s.Tiers = v.tiers(f)
 	v.accessLog(&f.AccessLog, &s.AccessLog)
 	v.rateLimit(&f.RateLimit, &s.RateLimit)
 	v.redis(&f.Redis, &s.Redis, s.RateLimit.Store == "redis")
+	s.Files = append(s.Files, v.files...) // certificates and CA bundles
 	v.identity(&f.Identity, &s.Identity, s.Tiers, s)
 	if len(f.Routes) == 0 {
 		v.addf("routes", "at least one [[routes]] entry is required")
@@ -563,10 +563,13 @@ func (v *validator) rateLimit(f *RateLimitFile, r *RateLimit) {
 	r.LegacyHeaders = f.LegacyHeaders == nil || *f.LegacyHeaders
 }
 
+// redis validates [redis]. needed says rate_limit.store is "redis": only
+// then are addresses required and credentials read from the environment
+// required to be set.
 func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
 	r.Mode, r.KeyPrefix = "single", "sidecar"
 	if f.Mode != nil {
-		r.Mode = v.oneOf("redis.mode", *f.Mode, "single")
+		r.Mode = v.oneOf("redis.mode", *f.Mode, "single", "cluster", "sentinel")
 	}
 	for i, a := range f.Addrs {
 		if _, _, err := net.SplitHostPort(a); err != nil {
@@ -575,18 +578,68 @@ func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
 	}
 	r.Addrs = f.Addrs
 	if needed && len(r.Addrs) == 0 {
-		v.addf("redis.addrs", "rate_limit.store = \"redis\" needs at least one address")
+		what := map[string]string{"single": "the server's address", "cluster": "one or more seed nodes",
+			"sentinel": "the sentinels' addresses"}[r.Mode]
+		v.addf("redis.addrs", "rate_limit.store = \"redis\" needs %s", what)
 	}
 	if r.Mode == "single" && len(r.Addrs) > 1 {
-		v.addf("redis.addrs", "mode \"single\" takes one address")
+		v.addf("redis.addrs", "mode \"single\" takes one address (use mode \"cluster\" or \"sentinel\" for several)")
 	}
-	if f.PasswordEnv != nil {
-		if r.Password = os.Getenv(*f.PasswordEnv); r.Password == "" && needed {
-			v.addf("redis.password_env", "environment variable %s is not set", *f.PasswordEnv)
+	switch {
+	case f.MasterName != nil && r.Mode != "sentinel":
+		v.addf("redis.master_name", "only for mode = \"sentinel\" (mode is %q)", r.Mode)
+	case f.MasterName != nil:
+		if *f.MasterName == "" || strings.ContainsAny(*f.MasterName, " \t\r\n") {
+			v.addf("redis.master_name", "want the name the sentinels monitor, got %q", *f.MasterName)
 		}
+		r.MasterName = *f.MasterName
+	case r.Mode == "sentinel":
+		v.addf("redis", "mode \"sentinel\" needs master_name (the name in the sentinels' \"sentinel monitor\" line)")
+	}
+	env := func(key string, name *string) string {
+		if name == nil {
+			return ""
+		}
+		val := os.Getenv(*name)
+		if val == "" && needed {
+			v.addf(key, "environment variable %s is not set", *name)
+		}
+		return val
+	}
+	r.Username = env("redis.username_env", f.UsernameEnv)
+	r.Password = env("redis.password_env", f.PasswordEnv)
+	if f.SentinelPasswordEnv != nil && r.Mode != "sentinel" {
+		v.addf("redis.sentinel_password_env", "only for mode = \"sentinel\" (mode is %q)", r.Mode)
+	} else {
+		r.SentinelPassword = env("redis.sentinel_password_env", f.SentinelPasswordEnv)
 	}
 	r.DB = v.intRange("redis.db", f.DB, 0, 0, 15)
+	if r.Mode == "cluster" && r.DB != 0 {
+		v.addf("redis.db", "Redis Cluster has only db 0, got %d", r.DB)
+	}
 	r.TLS = f.TLS != nil && *f.TLS
+	if !r.TLS && (f.TLSCAFile != nil || f.TLSServerName != nil) {
+		key := "redis.tls_ca_file"
+		if f.TLSCAFile == nil {
+			key = "redis.tls_server_name"
+		}
+		v.addf(key, "needs tls = true")
+	}
+	if r.TLS && f.TLSServerName != nil {
+		if !validHostname(*f.TLSServerName) && net.ParseIP(*f.TLSServerName) == nil {
+			v.addf("redis.tls_server_name", "want a host name or IP address, got %q", *f.TLSServerName)
+		}
+		r.TLSServerName = *f.TLSServerName
+	}
+	if r.TLS && f.TLSCAFile != nil {
+		path := relPath(v.file, *f.TLSCAFile)
+		v.files = append(v.files, path)
+		if _, err := loadPool(path); err != nil {
+			v.addf("redis.tls_ca_file", "%v", err)
+		} else {
+			r.TLSCA, _ = os.ReadFile(path)
+		}
+	}
 	if f.KeyPrefix != nil {
 		if *f.KeyPrefix == "" || strings.ContainsAny(*f.KeyPrefix, "{} ") {
 			v.addf("redis.key_prefix", "must be non-empty without braces or spaces")

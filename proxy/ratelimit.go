@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"reflect"
@@ -38,10 +39,16 @@ func (p *Proxy) newRateLimiting(snap *policy.Snapshot) *rateLimiting {
 	if snap.RateLimit.Store == "redis" {
 		var tlsConf *tls.Config
 		if snap.Redis.TLS {
-			tlsConf = &tls.Config{MinVersion: tls.VersionTLS12}
+			tlsConf = &tls.Config{MinVersion: tls.VersionTLS12, ServerName: snap.Redis.TLSServerName}
+			if snap.Redis.TLSCA != nil {
+				tlsConf.RootCAs = x509.NewCertPool()
+				tlsConf.RootCAs.AppendCertsFromPEM(snap.Redis.TLSCA) // policy parsed it
+			}
 		}
 		rdb, err := limiter.NewRedisClient(limiter.RedisOptions{Mode: snap.Redis.Mode, Addrs: snap.Redis.Addrs,
-			Password: snap.Redis.Password, DB: snap.Redis.DB, TLS: tlsConf, Timeout: snap.RateLimit.StoreTimeout})
+			MasterName: snap.Redis.MasterName, Username: snap.Redis.Username, Password: snap.Redis.Password,
+			SentinelPassword: snap.Redis.SentinelPassword, DB: snap.Redis.DB, TLS: tlsConf,
+			Timeout: snap.RateLimit.StoreTimeout})
 		if err != nil { // policy validated the settings: this is a bug
 			panic("BUG: " + err.Error())
 		}

@@ -1,6 +1,9 @@
 // Package redistest starts real redis-server processes on free loopback
 // ports for tests, so that tests can kill, freeze (SIGSTOP) and restart
-// them. It is used by tests only.
+// them: a single server (Start), a Redis Cluster of primaries and replicas
+// (StartCluster), and a primary with a replica watched by three Sentinels
+// (StartSentinel). Every process is killed by its PID when the test ends.
+// It is used by tests only.
 package redistest
 
 import (
@@ -9,6 +12,7 @@ import (
 	"io"
 	"net"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -20,6 +24,8 @@ import (
 type Server struct {
 	t    testing.TB
 	Addr string
+	args []string // after the binary; the port is in them
+	dir  string   // working directory; "" is the test's
 	cmd  *exec.Cmd
 }
 
@@ -27,23 +33,56 @@ type Server struct {
 // redis-server is not installed (`make test` installs it).
 func Start(t testing.TB) *Server {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	s := &Server{t: t, Addr: addr}
+	addr := freeAddr(t, false)
+	s := &Server{t: t, Addr: addr, args: serverArgs(addr)}
 	s.start()
 	t.Cleanup(s.Kill)
 	return s
 }
 
+func serverArgs(addr string, extra ...string) []string {
+	_, port, _ := net.SplitHostPort(addr)
+	return append([]string{"--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+		"--protected-mode", "no", "--loglevel", "warning",
+		// A replica syncs at once instead of after the default 5 s wait
+		// for more replicas to share a diskless transfer.
+		"--repl-diskless-sync-delay", "0"}, extra...)
+}
+
+// freeAddr returns a loopback address whose port was free a moment ago;
+// with bus, port+10000 (Redis Cluster's bus port) was free too.
+func freeAddr(t testing.TB, bus bool) string {
+	t.Helper()
+	for range 100 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().(*net.TCPAddr)
+		if !bus {
+			ln.Close()
+			return addr.String()
+		}
+		if addr.Port+10000 > 65535 {
+			ln.Close()
+			continue
+		}
+		bl, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", addr.Port+10000))
+		ln.Close()
+		if err != nil {
+			continue
+		}
+		bl.Close()
+		return addr.String()
+	}
+	t.Fatal("redistest: no free port pair for a cluster node")
+	return ""
+}
+
 func (s *Server) start() {
 	s.t.Helper()
-	_, port, _ := net.SplitHostPort(s.Addr)
-	s.cmd = exec.Command("redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-		"--protected-mode", "no", "--loglevel", "warning")
+	s.cmd = exec.Command("redis-server", s.args...)
+	s.cmd.Dir = s.dir
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatalf("starting redis-server (install it: apt-get install redis-server): %v", err)
 	}
@@ -59,23 +98,22 @@ func (s *Server) start() {
 
 // Ping sends PING over a fresh connection.
 func (s *Server) Ping() error {
-	c, err := net.DialTimeout("tcp", s.Addr, 200*time.Millisecond)
+	v, err := Do(s.Addr, "PING")
 	if err != nil {
 		return err
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(200 * time.Millisecond))
-	if _, err := io.WriteString(c, "PING\r\n"); err != nil {
-		return err
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if !strings.HasPrefix(line, "+PONG") {
-		return fmt.Errorf("redis answered %q", line)
+	if v != "PONG" {
+		return fmt.Errorf("redis answered %q", v)
 	}
 	return nil
+}
+
+// PID is the process id, or 0 once the server was killed.
+func (s *Server) PID() int {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
 }
 
 // Kill stops the server (SIGKILL) and waits for it.
@@ -101,6 +139,110 @@ func (s *Server) Freeze() { _ = s.cmd.Process.Signal(syscall.SIGSTOP) }
 
 // Thaw resumes a frozen server.
 func (s *Server) Thaw() { _ = s.cmd.Process.Signal(syscall.SIGCONT) }
+
+// Do sends one command to addr over a fresh connection (RESP2, 2 s
+// deadline) and returns the reply: a string (simple or bulk), an int64,
+// nil, or []any for arrays. An error reply is returned as an error.
+func Do(addr string, args ...string) (any, error) {
+	c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	var b strings.Builder
+	fmt.Fprintf(&b, "*%d\r\n", len(args))
+	for _, a := range args {
+		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
+	}
+	if _, err := io.WriteString(c, b.String()); err != nil {
+		return nil, err
+	}
+	return readReply(bufio.NewReader(c))
+}
+
+func readReply(r *bufio.Reader) (any, error) {
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return nil, err
+	}
+	line = strings.TrimSuffix(line, "\r\n")
+	if line == "" {
+		return nil, fmt.Errorf("redistest: empty reply line")
+	}
+	switch line[0] {
+	case '+':
+		return line[1:], nil
+	case '-':
+		return nil, fmt.Errorf("%s", line[1:])
+	case ':':
+		return strconv.ParseInt(line[1:], 10, 64)
+	case '$':
+		n, err := strconv.Atoi(line[1:])
+		if err != nil || n < 0 {
+			return nil, err
+		}
+		buf := make([]byte, n+2)
+		if _, err := io.ReadFull(r, buf); err != nil {
+			return nil, err
+		}
+		return string(buf[:n]), nil
+	case '*':
+		n, err := strconv.Atoi(line[1:])
+		if err != nil || n < 0 {
+			return nil, err
+		}
+		arr := make([]any, n)
+		for i := range arr {
+			if arr[i], err = readReply(r); err != nil {
+				return nil, err
+			}
+		}
+		return arr, nil
+	}
+	return nil, fmt.Errorf("redistest: unexpected reply %q", line)
+}
+
+// doString is Do for commands that answer with text (INFO, CLUSTER INFO,
+// CLUSTER NODES).
+func doString(addr string, args ...string) (string, error) {
+	v, err := Do(addr, args...)
+	if err != nil {
+		return "", err
+	}
+	s, ok := v.(string)
+	if !ok {
+		return "", fmt.Errorf("redistest: %v answered %T", args, v)
+	}
+	return s, nil
+}
+
+// infoField returns field of an INFO-style "key:value" text.
+func infoField(text, field string) string {
+	for line := range strings.SplitSeq(text, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), field+":"); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// waitFor polls cond every 20 ms until it returns "" or d passes; then
+// the test fails with what cond returned last.
+func waitFor(t testing.TB, d time.Duration, what string, cond func() string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		why := cond()
+		if why == "" {
+			return time.Since(start)
+		}
+		if time.Since(start) > d {
+			t.Fatalf("redistest: %s: not done after %v: %s", what, d, why)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
 
 // Counter is a TCP forwarder in front of a Server that counts the bytes
 // clients send, so a test can prove that no command was sent.

@@ -1,0 +1,310 @@
+package limiter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sidecar-proxy/sidecar/internal/redistest"
+)
+
+func modeClient(t *testing.T, o RedisOptions) redis.UniversalClient {
+	t.Helper()
+	rdb, err := NewRedisClient(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	return rdb
+}
+
+func TestNewRedisClientModes(t *testing.T) {
+	redisLogOnce.Do(func() { redis.SetLogger(&quietRedisLog{log: slog.Default()}) }) // as New does: no dial-error flood
+	for _, c := range []struct {
+		o    RedisOptions
+		want string // the client's type, or "" for an error
+	}{
+		{RedisOptions{Addrs: []string{"127.0.0.1:1"}}, "*redis.Client"},
+		{RedisOptions{Mode: "single", Addrs: []string{"127.0.0.1:1", "127.0.0.1:2"}}, ""},
+		{RedisOptions{Mode: "cluster", Addrs: []string{"127.0.0.1:1", "127.0.0.1:2"}}, "*redis.ClusterClient"},
+		{RedisOptions{Mode: "cluster", Addrs: []string{"127.0.0.1:1"}, DB: 1}, ""},
+		{RedisOptions{Mode: "sentinel", Addrs: []string{"127.0.0.1:1"}, MasterName: "m"}, "*redis.Client"},
+		{RedisOptions{Mode: "sentinel", Addrs: []string{"127.0.0.1:1"}}, ""},
+		{RedisOptions{Mode: "single", Addrs: []string{"127.0.0.1:1"}, MasterName: "m"}, ""},
+		{RedisOptions{Mode: "cluster", Addrs: []string{"127.0.0.1:1"}, SentinelPassword: "x"}, ""},
+		{RedisOptions{Mode: "ring", Addrs: []string{"127.0.0.1:1"}}, ""},
+		{RedisOptions{Mode: "cluster"}, ""},
+	} {
+		rdb, err := NewRedisClient(c.o)
+		got := ""
+		if err == nil {
+			got = fmt.Sprintf("%T", rdb)
+			rdb.Close()
+		} else if !errors.Is(err, ErrRedisOptions) {
+			t.Errorf("%+v: error %v does not wrap ErrRedisOptions", c.o, err)
+		}
+		if got != c.want {
+			t.Errorf("%+v: got %q (%v), want %q", c.o, got, err, c.want)
+		}
+	}
+	// MOVED/ASK must still be followed: MaxRedirects -1 would disable it.
+	rdb, _ := NewRedisClient(RedisOptions{Mode: "cluster", Addrs: []string{"127.0.0.1:1"}})
+	defer rdb.Close()
+	if o := rdb.(*redis.ClusterClient).Options(); o.MaxRedirects <= 0 || o.ReadOnly || o.RouteRandomly || o.RouteByLatency {
+		t.Errorf("cluster options: MaxRedirects %d ReadOnly %v RouteRandomly %v RouteByLatency %v",
+			o.MaxRedirects, o.ReadOnly, o.RouteRandomly, o.RouteByLatency)
+	}
+}
+
+// TestRedisCluster runs the store on a real 3-primary, 3-replica cluster:
+// the same answers as one node, batches spread over every shard, an empty
+// script cache on every node, and a primary killed.
+func TestRedisCluster(t *testing.T) {
+	single := newRedisStore(client(t, redistest.Start(t).Addr), "test")
+	cl := redistest.StartCluster(t, 3, 1)
+	rdb := modeClient(t, RedisOptions{Mode: "cluster", Addrs: cl.Addrs()[:1]}) // one seed finds the rest
+	store := newRedisStore(rdb, "test")
+	ctx := context.Background()
+
+	t.Run("same decisions as one node", func(t *testing.T) {
+		// 24 clients per rule, so their keys fall on every shard; at each
+		// fixed instant a random subset asks, as one batch, of both stores.
+		for _, rule := range []Rule{{Limit: 5, Window: time.Second}, {Limit: 60, Window: time.Minute}, {Limit: 7, Window: 333 * time.Millisecond}} {
+			ref := map[string][]bucket{}
+			now := t0.UnixMilli()
+			for step := 0; step < 150; step++ {
+				now += rand.Int64N(rule.Window.Milliseconds()/int64(rule.Limit)) + 1
+				var one, many []*call
+				for k := range 24 {
+					if rand.IntN(3) == 0 {
+						continue
+					}
+					key := fmt.Sprintf("same-%d-%d-%d", rule.Limit, rule.Window, k)
+					one = append(one, &call{key: key, rule: rule, cost: 1})
+					many = append(many, &call{key: key, rule: rule, cost: 1})
+				}
+				if err := single.slidingBatch(ctx, one, now); err != nil {
+					t.Fatal(err)
+				}
+				if err := store.slidingBatch(ctx, many, now); err != nil {
+					t.Fatal(err)
+				}
+				for i, c := range many {
+					var want Decision
+					ref[c.key], want = slide(ref[c.key], rule, now, 1)
+					if c.err != nil || one[i].err != nil {
+						t.Fatalf("step %d %s: cluster %v, one node %v", step, c.key, c.err, one[i].err)
+					}
+					if c.d != one[i].d || c.d != want {
+						t.Fatalf("%v step %d %s at %d: cluster %+v, one node %+v, memory %+v", rule, step, c.key, now, c.d, one[i].d, want)
+					}
+				}
+			}
+		}
+		// GCRA takes time from Redis (redis_rate passes no instant): the
+		// calls alternate between the stores, and with 6 s per token the
+		// few milliseconds between them cannot change a decision.
+		rule := Rule{Limit: 10, Window: time.Minute, Algorithm: GCRA, Burst: 5}
+		for k := range 24 {
+			key := fmt.Sprintf("gcra-%d", k)
+			for i := range 8 {
+				a, err1 := single.gcraAllow(ctx, key, rule, 1)
+				b, err2 := store.gcraAllow(ctx, key, rule, 1)
+				if err1 != nil || err2 != nil {
+					t.Fatal(err1, err2)
+				}
+				if a.Allowed != b.Allowed || a.Remaining != b.Remaining || a.Allowed != (i < 5) {
+					t.Fatalf("GCRA %s call %d: one node %+v, cluster %+v", key, i, a, b)
+				}
+			}
+		}
+	})
+
+	t.Run("one batch over every shard", func(t *testing.T) {
+		// 300 clients, each twice in the same batch: the pipeline is split
+		// by primary and each primary's part keeps its order.
+		rule := Rule{Limit: 10, Window: time.Minute}
+		var calls []*call
+		for k := range 300 {
+			key := fmt.Sprintf("spread-%d", k)
+			calls = append(calls, &call{key: key, rule: rule, cost: 1}, &call{key: key, rule: rule, cost: 1})
+		}
+		rand.Shuffle(len(calls), func(i, j int) { calls[i], calls[j] = calls[j], calls[i] })
+		seen := map[string]int{}
+		if err := store.slidingBatch(ctx, calls, 0); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range calls {
+			seen[c.key]++
+			if c.err != nil || !c.d.Allowed || c.d.Remaining != rule.Limit-seen[c.key] {
+				t.Fatalf("%s decision %d: %+v %v", c.key, seen[c.key], c.d, c.err)
+			}
+		}
+		perPrimary := map[string]int{}
+		for k := range 300 {
+			perPrimary[cl.PrimaryOf(cl.Slot(store.key(fmt.Sprintf("spread-%d", k))))]++
+		}
+		if len(perPrimary) != 3 {
+			t.Errorf("300 keys landed on %d primaries: %v", len(perPrimary), perPrimary)
+		}
+		t.Logf("one pipeline of 600 decisions over %v keys per primary", perPrimary)
+	})
+
+	t.Run("empty script cache on every node", func(t *testing.T) {
+		for _, addr := range cl.Addrs() {
+			if _, err := redistest.Do(addr, "SCRIPT", "FLUSH"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		rule := Rule{Limit: 10, Window: time.Minute}
+		var calls []*call
+		for k := range 100 {
+			calls = append(calls, &call{key: fmt.Sprintf("flushed-%d", k), rule: rule, cost: 1})
+		}
+		if err := store.slidingBatch(ctx, calls, 0); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range calls {
+			// Counted once: only the calls that got NOSCRIPT ran again.
+			if c.err != nil || c.d.Remaining != rule.Limit-1 {
+				t.Fatalf("%s after SCRIPT FLUSH: %+v %v", c.key, c.d, c.err)
+			}
+		}
+		for _, p := range cl.Primaries() {
+			if v, _ := redistest.Do(p, "SCRIPT", "EXISTS", slidingWindowLua.Hash()); fmt.Sprint(v) != "[1]" {
+				t.Errorf("script not loaded again on primary %s: %v", p, v)
+			}
+		}
+	})
+
+	t.Run("primary killed", func(t *testing.T) {
+		l := New(Settings{Redis: rdb, KeyPrefix: "test", Cooldown: 200 * time.Millisecond, Heartbeat: time.Hour})
+		defer l.Close()
+		rule := Rule{Limit: 1000, Window: time.Minute}
+		key := "victim"
+		if _, src := l.Allow(key, rule); src != FromStore {
+			t.Fatalf("first decision from %v", src)
+		}
+		primary := cl.PrimaryOf(cl.Slot(store.key(key)))
+		after := ""
+		for i := 0; after == ""; i++ { // another client on the same primary
+			if k := fmt.Sprintf("after-%d", i); cl.PrimaryOf(cl.Slot(store.key(k))) == primary {
+				after = k
+			}
+		}
+		killedAt := time.Now()
+		slot := cl.KillPrimary(primary)
+		fallbacks := 0
+		for time.Since(killedAt) < 300*time.Millisecond {
+			if d, src := l.Allow(key, rule); src == FromFallback && d.Allowed {
+				fallbacks++
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if fallbacks == 0 || !l.CoolingDown() {
+			t.Errorf("primary down: %d fallback decisions, cooling down %v", fallbacks, l.CoolingDown())
+		}
+		promoted := cl.WaitFailover(primary, slot)
+		promotedAt := time.Now()
+		if v, _ := redistest.Do(promoted, "SCRIPT", "EXISTS", slidingWindowLua.Hash()); fmt.Sprint(v) != "[0]" {
+			t.Logf("the promoted replica has the script already (%v)", v)
+		}
+
+		// The same client, never recreated: the first decision sent after
+		// the promotion refreshes the slot map and succeeds.
+		c := &call{key: after, rule: rule, cost: 1}
+		if err := store.slidingBatch(ctx, []*call{c}, 0); err != nil || c.err != nil {
+			t.Errorf("first sliding-window decision after the promotion: %v %v", err, c.err)
+		}
+		if _, err := store.gcraAllow(ctx, after, Rule{Limit: 10, Window: time.Minute, Algorithm: GCRA}, 1); err != nil {
+			t.Errorf("first GCRA decision after the promotion: %v", err)
+		}
+
+		// The Limiter comes back after its cool-down, by itself.
+		tries := 0
+		for {
+			tries++
+			if _, src := l.Allow(key, rule); src == FromStore {
+				break
+			}
+			if tries == 50 {
+				t.Fatalf("no decision from Redis in 50 tries (%v) after the promotion", time.Since(promotedAt))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Logf("killed primary %s: replica %s promoted %v after the kill; limiter back on Redis %v after the promotion (%d tries, cool-down 200ms)",
+			primary, promoted, promotedAt.Sub(killedAt).Round(time.Millisecond), time.Since(promotedAt).Round(time.Millisecond), tries)
+	})
+}
+
+// TestRedisSentinel runs the store through Sentinel: decisions, then the
+// primary killed and its replica promoted, with the same client.
+func TestRedisSentinel(t *testing.T) {
+	st := redistest.StartSentinel(t)
+	rdb := modeClient(t, RedisOptions{Mode: "sentinel", Addrs: st.Addrs(), MasterName: redistest.MasterName})
+	store := newRedisStore(rdb, "test")
+	ctx := context.Background()
+	rule := Rule{Limit: 7, Window: 333 * time.Millisecond}
+	var ref []bucket
+	now := t0.UnixMilli()
+	for i := 0; i < 200; i++ {
+		now += rand.Int64N(rule.Window.Milliseconds()/int64(rule.Limit)) + 1
+		var want Decision
+		ref, want = slide(ref, rule, now, 1)
+		c := &call{key: "sentinel", rule: rule, cost: 1}
+		if err := store.slidingBatch(ctx, []*call{c}, now); err != nil || c.err != nil {
+			t.Fatal(err, c.err)
+		}
+		if c.d != want {
+			t.Fatalf("step %d: sentinel %+v, memory %+v", i, c.d, want)
+		}
+	}
+
+	l := New(Settings{Redis: rdb, KeyPrefix: "test", Cooldown: 200 * time.Millisecond, Heartbeat: time.Hour})
+	defer l.Close()
+	big := Rule{Limit: 1000, Window: time.Minute}
+	if _, src := l.Allow("victim", big); src != FromStore {
+		t.Fatalf("first decision from %v", src)
+	}
+	killedAt := time.Now()
+	dead := st.KillPrimary()
+	for time.Since(killedAt) < 300*time.Millisecond {
+		if d, src := l.Allow("victim", big); !d.Allowed || src == FromStore {
+			t.Fatalf("primary down: %+v from %v", d, src)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	promoted := st.WaitFailover(dead)
+	promotedAt := time.Now()
+	tries := 0
+	for {
+		tries++
+		c := &call{key: "after", rule: big, cost: 1}
+		if err := store.slidingBatch(ctx, []*call{c}, 0); err == nil && c.err == nil {
+			break
+		} else if tries == 20 {
+			t.Fatalf("no sliding-window decision in 20 tries after the failover: %v", c.err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	storeTries := tries
+	tries = 0
+	for {
+		tries++
+		if _, src := l.Allow("victim", big); src == FromStore {
+			break
+		}
+		if tries == 50 {
+			t.Fatalf("no decision from Redis in 50 tries (%v) after the failover", time.Since(promotedAt))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("killed primary %s: sentinels promoted %s %v after the kill; store answered on try %d, limiter back on Redis %v after the promotion (%d tries)",
+		dead, promoted, promotedAt.Sub(killedAt).Round(time.Millisecond), storeTries, time.Since(promotedAt).Round(time.Millisecond), tries)
+}
