@@ -3,11 +3,13 @@
 # make bench - throughput and latency, direct vs through the sidecar (needs wrk; installed if missing)
 # make run   - the sidecar on the embedded demo config
 # make fuzz  - the fuzz targets (config loader, identity, request heads), FUZZTIME each
+# make chaos - the chaos suite at full length (Redis frozen 10 s, 30 s of SIGHUPs, ...)
+# make soak  - 2 million requests from 1 million clients per store; prints a table
 
 GO ?= go
 APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -q
 
-.PHONY: test bench run build deps-test deps-bench fmt-check fuzz
+.PHONY: test bench run build deps-test deps-bench fmt-check fuzz chaos soak
 
 build:
 	$(GO) build -o bin/sidecar .
@@ -27,14 +29,28 @@ deps-test:
 		{ apt-get update -q && $(APT_INSTALL) --no-install-recommends prometheus; }
 	@command -v docker-compose >/dev/null || { apt-get update -q && $(APT_INSTALL) --no-install-recommends docker-compose; }
 
+# timed,NAME,COMMAND runs COMMAND and prints its wall time (go test also
+# prints each package's).
+timed = t0=$$(date +%s); $(2); rc=$$?; echo "== $(1): $$(( $$(date +%s) - t0 )) s"; exit $$rc
 test: fmt-check deps-test
-	$(GO) vet ./...
-	$(GO) test -race -count=1 -timeout 20m ./...
-	# deploy/ is its own module (the Kubernetes API types stay out of the binary)
-	cd deploy && $(GO) vet ./... && $(GO) test -count=1 ./...
-	docker-compose -f deploy/docker-compose/docker-compose.yml --profile monitoring config -q
-	# each fuzz target for a short, bounded time (make fuzz runs them longer)
-	$(MAKE) --no-print-directory fuzz FUZZTIME=8s
+	@$(call timed,go vet,$(GO) vet ./...)
+	@$(call timed,unit tests (-race),$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v '/test$$'))
+	@# the real binary against real backends, redis-server, Redis Cluster and Sentinel; the chaos suite briefly
+	@$(call timed,end-to-end and chaos tests (-race),$(GO) test -race -count=1 -timeout 20m ./test)
+	@# deploy/ is its own module (the Kubernetes API types stay out of the binary)
+	@$(call timed,deploy manifests and compose example,(cd deploy && $(GO) vet ./... && $(GO) test -count=1 ./...) && \
+		docker-compose -f deploy/docker-compose/docker-compose.yml --profile monitoring config -q)
+	@# each fuzz target for a short, bounded time (make fuzz runs them longer)
+	@$(call timed,fuzz targets ($(FUZZTIME_CI) each),$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZTIME_CI))
+
+FUZZTIME_CI = 8s
+
+# The chaos suite at full length; make test runs the same tests briefly.
+chaos: deps-test
+	$(GO) test -count=1 -timeout 30m -run Chaos -v ./test -args -long
+
+soak: deps-test
+	$(GO) run ./bench/soak
 
 deps-bench:
 	@command -v wrk >/dev/null || { apt-get update -q && $(APT_INSTALL) wrk; }

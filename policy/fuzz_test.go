@@ -2,20 +2,50 @@ package policy
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
 )
 
-// FuzzIdentify feeds made-up API keys, Authorization headers and
-// X-Forwarded-For chains to identity resolution: it must never panic, and
-// an untrusted peer is always identified by its own address.
+const fuzzSecret = "fuzz-secret-0123456789abcdef0123"
+
+// fuzzToken is a valid HS256 token for the fuzz config, as a seed.
+func fuzzToken(f *testing.F, claims jwt.MapClaims) []byte {
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte(fuzzSecret))
+	if err != nil {
+		f.Fatal(err)
+	}
+	return []byte("Bearer " + tok)
+}
+
+// FuzzIdentify feeds made-up API keys, Authorization headers (JWTs) and
+// X-Forwarded-For chains to identity resolution with API keys and HS256
+// tokens configured. It must never panic, and whatever it accepts must be
+// explainable: the one known key, a token signed with the secret, or the
+// address — an untrusted peer always by its own address. Seeds are in
+// testdata/fuzz/FuzzIdentify and below.
 func FuzzIdentify(f *testing.F) {
-	f.Add([]byte("key"), []byte("Bearer a.b.c"), []byte("1.2.3.4, 10.0.0.1"), "10.0.0.1")
-	f.Add([]byte(""), []byte("bearer "), []byte("::1, zz, 2001:db8::1"), "127.0.0.1")
-	f.Add([]byte("\x00"), []byte("Basic Zm9v"), []byte(",,, ,"), "2001:db8::2")
+	f.Setenv("SIDECAR_FUZZ_SECRET", fuzzSecret)
+	dir := f.TempDir()
+	keys := filepath.Join(dir, "keys.toml")
+	if err := os.WriteFile(keys, []byte("[[keys]]\nsha256 = \""+HashKey("known-key")+"\"\ntier = \"premium\"\nclient = \"acme\"\n"), 0o600); err != nil {
+		f.Fatal(err)
+	}
 	snap, err := Parse("fuzz", []byte(`
 [server]
 trusted_proxies = ["10.0.0.0/8", "127.0.0.1/32"]
+[identity]
+api_keys_file = "`+keys+`"
+[identity.jwt]
+algorithm = "HS256"
+secret_env = "SIDECAR_FUZZ_SECRET"
+[tiers.premium]
+limit = 10
+window = "1m"
 [upstreams.a]
 url = "http://127.0.0.1:1"
 [[routes]]
@@ -24,6 +54,11 @@ upstream = "a"
 	if err != nil {
 		f.Fatal(err)
 	}
+	exp := time.Now().Add(24 * time.Hour).Unix()
+	f.Add([]byte("known-key"), []byte(""), []byte("1.2.3.4, 10.0.0.1"), "10.0.0.1")
+	f.Add([]byte(""), fuzzToken(f, jwt.MapClaims{"sub": "alice", "tier": "premium", "exp": exp}), []byte(""), "127.0.0.1")
+	f.Add([]byte(""), fuzzToken(f, jwt.MapClaims{"sub": "bob", "exp": 1}), []byte(""), "127.0.0.1")
+	f.Add([]byte(""), []byte("Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."), []byte(""), "127.0.0.1")
 	f.Fuzz(func(t *testing.T, apiKey, auth, xff []byte, peerText string) {
 		peer, err := netip.ParseAddr(peerText)
 		if err != nil {
@@ -33,11 +68,27 @@ upstream = "a"
 		if err != nil {
 			return
 		}
-		if !strings.HasPrefix(c.ID, "ip:") || c.Tier != "anonymous" {
-			t.Fatalf("no keys or tokens configured, yet identified as %+v", c)
-		}
-		if !snap.Server.Trusted(peer.Unmap()) && c.ID != "ip:"+peer.Unmap().String() && !peer.Unmap().Is6() {
-			t.Fatalf("untrusted peer %s identified as %s", peer, c.ID)
+		switch {
+		case strings.HasPrefix(c.ID, "key:"):
+			if string(apiKey) != "known-key" || c.ID != "key:acme" || c.Tier != "premium" {
+				t.Fatalf("API key %q accepted as %+v", apiKey, c)
+			}
+		case strings.HasPrefix(c.ID, "jwt:"):
+			if len(apiKey) != 0 || !strings.Contains(string(auth), ".") {
+				t.Fatalf("token %q (API key %q) accepted as %+v", auth, apiKey, c)
+			}
+			if c.Tier != "premium" && c.Tier != "authenticated" {
+				t.Fatalf("token gave an unknown tier: %+v", c)
+			}
+		case strings.HasPrefix(c.ID, "ip:"):
+			if len(apiKey) != 0 || c.Tier != "anonymous" {
+				t.Fatalf("API key %q or token %q fell back to the address: %+v", apiKey, auth, c)
+			}
+			if !snap.Server.Trusted(peer.Unmap()) && c.ID != "ip:"+peer.Unmap().String() && !peer.Unmap().Is6() {
+				t.Fatalf("untrusted peer %s identified as %s", peer, c.ID)
+			}
+		default:
+			t.Fatalf("identity of an unknown kind: %+v", c)
 		}
 	})
 }

@@ -1,5 +1,6 @@
 // Command backend is the upstream that `make bench` measures against. It
-// serves the same three endpoints either with net/http (-kind nethttp: what
+// serves the same endpoints (and, with net/http, /bytes?n= and /sink for
+// streaming) either with net/http (-kind nethttp: what
 // a typical Go application is) or with fasthttp (-kind fasthttp: a backend
 // about twice as fast, which leaves the proxy nowhere to hide).
 package main
@@ -54,6 +55,20 @@ func netHTTP(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Length", strconv.FormatInt(r.ContentLength, 10))
 		}
 		io.Copy(w, r.Body)
+	case "/bytes": // ?n= bytes of body, for streaming throughput
+		n, _ := strconv.ParseInt(r.URL.Query().Get("n"), 10, 64)
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+		for n > 0 {
+			k := min(n, int64(len(big)))
+			if _, err := w.Write(big[:k]); err != nil {
+				return
+			}
+			n -= k
+		}
+	case "/sink": // reads the whole body, answers its length
+		n, _ := io.Copy(io.Discard, r.Body)
+		io.WriteString(w, strconv.FormatInt(n, 10))
 	default:
 		w.WriteHeader(404)
 	}
