@@ -37,7 +37,10 @@ func main() {
 	runs := flag.Int("runs", 3, "runs per scenario and target (median reported)")
 	conns := flag.Int("c", 32, "wrk connections")
 	kind := flag.String("backend", "nethttp", "bench backend: nethttp (a typical Go app) or fasthttp (twice as fast)")
-	onlyLimits := flag.Bool("only-limits", false, "run only the rate-limiting table")
+	onlyLimits := flag.Bool("only-limits", false, "run only the configuration table (rate limits, breaker, everything on) and streaming")
+	flag.StringVar(&profileDir, "profiles", "", "directory for CPU and allocation profiles of each configuration (go tool pprof)")
+	onlyStream := flag.Bool("only-stream", false, "run only the 1 GiB streaming table")
+	svg := flag.String("svg", "docs/bench.svg", "where to write the chart of throughput and p99 per configuration (empty: none)")
 	flag.Parse()
 
 	dir, err := os.MkdirTemp("", "sidecar-bench-")
@@ -115,7 +118,7 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	fmt.Printf("| scenario | direct req/s | sidecar req/s | sidecar/direct | target | bare fasthttp/direct | nginx/direct | direct p50 / p99 | sidecar p50 / p99 |\n")
 	fmt.Printf("|---|---|---|---|---|---|---|---|---|\n")
 	failed := false
-	if *onlyLimits {
+	if *onlyLimits || *onlyStream {
 		scenarios = nil
 	}
 	for _, sc := range scenarios {
@@ -150,8 +153,24 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	}
 	fmt.Printf("\nsidecar peak RSS (VmHWM): %.1f MiB\n", float64(statusKB(sidecar.Process.Pid, "VmHWM"))/1024)
 
-	if !limiterBench(dir, sidecarBin, backendAddr, *conns, *dur, *runs) {
+	if profileDir != "" {
+		check(os.MkdirAll(profileDir, 0o755))
+		fmt.Printf("configuration i's profiles: %s/cpu-i.pprof and allocs-i.pprof (i from 0: plain, memory, Redis, breaker, everything on memory, Redis)\n", profileDir)
+	}
+	var results []configResult
+	if !*onlyStream {
+		var ok bool
+		results, ok = configBench(dir, sidecarBin, backendAddr, *conns, *dur, *runs)
+		if !ok {
+			failed = true
+		}
+	}
+	if !streamBench(dir, sidecarBin, backendBin) {
 		failed = true
+	}
+	if *svg != "" && len(results) > 0 {
+		check(os.WriteFile(*svg, chart(results), 0o644))
+		fmt.Printf("\nchart of throughput and p99 per configuration written to %s\n", *svg)
 	}
 	if failed {
 		fmt.Println("\nsome targets were missed in this run; see README \"Performance\" for why and for the reference proxies")
@@ -218,9 +237,14 @@ func median(ss []sample) sample {
 }
 
 func start(bin string, env []string, cpu string, args ...string) *exec.Cmd {
+	return startTo(os.Stderr, bin, env, cpu, args...)
+}
+
+// startTo starts bin pinned to cpu with its output going to out.
+func startTo(out io.Writer, bin string, env []string, cpu string, args ...string) *exec.Cmd {
 	cmd := exec.Command("taskset", append([]string{"-c", cpu, bin}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.Stdout, cmd.Stderr = out, out
 	check(cmd.Start())
 	return cmd
 }
@@ -280,136 +304,6 @@ func check(err error) {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
-}
-
-// limiterBench measures the cost of rate limiting: small GETs from 10,000
-// distinct clients (X-Forwarded-For from a trusted loadgen), all under
-// their limit, through three sidecars — no limits, the memory store, and
-// Redis (pinned to CPU 0 with the sidecar: the proxy's core pays for its
-// store) — and reports the ratios and Redis round trips per 100 requests.
-func limiterBench(dir, sidecarBin, backendAddr string, conns int, dur time.Duration, runs int) bool {
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		fmt.Println("\nrate-limit benchmark skipped: redis-server not installed")
-		return true
-	}
-	redisAddr := freeAddr()
-	_, redisPort, _ := net.SplitHostPort(redisAddr)
-	rs := start("redis-server", nil, "0", "--port", redisPort, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
-	defer stop(rs)
-	time.Sleep(300 * time.Millisecond)
-
-	script := filepath.Join(dir, "clients.lua")
-	check(os.WriteFile(script, []byte(`local reqs = {}
-for i = 0, 9999 do
-  reqs[i] = wrk.format("GET", "/small", {["Host"] = "bench", ["X-Forwarded-For"] = "10." .. math.floor(i / 256) .. "." .. (i % 256) .. ".1"})
-end
-local n = 0
-request = function()
-  n = (n + 7919) % 10000
-  return reqs[n]
-end
-`), 0o600))
-	base := `[server]
-listen = %q
-admin_listen = %q
-trusted_proxies = ["127.0.0.1/32"]
-[upstreams.bench]
-url = "http://%s"
-[[routes]]
-name = "bench"
-upstream = "bench"
-`
-	tiers := "[tiers.anonymous]\nlimit = 1000000000\nwindow = \"1m\"\n"
-	type variant struct {
-		name, extra, addr, admin string
-		cmd                      *exec.Cmd
-	}
-	variants := []*variant{
-		{name: "limits off"},
-		{name: "memory store", extra: tiers},
-		{name: "redis store", extra: tiers + fmt.Sprintf("[rate_limit]\nstore = \"redis\"\n[redis]\naddrs = [%q]\n", redisAddr)},
-		{name: "breaker off (no limits)", extra: "[upstreams.bench.breaker]\nenabled = false\n"},
-	}
-	for i, v := range variants {
-		v.addr, v.admin = freeAddr(), freeAddr()
-		cfg := filepath.Join(dir, fmt.Sprintf("limit-%d.toml", i))
-		check(os.WriteFile(cfg, fmt.Appendf(nil, base, v.addr, v.admin, backendAddr), 0o600))
-		f, err := os.OpenFile(cfg, os.O_APPEND|os.O_WRONLY, 0)
-		check(err)
-		_, _ = f.WriteString(v.extra)
-		f.Close()
-		v.cmd = start(sidecarBin, []string{"GOMAXPROCS=1"}, "0", "-config", cfg, "-log-level", "warn")
-		defer stop(v.cmd)
-		waitHTTP("http://" + v.admin + "/readyz")
-		wrk("http://"+v.addr+"/small", script, conns, time.Second) // warm-up
-	}
-	results := make([][]sample, len(variants))
-	mallocs := make([]float64, len(variants))
-	reqs := make([]float64, len(variants))
-	var redisRounds float64
-	const okSeries = `sidecar_requests_total{route="bench",method="GET",status_class="2xx",tier="anonymous"}`
-	for r := 0; r < runs; r++ {
-		for i, v := range variants {
-			before := scrape(v.admin)
-			results[i] = append(results[i], wrk("http://"+v.addr+"/small", script, conns, dur))
-			after := scrape(v.admin)
-			mallocs[i] += after["go_memstats_mallocs_total"] - before["go_memstats_mallocs_total"]
-			reqs[i] += after[okSeries] - before[okSeries]
-			if v.name == "redis store" {
-				redisRounds += after["sidecar_ratelimit_store_commands_total"] - before["sidecar_ratelimit_store_commands_total"]
-			}
-		}
-	}
-	redisReqs := reqs[2]
-	off := median(results[0])
-	fmt.Printf("\nRate limiting and circuit breaking: small GET from 10,000 distinct clients (all under their limit), sidecar and Redis on CPU 0;\nthe circuit breaker is on (the default) except where it says off\n\n")
-	fmt.Printf("| sidecar | req/s | ratio to limits off | target | p50 / p99 | allocations per request |\n|---|---|---|---|---|---|\n")
-	ok := true
-	for i, v := range variants {
-		m := median(results[i])
-		target := "-"
-		want := map[string]float64{"redis store": 0.85}[v.name]
-		if want > 0 {
-			target = fmt.Sprintf("≥ %.2f", want)
-			if m.rps/off.rps < want {
-				target += " (missed)"
-				ok = false
-			}
-		}
-		perReq := 0.0
-		if reqs[i] > 0 {
-			perReq = mallocs[i] / reqs[i]
-		}
-		fmt.Printf("| %s | %.0f | %.2f | %s | %s / %s | %.2f |\n", v.name, m.rps, m.rps/off.rps, target, ms(m.p50), ms(m.p99), perReq)
-	}
-	brkOff := median(results[3])
-	brkTarget := ""
-	if off.rps/brkOff.rps < 0.95 {
-		brkTarget, ok = " (missed)", false
-	}
-	fmt.Printf("\nCircuit breaker (on by default, healthy upstream): on/off = %.2f, target ≥ 0.95%s\n", off.rps/brkOff.rps, brkTarget)
-	if redisReqs > 0 {
-		fmt.Printf("\nRedis round trips per 100 requests (pipelined batches): %.1f\n", 100*redisRounds/redisReqs)
-	}
-
-	// Redis frozen (SIGSTOP): after the first failures the limiter stops
-	// calling it (cool-down) and decides locally; what that costs shows
-	// against limits off.
-	_ = rs.Process.Signal(syscall.SIGSTOP)
-	defer func() { _ = rs.Process.Signal(syscall.SIGCONT) }()
-	redisV := variants[2]
-	if len(variants) < 3 {
-		return ok
-	}
-	for i := 0; i < 5; i++ { // trip the cool-down (each failing decision waits for its timeout)
-		if resp, err := http.Get("http://" + redisV.addr + "/small"); err == nil {
-			resp.Body.Close()
-		}
-	}
-	frozen := wrk("http://"+redisV.addr+"/small", script, conns, dur)
-	fmt.Printf("\nRedis frozen (SIGSTOP), during the cool-down: %.0f req/s (%.2f of limits off), p50 %s, p99 %s (limits off: p50 %s, p99 %s)\n",
-		frozen.rps, frozen.rps/off.rps, ms(frozen.p50), ms(frozen.p99), ms(off.p50), ms(off.p99))
-	return ok
 }
 
 // scrape reads the sidecar's /metrics into series → value.

@@ -2,8 +2,10 @@ package test
 
 import (
 	"bufio"
+	"crypto/sha256"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
@@ -34,6 +36,10 @@ func TestUploadAndDownload1GiBInConstantMemory(t *testing.T) {
 				return
 			}
 			fmt.Fprint(w, n)
+		case "/sha256":
+			h := sha256.New()
+			io.Copy(h, r.Body)
+			fmt.Fprintf(w, "%x", h.Sum(nil))
 		case "/download":
 			size, _ := strconv.ParseInt(r.URL.Query().Get("n"), 10, 64)
 			if r.URL.Query().Get("chunked") == "" {
@@ -60,6 +66,31 @@ func TestUploadAndDownload1GiBInConstantMemory(t *testing.T) {
 		}
 		t.Logf("1 GiB upload: %.0f MB/s, sidecar peak RSS %.1f MiB (baseline RSS %.1f MiB)",
 			gib/time.Since(start).Seconds()/1e6, float64(sc.peakRSS())/(1<<20), float64(baseline)/(1<<20))
+	})
+	t.Run("upload chunked, content checked", func(t *testing.T) {
+		// Odd-sized writes, so that chunk boundaries fall anywhere in the
+		// sidecar's reads: the bytes must arrive intact and in order.
+		data := make([]byte, 8<<20+12345)
+		rand.NewChaCha8([32]byte{1}).Read(data)
+		pr, pw := io.Pipe()
+		go func() {
+			for rest, i := data, 1; len(rest) > 0; i++ {
+				n := min(len(rest), (i*7919)%70000+1)
+				pw.Write(rest[:n])
+				rest = rest[n:]
+			}
+			pw.Close()
+		}()
+		req, _ := http.NewRequest("POST", sc.url("/sha256"), pr)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if want := fmt.Sprintf("%x", sha256.Sum256(data)); string(b) != want {
+			t.Fatalf("the backend's SHA-256 of a chunked upload is %q, want %s", b, want)
+		}
 	})
 	t.Run("upload 256MiB chunked", func(t *testing.T) {
 		req, _ := http.NewRequest("POST", sc.url("/upload"), io.NopCloser(io.LimitReader(zeros{}, 256<<20)))
