@@ -5,6 +5,9 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"net"
 	"testing"
 
@@ -71,5 +74,26 @@ upstream = "app"
 	})
 	if allocs != 0 {
 		t.Errorf("request header path allocates %.1f times per request", allocs)
+	}
+}
+
+// The access log's writer fingerprints every line's client: one HMAC kept
+// while the key stays, one allocation (the string) per line, and the same
+// answer as a fresh HMAC.
+func TestAccessLogFingerprint(t *testing.T) {
+	key := []byte("key one")
+	a := &accessLog{secret: func() []byte { return key }}
+	got := a.fingerprint("ip:192.0.2.1")
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte("ip:192.0.2.1"))
+	if want := hex.EncodeToString(m.Sum(nil)[:8]); got != want {
+		t.Fatalf("fingerprint %q, want %q", got, want)
+	}
+	if allocs := testing.AllocsPerRun(1000, func() { a.fingerprint("ip:192.0.2.1") }); allocs > 1 {
+		t.Errorf("%v allocations per fingerprint, want ≤ 1", allocs)
+	}
+	key = []byte("key two") // a reload changed the secret
+	if a.fingerprint("ip:192.0.2.1") == got {
+		t.Error("the fingerprint did not change with the key")
 	}
 }
