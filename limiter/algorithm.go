@@ -15,6 +15,10 @@
 // Time is passed in (milliseconds since the Unix epoch) so that decisions
 // are reproducible; the Redis scripts take it from Redis' TIME unless a
 // test passes it explicitly.
+//
+// With Redis, Settings.Lease lets a replica take a slice of a hot client's
+// quota in one call and spend it in memory; lease.go states how the slice
+// is sized and what that does to the bounds above.
 package limiter
 
 import (

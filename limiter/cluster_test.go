@@ -183,6 +183,41 @@ func TestRedisCluster(t *testing.T) {
 		}
 	})
 
+	t.Run("leases on every shard, given back after SCRIPT FLUSH", func(t *testing.T) {
+		rule := Rule{Limit: 10, Window: time.Minute}
+		var grants, backs, checks []*call
+		for k := range 60 {
+			grants = append(grants, &call{key: fmt.Sprintf("lease-%d", k), rule: rule, kind: lease, cost: 4})
+		}
+		if err := store.slidingBatch(ctx, grants, 0); err != nil {
+			t.Fatal(err)
+		}
+		for _, addr := range cl.Addrs() {
+			if _, err := redistest.Do(addr, "SCRIPT", "FLUSH"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, g := range grants {
+			if g.err != nil || g.granted != 4 || g.d.Remaining != 6 {
+				t.Fatalf("%s: granted %d, %+v %v", g.key, g.granted, g.d, g.err)
+			}
+			backs = append(backs, &call{key: g.key, rule: rule, kind: giveBack, cost: 3, idx: g.idx})
+			checks = append(checks, &call{key: g.key, rule: rule, kind: decide, cost: 1})
+		}
+		if err := store.slidingBatch(ctx, backs, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := store.slidingBatch(ctx, checks, 0); err != nil {
+			t.Fatal(err)
+		}
+		for i, b := range backs {
+			// 4 granted, 3 given back, 1 more admitted: 8 left.
+			if b.err != nil || b.granted != 3 || checks[i].err != nil || checks[i].d.Remaining != 8 {
+				t.Fatalf("%s: gave back %d (%v), then %+v %v", b.key, b.granted, b.err, checks[i].d, checks[i].err)
+			}
+		}
+	})
+
 	t.Run("primary killed", func(t *testing.T) {
 		l := New(Settings{Redis: rdb, KeyPrefix: "test", Cooldown: 200 * time.Millisecond, Heartbeat: time.Hour})
 		defer l.Close()

@@ -36,6 +36,10 @@ const (
 	FromStore                   // Redis answered
 	FromDenyCache               // a client known to be over its limit, denied without a Redis call
 	FromFallback                // Redis failed or is cooling down: on_store_error decided
+	FromLease                   // spent from this replica's lease of the client's quota (Settings.Lease)
+
+	// Sources is the number of Source values, for arrays indexed by one.
+	Sources = int(FromLease) + 1
 )
 
 func (s Source) String() string {
@@ -46,6 +50,8 @@ func (s Source) String() string {
 		return "deny_cache"
 	case FromFallback:
 		return "store_error_fallback"
+	case FromLease:
+		return "lease"
 	}
 	return "memory"
 }
@@ -80,6 +86,24 @@ type Settings struct {
 	Logger *slog.Logger
 	// Metrics receives the limiter's series. Default: a private set.
 	Metrics *metrics.Set
+
+	// Lease turns on quota leases (with Redis only): for a hot client, a
+	// replica takes a slice of the remaining quota in one call and spends
+	// it in memory, giving back what it did not spend. Cold clients are
+	// decided one request at a time as without leases. See lease.go for
+	// the sizing and the bound. Default false.
+	Lease bool
+	// LeaseOvershoot is the share of a limit that the leases of all live
+	// replicas may hold at once for one client; it bounds how far a window
+	// can go over the limit. Default 0.01.
+	LeaseOvershoot float64
+	// LeaseDuration is how long a lease may be spent; units left then go
+	// back to Redis. It is also the span over which a client's request
+	// rate is measured to size its leases. Default 1 s.
+	LeaseDuration time.Duration
+	// MaxLeaseKeys caps the clients whose rate and lease a replica tracks.
+	// Default 10,000.
+	MaxLeaseKeys int
 }
 
 // Limiter makes rate-limit decisions against its store, and keeps doing so
@@ -90,6 +114,7 @@ type Limiter struct {
 	store  *redisStore
 	calls  chan *call
 	denied denyCache
+	leases *leaseTable // nil unless Settings.Lease and Redis
 
 	failures  atomic.Int32
 	openUntil atomic.Int64 // unix ms; while in the future, Redis is not called
@@ -110,16 +135,35 @@ type limiterMetrics struct {
 	toStore       *metrics.Counter
 	denyCacheHits *metrics.Counter
 	evictions     *metrics.Counter
+
+	leases        *metrics.Counter
+	unitsGranted  *metrics.Counter
+	unitsReturned *metrics.Counter
+	unitsExpired  *metrics.Counter
 }
 
-// call is one decision waiting for the batcher.
+// callKind says what a call asks of Redis.
+type callKind uint8
+
+const (
+	decide   callKind = iota // one request's decision
+	lease                    // a lease of up to cost units
+	giveBack                 // cost unspent units of a lease, back into sub-window idx
+)
+
+// call is one request to Redis waiting for the batcher. A decision or a
+// lease has a waiter, signalled on done; a giveBack has none: the batcher
+// accounts for it and puts it back in the pool.
 type call struct {
-	key  string
-	rule Rule
-	cost int
-	d    Decision
-	err  error
-	done chan struct{}
+	key     string
+	rule    Rule
+	kind    callKind
+	cost    int
+	idx     int64 // giveBack: the grant's sub-window; lease: set from the reply
+	granted int   // lease: units granted; giveBack: units Redis took back
+	d       Decision
+	err     error
+	done    chan struct{}
 }
 
 var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1)} }}
@@ -150,8 +194,18 @@ func New(s Settings) *Limiter {
 	if s.Logger == nil {
 		s.Logger = slog.Default()
 	}
+	shared := s.Metrics != nil
 	if s.Metrics == nil {
 		s.Metrics = metrics.NewSet()
+	}
+	if s.LeaseOvershoot <= 0 {
+		s.LeaseOvershoot = 0.01
+	}
+	if s.LeaseDuration <= 0 {
+		s.LeaseDuration = time.Second
+	}
+	if s.MaxLeaseKeys <= 0 {
+		s.MaxLeaseKeys = 10_000
 	}
 	var id [6]byte
 	_, _ = rand.Read(id[:])
@@ -167,16 +221,12 @@ func New(s Settings) *Limiter {
 		toStore:       set.GetOrCreateCounter(`sidecar_ratelimit_store_switches_total{to="store"}`),
 		denyCacheHits: set.GetOrCreateCounter(`sidecar_ratelimit_deny_cache_hits_total`),
 		evictions:     set.GetOrCreateCounter(`sidecar_ratelimit_memory_evictions_total`),
+		leases:        set.GetOrCreateCounter(`sidecar_ratelimit_leases_total`),
+		unitsGranted:  set.GetOrCreateCounter(`sidecar_ratelimit_lease_units_total{outcome="granted"}`),
+		unitsReturned: set.GetOrCreateCounter(`sidecar_ratelimit_lease_units_total{outcome="returned"}`),
+		unitsExpired:  set.GetOrCreateCounter(`sidecar_ratelimit_lease_units_total{outcome="expired"}`),
 	}
 	l.mem.evicted = l.m.evictions.Inc
-	set.GetOrCreateGauge(`sidecar_ratelimit_store_cooldown`, func() float64 {
-		if l.coolingDown(l.s.Now().UnixMilli()) {
-			return 1
-		}
-		return 0
-	})
-	set.GetOrCreateGauge(`sidecar_ratelimit_memory_keys`, func() float64 { return float64(l.mem.Len()) })
-	set.GetOrCreateGauge(`sidecar_ratelimit_live_replicas`, func() float64 { return float64(l.replicas.Load()) })
 	l.denied.init()
 	if s.Redis != nil {
 		redisLogOnce.Do(func() { redis.SetLogger(&quietRedisLog{log: s.Logger}) })
@@ -189,10 +239,49 @@ func New(s Settings) *Limiter {
 			go l.batcher()
 		}
 		go l.heartbeat()
+		if s.Lease {
+			l.leases = newLeaseTable(s.MaxLeaseKeys)
+			l.wg.Add(1)
+			go l.leaseSweeper()
+		}
 	}
+	l.gauges(set, shared)
 	l.wg.Add(1)
 	go l.sweeper()
 	return l
+}
+
+// gaugeOwners holds, per metrics set given in Settings, the limiter its
+// gauges read: the one created last on it. A gauge is registered once per
+// set, with its function; a reload that rebuilds the limiter creates the
+// new one before it closes the old, and the gauges follow the new one
+// instead of reading the closed one for ever.
+var gaugeOwners sync.Map // *metrics.Set → *atomic.Pointer[Limiter]
+
+func (l *Limiter) gauges(set *metrics.Set, shared bool) {
+	owner := new(atomic.Pointer[Limiter])
+	if shared {
+		v, _ := gaugeOwners.LoadOrStore(set, owner)
+		owner = v.(*atomic.Pointer[Limiter])
+	}
+	owner.Store(l)
+	gauge := func(name string, f func(l *Limiter) float64) {
+		set.GetOrCreateGauge(name, func() float64 { return f(owner.Load()) })
+	}
+	gauge(`sidecar_ratelimit_store_cooldown`, func(l *Limiter) float64 {
+		if l.coolingDown(l.s.Now().UnixMilli()) {
+			return 1
+		}
+		return 0
+	})
+	gauge(`sidecar_ratelimit_memory_keys`, func(l *Limiter) float64 { return float64(l.mem.Len()) })
+	gauge(`sidecar_ratelimit_live_replicas`, func(l *Limiter) float64 { return float64(l.replicas.Load()) })
+	gauge(`sidecar_ratelimit_lease_keys`, func(l *Limiter) float64 {
+		if l.leases == nil {
+			return 0
+		}
+		return float64(l.leases.Len())
+	})
 }
 
 // Close stops the limiter's goroutines and withdraws this replica from the
@@ -203,6 +292,7 @@ func (l *Limiter) Close() {
 	if l.store != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), l.s.StoreTimeout)
 		defer cancel()
+		l.returnAll(ctx)
 		_ = l.store.rdb.ZRem(ctx, l.replicasKey(), l.replicaID).Err()
 	}
 }
@@ -227,9 +317,12 @@ func (l *Limiter) Allow(key string, rule Rule) (Decision, Source) {
 	}
 	nowMs := now.UnixMilli()
 	if until, ok := l.denied.get(key, nowMs); ok {
-		l.m.denyCacheHits.Inc()
-		return Decision{Limit: rule.Limit, RetryAfter: time.Duration(until-nowMs) * time.Millisecond,
-			ResetAfter: time.Duration(until-nowMs) * time.Millisecond}, FromDenyCache
+		return l.denyCached(rule, until, nowMs), FromDenyCache
+	}
+	if l.leases != nil {
+		if d, src, ok := l.allowLeased(key, rule, now); ok {
+			return d, src
+		}
 	}
 	if l.coolingDown(nowMs) || (l.openUntil.Load() != 0 && !l.probing.CompareAndSwap(false, true)) {
 		return l.fallback(key, rule, now), FromFallback
@@ -246,34 +339,56 @@ func (l *Limiter) Allow(key string, rule Rule) (Decision, Source) {
 	return d, FromStore
 }
 
+func (l *Limiter) denyCached(rule Rule, until, nowMs int64) Decision {
+	l.m.denyCacheHits.Inc()
+	return Decision{Limit: rule.Limit, RetryAfter: time.Duration(until-nowMs) * time.Millisecond,
+		ResetAfter: time.Duration(until-nowMs) * time.Millisecond}
+}
+
 // ask sends one decision to Redis, batched with whatever else is waiting.
 func (l *Limiter) ask(key string, rule Rule) (Decision, error) {
+	d, _, _, err := l.request(key, rule, decide, 1)
+	return d, err
+}
+
+// request sends one decision (kind decide, n 1) or one lease request
+// (kind lease, up to n units) to Redis, batched with whatever else is
+// waiting; GCRA calls go alone. A lease also returns the units granted
+// and, for a sliding window, the sub-window they were recorded in.
+func (l *Limiter) request(key string, rule Rule, kind callKind, n int) (d Decision, granted int, idx int64, err error) {
 	start := time.Now()
 	defer func() { l.m.storeDuration.UpdateDuration(start) }()
 	if rule.Algorithm == GCRA {
 		ctx, cancel := context.WithTimeout(context.Background(), l.s.StoreTimeout)
 		defer cancel()
 		l.m.commands.Inc()
-		return l.store.gcraAllow(ctx, key, rule, 1)
+		if kind == lease {
+			d, granted, err = l.store.gcraLease(ctx, key, rule, n)
+			return d, granted, 0, err
+		}
+		d, err = l.store.gcraAllow(ctx, key, rule, 1)
+		return d, 0, 0, err
 	}
 	c := callPool.Get().(*call)
-	c.key, c.rule, c.cost, c.err = key, rule, 1, nil
+	c.key, c.rule, c.kind, c.cost, c.idx, c.granted, c.err = key, rule, kind, n, 0, 0, nil
 	select {
 	case l.calls <- c:
 	default:
 		callPool.Put(c)
-		return Decision{}, errQueueFull
+		return Decision{}, 0, 0, errQueueFull
 	}
 	t := time.NewTimer(l.s.StoreTimeout * 2)
 	select {
 	case <-c.done:
 		t.Stop()
-		d, err := c.d, c.err
+		d, granted, idx, err = c.d, c.granted, c.idx, c.err
 		callPool.Put(c)
-		return d, err
+		return d, granted, idx, err
 	case <-t.C:
 		// The batcher still owns c and will signal it; leave it to the GC.
-		return Decision{}, errStoreTimeout
+		// A lease granted meanwhile is lost: its units stay counted in
+		// Redis until they leave the window (on the side of denying).
+		return Decision{}, 0, 0, errStoreTimeout
 	}
 }
 
@@ -285,6 +400,7 @@ const batchers = 1
 var (
 	errQueueFull    = fmt.Errorf("limiter: decision queue full")
 	errStoreTimeout = fmt.Errorf("limiter: store did not answer in time")
+	errClosed       = fmt.Errorf("limiter: closed")
 )
 
 // batcher sends waiting decisions to Redis: each round takes everything
@@ -316,6 +432,11 @@ func (l *Limiter) batcher() {
 		for _, c := range batch {
 			if err != nil && c.err == nil {
 				c.err = err
+			}
+			if c.kind == giveBack {
+				l.gaveBack(c)
+				callPool.Put(c)
+				continue
 			}
 			c.done <- struct{}{}
 		}

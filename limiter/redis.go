@@ -19,6 +19,13 @@ import (
 // Redis' TIME unless ARGV[4] passes it. It returns {allowed, remaining,
 // retry_ms, reset_ms}.
 //
+// With ARGV[5] = "1" it grants a quota lease instead: asked for cost
+// units, it admits g = min(cost, limit - total) of them at once, recorded
+// in the current sub-window exactly as g single admissions would be, and
+// returns {1, remaining, 0, reset_ms, g, sub-window}; when nothing is left
+// it is the denial of one request, {0, remaining, retry_ms, reset_ms, 0,
+// sub-window}. Without ARGV[5] the decisions are those of slide().
+//
 // The key is a string: a 24-byte header (newest sub-window written, total
 // admissions in the window, newest sub-window with an admission) and a
 // ring of k+1 counters, one per sub-window of [cur-k, cur]. A decision
@@ -82,6 +89,11 @@ local function flush(ttl)
     redis.call('SETRANGE', key, off, struct.pack('<d', c))
   end
 end
+local lease = ARGV[5] == '1'
+if lease then
+  -- a partial grant; with nothing left, the denial of one request
+  cost = math.max(1, math.min(cost, limit - total))
+end
 if total + cost > limit then
   local retry_at = now + window
   local freed = 0
@@ -95,6 +107,9 @@ if total + cost > limit then
   local reset = 0
   if last >= 0 and total > 0 then reset = math.max(0, (last + k + 1) * w - now) end
   if next(writes) ~= nil then flush(math.max(1, reset) + 1) end
+  if lease then
+    return {0, math.max(0, limit - total), math.max(1, retry_at - now), reset, 0, cur}
+  end
   return {0, math.max(0, limit - total), math.max(1, retry_at - now), reset}
 end
 writes[24 + 8 * (cur % ring)] = read(cur) + cost
@@ -102,7 +117,48 @@ total = total + cost
 last = cur
 local reset = math.max(0, (last + k + 1) * w - now)
 flush(reset + 1)
+if lease then
+  return {1, limit - total, 0, reset, cost, cur}
+end
 return {1, limit - total, 0, reset}
+`)
+
+// leaseReturnLua gives back units of a lease that were not spent:
+// KEYS[1] the client's key; ARGV: window_ms, the grant's sub-window,
+// units, now (ms; empty for Redis' TIME). It subtracts them from the
+// sub-window the grant was recorded in, and from the total, only while
+// that sub-window still counts: once it has left the window (or its slot
+// was reused, or the key was created afresh since the grant) the units
+// have expired with it and nothing changes. A count never goes below
+// zero, and the key keeps its TTL (SETRANGE does not touch it). It
+// returns the units subtracted.
+var leaseReturnLua = redis.NewScript(`
+local key = KEYS[1]
+local window = tonumber(ARGV[1])
+local idx = tonumber(ARGV[2])
+local units = tonumber(ARGV[3])
+local now
+if ARGV[4] ~= '' then
+  now = tonumber(ARGV[4])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local w = math.max(1, math.floor(window / 100))
+local k = math.floor((window + w - 1) / w)
+local ring = k + 1
+local cur = math.floor(now / w)
+if units <= 0 or idx > cur or cur - idx > k then return 0 end
+if redis.call('STRLEN', key) ~= 24 + 8 * ring then return 0 end
+local head, total, last = struct.unpack('<ddd', redis.call('GETRANGE', key, 0, 23))
+if idx > head or head - idx > k then return 0 end
+local off = 24 + 8 * (idx % ring)
+local c = struct.unpack('<d', redis.call('GETRANGE', key, off, off + 7))
+local r = math.min(units, c, total)
+if r <= 0 then return 0 end
+redis.call('SETRANGE', key, off, struct.pack('<d', c - r))
+redis.call('SETRANGE', key, 0, struct.pack('<ddd', head, total - r, last))
+return r
 `)
 
 // RedisOptions says how to reach Redis. Zero values are the defaults.
@@ -244,13 +300,33 @@ func (s *redisStore) key(k string) string {
 	return s.prefix + ":rl:{" + k + "}"
 }
 
-// decisionFromReply converts the script's reply.
-func decisionFromReply(limit int, v any) (Decision, error) {
-	arr, ok := v.([]any)
-	if !ok || len(arr) != 4 {
-		return Decision{}, fmt.Errorf("limiter: unexpected script reply %v", v)
+// decisionFromReply converts the sliding-window script's reply; for a
+// lease it also returns the units granted and the sub-window they were
+// recorded in.
+func decisionFromReply(limit int, v any, lease bool) (d Decision, granted int, idx int64, err error) {
+	want := 4
+	if lease {
+		want = 6
 	}
-	n := make([]int64, 4)
+	n, err := replyInts(v, want)
+	if err != nil {
+		return Decision{}, 0, 0, err
+	}
+	d = Decision{Allowed: n[0] == 1, Limit: limit, Remaining: int(n[1]),
+		RetryAfter: time.Duration(n[2]) * time.Millisecond, ResetAfter: time.Duration(n[3]) * time.Millisecond}
+	if lease {
+		granted, idx = int(n[4]), n[5]
+	}
+	return d, granted, idx, nil
+}
+
+// replyInts reads a script's array reply of want integers.
+func replyInts(v any, want int) ([]int64, error) {
+	arr, ok := v.([]any)
+	if !ok || len(arr) != want {
+		return nil, fmt.Errorf("limiter: unexpected script reply %v", v)
+	}
+	n := make([]int64, want)
 	for i, x := range arr {
 		switch t := x.(type) {
 		case int64:
@@ -258,11 +334,10 @@ func decisionFromReply(limit int, v any) (Decision, error) {
 		case string:
 			n[i], _ = strconv.ParseInt(t, 10, 64)
 		default:
-			return Decision{}, fmt.Errorf("limiter: unexpected script reply %v", v)
+			return nil, fmt.Errorf("limiter: unexpected script reply %v", v)
 		}
 	}
-	return Decision{Allowed: n[0] == 1, Limit: limit, Remaining: int(n[1]),
-		RetryAfter: time.Duration(n[2]) * time.Millisecond, ResetAfter: time.Duration(n[3]) * time.Millisecond}, nil
+	return n, nil
 }
 
 func nowArg(nowMs int64) string {
@@ -291,6 +366,31 @@ func (s *redisStore) gcraAllow(ctx context.Context, key string, rule Rule, cost 
 	return d, nil
 }
 
+// gcraLease takes up to n units of a GCRA rule at once with redis_rate's
+// AllowAtMost: the bucket is charged at once for what is granted, so
+// units cannot be given back. When fewer than n are left the script
+// charges the fractional token too but grants only whole ones (a partial
+// grant wastes less than one token), and with less than one left it is a
+// denial with its retry time. It returns the decision and the units
+// granted (0 when denied).
+func (s *redisStore) gcraLease(ctx context.Context, key string, rule Rule, n int) (Decision, int, error) {
+	limit := redis_rate.Limit{Rate: rule.Limit, Period: rule.Window, Burst: rule.burst()}
+	res, err := s.gcra.AllowAtMost(ctx, s.key(key), limit, n)
+	if err != nil && s.cluster != nil && unreachable(err) && ctx.Err() == nil {
+		s.refreshCluster(ctx)
+		res, err = s.gcra.AllowAtMost(ctx, s.key(key), limit, n)
+	}
+	if err != nil {
+		return Decision{}, 0, err
+	}
+	d := Decision{Allowed: res.Allowed > 0, Limit: rule.burst(), Remaining: res.Remaining, ResetAfter: res.ResetAfter}
+	if !d.Allowed {
+		d.RetryAfter = max(time.Millisecond, res.RetryAfter)
+		return d, 0, nil
+	}
+	return d, res.Allowed, nil
+}
+
 // slidingBatch runs many sliding-window decisions in one pipeline: one
 // round trip and one write for all of them (on a cluster, one per primary
 // holding some of the keys, in parallel). nowMs 0 means Redis' clock.
@@ -304,7 +404,9 @@ func (s *redisStore) gcraAllow(ctx context.Context, key string, rule Rule, cost 
 // Only the failed calls run again, never the whole batch, so a decision
 // that Redis counted is not counted twice. A call whose reply was lost
 // after Redis ran it (a connection cut mid-reply) may be: the error is on
-// the side of denying.
+// the side of denying. For that reason a lease return runs again only
+// after NOSCRIPT (it certainly did not run): counted twice, it would
+// free units that were spent.
 func (s *redisStore) slidingBatch(ctx context.Context, calls []*call, nowMs int64) error {
 	s.slidingRun(ctx, calls, nowMs)
 	var again []*call
@@ -315,7 +417,7 @@ func (s *redisStore) slidingBatch(ctx context.Context, calls []*call, nowMs int6
 		case isNoScript(c.err):
 			noScript = true
 			again = append(again, c)
-		case s.cluster != nil && unreachable(c.err):
+		case s.cluster != nil && unreachable(c.err) && c.kind != giveBack:
 			lost = true
 			again = append(again, c)
 		}
@@ -340,8 +442,18 @@ func (s *redisStore) slidingRun(ctx context.Context, calls []*call, nowMs int64)
 	pipe := s.rdb.Pipeline()
 	cmds := make([]*redis.Cmd, len(calls))
 	for i, c := range calls {
-		cmds[i] = slidingWindowLua.EvalSha(ctx, pipe, []string{s.key(c.key)},
-			c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs))
+		keys := []string{s.key(c.key)}
+		switch c.kind {
+		case decide:
+			cmds[i] = slidingWindowLua.EvalSha(ctx, pipe, keys,
+				c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs))
+		case lease:
+			cmds[i] = slidingWindowLua.EvalSha(ctx, pipe, keys,
+				c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs), "1")
+		case giveBack:
+			cmds[i] = leaseReturnLua.EvalSha(ctx, pipe, keys,
+				c.rule.Window.Milliseconds(), c.idx, c.cost, nowArg(nowMs))
+		}
 	}
 	_, _ = pipe.Exec(ctx) // errors are per command
 	for i, c := range calls {
@@ -349,19 +461,32 @@ func (s *redisStore) slidingRun(ctx context.Context, calls []*call, nowMs int64)
 			c.err = err
 			continue
 		}
-		c.d, c.err = decisionFromReply(c.rule.Limit, cmds[i].Val())
+		switch c.kind {
+		case giveBack:
+			var n int64
+			n, c.err = cmds[i].Int64()
+			c.granted = int(n)
+		default:
+			c.d, c.granted, c.idx, c.err = decisionFromReply(c.rule.Limit, cmds[i].Val(), c.kind == lease)
+		}
 	}
 }
 
-// loadScript loads the sliding-window script where decisions run: the
+// loadScript loads the sliding-window scripts where decisions run: the
 // server, or every primary of a cluster.
 func (s *redisStore) loadScript(ctx context.Context) error {
+	load := func(ctx context.Context, c redis.Scripter) error {
+		if err := slidingWindowLua.Load(ctx, c).Err(); err != nil {
+			return err
+		}
+		return leaseReturnLua.Load(ctx, c).Err()
+	}
 	if s.cluster != nil {
 		return s.cluster.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
-			return slidingWindowLua.Load(ctx, c).Err()
+			return load(ctx, c)
 		})
 	}
-	return slidingWindowLua.Load(ctx, s.rdb).Err()
+	return load(ctx, s.rdb)
 }
 
 // clusterRefreshEvery spaces topology refreshes when many decisions fail

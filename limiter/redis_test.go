@@ -16,7 +16,7 @@ import (
 	"github.com/sidecar-proxy/sidecar/internal/redistest"
 )
 
-func client(t *testing.T, addr string) redis.UniversalClient {
+func client(t testing.TB, addr string) redis.UniversalClient {
 	t.Helper()
 	rdb, err := NewRedisClient(RedisOptions{Addrs: []string{addr}})
 	if err != nil {

@@ -135,6 +135,19 @@ type RateLimitFile struct {
 	MaxKeys *int `toml:"max_keys"`
 	// LegacyHeaders adds X-RateLimit-Limit/Remaining/Reset. Default true.
 	LegacyHeaders *bool `toml:"legacy_headers"`
+	// Lease turns on quota leases: for a hot client, a replica takes a
+	// slice of the remaining quota from Redis in one call and spends it
+	// locally, giving back what it did not use. Needs store = "redis".
+	// Default false.
+	Lease *bool `toml:"lease"`
+	// LeaseOvershoot is the share of a limit that all replicas' leases may
+	// hold at once for one client: a window admits at most limit × (1 +
+	// lease_overshoot). Greater than 0, at most 0.2. Default 0.01.
+	LeaseOvershoot *float64 `toml:"lease_overshoot"`
+	// LeaseDuration is how long a lease may be spent before its unused
+	// units go back; also the span over which a client's rate is measured
+	// to size its leases. 10ms to 1m. Default 1s.
+	LeaseDuration *Duration `toml:"lease_duration"`
 }
 
 // RedisFile is [redis].

@@ -50,6 +50,30 @@ func TestDefaults(t *testing.T) {
 	if r.Name != "route0" || r.PathPrefix != "/" || r.Host != "" || r.Methods != nil {
 		t.Errorf("route defaults: %+v", r)
 	}
+	rl := s.RateLimit
+	if rl.Store != "memory" || rl.Lease || rl.LeaseOvershoot != 0.01 || rl.LeaseDuration != time.Second {
+		t.Errorf("rate_limit defaults: %+v", rl)
+	}
+}
+
+// Quota leases: on with Redis, tuned; the tuning keys are accepted with
+// leases off, so that one line turns them off.
+func TestLeaseSettings(t *testing.T) {
+	s, err := Parse("t.toml", []byte("[rate_limit]\nstore = \"redis\"\nlease = true\nlease_overshoot = 0.05\nlease_duration = \"250ms\"\n"+
+		"[redis]\naddrs = [\"127.0.0.1:6379\"]\n"+minimal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rl := s.RateLimit; !rl.Lease || rl.LeaseOvershoot != 0.05 || rl.LeaseDuration != 250*time.Millisecond {
+		t.Errorf("lease settings: %+v", rl)
+	}
+	s, err = Parse("t.toml", []byte("[rate_limit]\nlease = false\nlease_overshoot = 0.2\n"+minimal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rl := s.RateLimit; rl.Lease || rl.LeaseOvershoot != 0.2 {
+		t.Errorf("leases off: %+v", rl)
+	}
 }
 
 // f-test: each bad document must fail with a problem naming key and line.
@@ -124,6 +148,18 @@ func TestProblems(t *testing.T) {
 	f("[redis]\ntls_server_name = \"redis.internal\"\n"+minimal, "redis.tls_server_name", 2, "needs tls = true")
 	f("[redis]\ntls = true\ntls_ca_file = \"nope.pem\"\n"+minimal, "redis.tls_ca_file", 3, "no such file")
 	f("[redis]\ntls = true\ntls_server_name = \"bad name\"\n"+minimal, "redis.tls_server_name", 3, "host name")
+
+	// [rate_limit] quota leases.
+	f("[rate_limit]\nlease = true\n"+minimal, "rate_limit.lease", 2, "needs store = \"redis\"")
+	f("[rate_limit]\nlease_overshoot = 0.0\n"+minimal, "rate_limit.lease_overshoot", 2, "greater than 0 and at most 0.2")
+	f("[rate_limit]\nlease_overshoot = 0.25\n"+minimal, "rate_limit.lease_overshoot", 2, "at most 0.2, got 0.25")
+	f("[rate_limit]\nlease_overshoot = -0.01\n"+minimal, "rate_limit.lease_overshoot", 2, "greater than 0")
+	f("[rate_limit]\nlease_overshoot = nan\n"+minimal, "rate_limit.lease_overshoot", 2, "got NaN")
+	f("[rate_limit]\nlease_overshoot = \"1%\"\n"+minimal, "rate_limit.lease_overshoot", 2, "cannot decode TOML string")
+	f("[rate_limit]\nlease_duration = \"0s\"\n"+minimal, "rate_limit.lease_duration", 2, "greater than zero")
+	f("[rate_limit]\nlease_duration = \"5ms\"\n"+minimal, "rate_limit.lease_duration", 2, "between 10ms and 1m")
+	f("[rate_limit]\nlease_duration = \"2m\"\n"+minimal, "rate_limit.lease_duration", 2, "between 10ms and 1m")
+	f("[rate_limit]\nleases = true\n"+minimal, "rate_limit.leases", 2, "unknown key")
 }
 
 // The three Redis modes compile into what limiter.NewRedisClient needs,

@@ -45,6 +45,9 @@ type RateLimit struct {
 	Cooldown         time.Duration
 	MaxKeys          int
 	LegacyHeaders    bool
+	Lease            bool          // quota leases (store "redis" only)
+	LeaseOvershoot   float64       // share of a limit all leases may hold at once
+	LeaseDuration    time.Duration // how long a lease may be spent
 }
 
 // Redis is [redis] with the credentials read from the environment and

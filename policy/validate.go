@@ -561,6 +561,26 @@ func (v *validator) rateLimit(f *RateLimitFile, r *RateLimit) {
 	r.FailureThreshold = v.intRange("rate_limit.failure_threshold", f.FailureThreshold, 3, 1, 1000)
 	r.MaxKeys = v.intRange("rate_limit.max_keys", f.MaxKeys, 200_000, 1000, 100_000_000)
 	r.LegacyHeaders = f.LegacyHeaders == nil || *f.LegacyHeaders
+	// lease = true does nothing without Redis: refused, so that nobody
+	// believes leases are on. lease_overshoot and lease_duration are
+	// accepted with lease = false, so that one line turns leases off.
+	r.Lease = f.Lease != nil && *f.Lease
+	if r.Lease && r.Store != "redis" {
+		v.addf("rate_limit.lease", "needs store = \"redis\" (the memory store makes no Redis calls to save)")
+	}
+	r.LeaseOvershoot = 0.01
+	if f.LeaseOvershoot != nil {
+		if x := *f.LeaseOvershoot; !(x > 0 && x <= 0.2) {
+			v.addf("rate_limit.lease_overshoot", "must be greater than 0 and at most 0.2, got %v", x)
+		} else {
+			r.LeaseOvershoot = x
+		}
+	}
+	r.LeaseDuration = v.duration("rate_limit.lease_duration", f.LeaseDuration, time.Second, false)
+	if d := r.LeaseDuration; d < 10*time.Millisecond || d > time.Minute {
+		v.addf("rate_limit.lease_duration", "must be between 10ms and 1m, got %q", d.String())
+		r.LeaseDuration = time.Second
+	}
 }
 
 // redis validates [redis]. needed says rate_limit.store is "redis": only

@@ -34,6 +34,7 @@ func (p *Proxy) newRateLimiting(snap *policy.Snapshot) *rateLimiting {
 		OnStoreError: mode, StoreTimeout: snap.RateLimit.StoreTimeout, FailureThreshold: snap.RateLimit.FailureThreshold,
 		Cooldown: snap.RateLimit.Cooldown, MaxKeys: snap.RateLimit.MaxKeys, KeyPrefix: snap.Redis.KeyPrefix,
 		Logger: p.log, Metrics: p.set,
+		Lease: snap.RateLimit.Lease, LeaseOvershoot: snap.RateLimit.LeaseOvershoot, LeaseDuration: snap.RateLimit.LeaseDuration,
 	}
 	r.close = func() {}
 	if snap.RateLimit.Store == "redis" {
@@ -222,15 +223,15 @@ func (p *Proxy) shadowLog(route, tier string, d limiter.Decision) {
 type tierCounters struct {
 	set   *metrics.Set
 	route string
-	m     map[string]*[3][4]atomic.Pointer[metrics.Counter] // by tier; built at Apply, read-only
+	m     map[string]*[3][limiter.Sources]atomic.Pointer[metrics.Counter] // by tier; built at Apply, read-only
 }
 
 var decisionResults = [...]string{"allowed", "denied", "shadow_denied"}
 
 func newTierCounters(set *metrics.Set, route string, tiers map[string]*policy.Tier) *tierCounters {
-	tc := &tierCounters{set: set, route: route, m: make(map[string]*[3][4]atomic.Pointer[metrics.Counter], len(tiers))}
+	tc := &tierCounters{set: set, route: route, m: make(map[string]*[3][limiter.Sources]atomic.Pointer[metrics.Counter], len(tiers))}
 	for name := range tiers {
-		tc.m[name] = new([3][4]atomic.Pointer[metrics.Counter])
+		tc.m[name] = new([3][limiter.Sources]atomic.Pointer[metrics.Counter])
 	}
 	return tc
 }
