@@ -168,6 +168,9 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	if !streamBench(dir, sidecarBin, backendBin) {
 		failed = true
 	}
+	if !*onlyStream && !leaseBench(dir, sidecarBin, backendAddr) {
+		failed = true
+	}
 	if *svg != "" && len(results) > 0 {
 		check(os.WriteFile(*svg, chart(results), 0o644))
 		fmt.Printf("\nchart of throughput and p99 per configuration written to %s\n", *svg)
