@@ -184,10 +184,20 @@ func TestStoreOutages(t *testing.T) {
 		}
 		t.Logf("%s: a decision during the cool-down took %v", name, per)
 		outage.up()
-		advance(6 * time.Second) // the cool-down is over: the next decision probes
-		if _, src := l.Allow(key, rule); src != FromStore {
-			t.Errorf("%s: after Redis came back, decision from %v", name, src)
+		// The cool-down is over: the next decision probes. On a loaded
+		// machine a probe can miss its 50 ms (a pooled connection from
+		// before the kill, the script reloaded after NOSCRIPT): then the
+		// limiter cools down again and probes after the next cool-down.
+		probes, src := 0, FromFallback
+		for src != FromStore && probes < 5 {
+			advance(6 * time.Second)
+			_, src = l.Allow(key, rule)
+			probes++
 		}
+		if src != FromStore {
+			t.Errorf("%s: after Redis came back, %d probes did not return to it", name, probes)
+		}
+		t.Logf("%s: back on Redis after %d probe(s)", name, probes)
 		if _, src := l.Allow(key, rule); src != FromStore {
 			t.Errorf("%s: not back on Redis: %v", name, src)
 		}
