@@ -16,21 +16,20 @@
 package main
 
 import (
-	"bufio"
 	"flag"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/sidecar-proxy/sidecar/bench/procs"
 )
 
 func main() { os.Exit(soakAll()) }
@@ -228,56 +227,6 @@ upstream = "bench"
 	return ok
 }
 
-// scrape reads the sidecar's /metrics into series → value.
-func scrape(admin string) map[string]float64 {
-	out := map[string]float64{}
-	req, resp := fasthttp.AcquireRequest(), fasthttp.AcquireResponse()
-	defer fasthttp.ReleaseRequest(req)
-	defer fasthttp.ReleaseResponse(resp)
-	req.SetRequestURI("http://" + admin + "/metrics")
-	if err := fasthttp.DoTimeout(req, resp, 5*time.Second); err != nil {
-		return out
-	}
-	sc := bufio.NewScanner(strings.NewReader(string(resp.Body())))
-	for sc.Scan() {
-		line := sc.Text()
-		if i := strings.LastIndexByte(line, ' '); i > 0 && !strings.HasPrefix(line, "#") {
-			v, _ := strconv.ParseFloat(line[i+1:], 64)
-			out[line[:i]] = v
-		}
-	}
-	return out
-}
-
-func openFDs(pid int) int {
-	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-	check(err)
-	return len(ents)
-}
-
-func statusKB(pid int, field string) int64 {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	check(err)
-	for line := range strings.SplitSeq(string(data), "\n") {
-		if rest, ok := strings.CutPrefix(line, field+":"); ok {
-			kb, _ := strconv.ParseInt(strings.Fields(rest)[0], 10, 64)
-			return kb
-		}
-	}
-	return 0
-}
-
-func waitReady(url string) {
-	for i := 0; i < 400; i++ {
-		if code, _, err := fasthttp.Get(nil, url); err == nil && code == 200 {
-			return
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	fmt.Fprintln(os.Stderr, "soak: not ready:", url)
-	os.Exit(1)
-}
-
 func start(bin string, args ...string) *exec.Cmd {
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
@@ -285,33 +234,13 @@ func start(bin string, args ...string) *exec.Cmd {
 	return cmd
 }
 
-func stop(cmd *exec.Cmd) {
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		_ = cmd.Process.Kill()
-	}
-}
-
-func freeAddr() string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	check(err)
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-func run(name string, args ...string) {
-	cmd := exec.Command(name, args...)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	check(cmd.Run())
-}
-
-func check(err error) {
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "soak:", err)
-		os.Exit(1)
-	}
-}
+var (
+	stop      = procs.Stop
+	statusKB  = procs.StatusKB
+	openFDs   = procs.OpenFDs
+	waitReady = procs.WaitHTTP
+	freeAddr  = procs.FreeAddr
+	run       = procs.Run
+	check     = procs.Check
+	scrape    = procs.Scrape
+)
