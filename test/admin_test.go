@@ -212,7 +212,8 @@ func mustRead(t *testing.T, path string) string {
 
 func TestMemoryLimitFromEnvironmentWins(t *testing.T) {
 	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
-	s := &sidecar{t: t, Addr: freeAddr(t), Admin: freeAddr(t), logs: &syncBuffer{}, waited: make(chan struct{})}
+	addrs := freeAddrs(t, 2)
+	s := &sidecar{t: t, Addr: addrs[0], Admin: addrs[1], logs: &syncBuffer{}, waited: make(chan struct{})}
 	s.Config = filepath.Join(t.TempDir(), "sidecar.toml")
 	s.writeConfig(routeTo(be.url(), ""))
 	s.run([]string{"GOMEMLIMIT=200MiB"})

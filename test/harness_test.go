@@ -48,12 +48,24 @@ func TestMain(m *testing.M) {
 // freeAddr returns a loopback address with a port that was free a moment ago.
 func freeAddr(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	return freeAddrs(t, 1)[0]
+}
+
+// freeAddrs returns n distinct free loopback addresses: the listeners are
+// all open while the ports are chosen, so the kernel cannot hand out the
+// same port twice (it did: a sidecar got the same proxy and admin port).
+func freeAddrs(t testing.TB, n int) []string {
+	t.Helper()
+	addrs := make([]string, n)
+	for i := range addrs {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		addrs[i] = ln.Addr().String()
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	return addrs
 }
 
 // sidecar is a running sidecar process started by a test.
@@ -89,7 +101,8 @@ func (s *syncBuffer) String() string {
 // temp file, starts the binary and waits until /readyz answers 200.
 func startSidecar(t testing.TB, cfg string, extraArgs ...string) *sidecar {
 	t.Helper()
-	s := &sidecar{t: t, Addr: freeAddr(t), Admin: freeAddr(t), logs: &syncBuffer{}, waited: make(chan struct{})}
+	addrs := freeAddrs(t, 2)
+	s := &sidecar{t: t, Addr: addrs[0], Admin: addrs[1], logs: &syncBuffer{}, waited: make(chan struct{})}
 	s.Config = filepath.Join(t.TempDir(), "sidecar.toml")
 	s.writeConfig(cfg)
 	return s.run(nil, extraArgs...)

@@ -132,7 +132,8 @@ func TestTierLimitsAnd429(t *testing.T) {
 // the config names relative to itself).
 func startSidecarIn(t *testing.T, dir, cfg string, env ...string) *sidecar {
 	t.Helper()
-	s := &sidecar{t: t, Addr: freeAddr(t), Admin: freeAddr(t), logs: &syncBuffer{}, waited: make(chan struct{})}
+	addrs := freeAddrs(t, 2)
+	s := &sidecar{t: t, Addr: addrs[0], Admin: addrs[1], logs: &syncBuffer{}, waited: make(chan struct{})}
 	s.Config = filepath.Join(dir, "sidecar.toml")
 	s.writeConfig(cfg)
 	return s.run(env)
