@@ -5,6 +5,7 @@ package test
 // length (go test -run Chaos ./test -args -long).
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -582,7 +583,7 @@ func TestChaosReloadEverySecond(t *testing.T) {
 				resp, err := client.Get(sc.url("/stream"))
 				if err != nil {
 					var op *net.OpError
-					if strings.Contains(err.Error(), "refused") || (asOpError(err, &op) && op.Op == "dial") {
+					if strings.Contains(err.Error(), "refused") || (errors.As(err, &op) && op.Op == "dial") {
 						return // the listener is gone
 					}
 					streamsCut.Add(1)
@@ -634,21 +635,6 @@ func TestChaosReloadEverySecond(t *testing.T) {
 	}
 	t.Logf("%d reloads in %v, then SIGTERM: %d requests ok (bodies %v), 0 lost; streams: %d complete, %d cut visibly, 0 short",
 		reloads, dur, res.ok.Load(), res.bodies, streamsDone.Load(), streamsCut.Load())
-}
-
-func asOpError(err error, op **net.OpError) bool {
-	for err != nil {
-		if o, ok := err.(*net.OpError); ok {
-			*op = o
-			return true
-		}
-		u, ok := err.(interface{ Unwrap() error })
-		if !ok {
-			return false
-		}
-		err = u.Unwrap()
-	}
-	return false
 }
 
 // TestChaosHostileClients holds 10,000 idle connections open, runs
