@@ -134,7 +134,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if o.health {
 		return healthcheck(snap.Server.AdminListen, stderr)
 	}
-	return serve(o, snap, log, stderr)
+	return serve(o, snap, log, stdout, stderr)
 }
 
 func summary(s *policy.Snapshot) string {
@@ -165,7 +165,7 @@ func summary(s *policy.Snapshot) string {
 	return b.String()
 }
 
-func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer) int {
+func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io.Writer) int {
 	if fs, err := container.HostFS(); err == nil {
 		limit, source, _ := container.SetMemoryLimit(fs, container.DefaultRatio)
 		log.Info("runtime limits", "gomemlimit", limit, "gomemlimit_source", source, "gomaxprocs", runtime.GOMAXPROCS(0))
@@ -179,7 +179,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stderr io.Writer)
 	lastReload := set.GetOrCreateGauge(`sidecar_config_last_reload_success_timestamp_seconds`, nil)
 	lastReload.Set(float64(time.Now().Unix()))
 
-	px := proxy.New(snap, proxy.Settings{Logger: log, Metrics: set})
+	px := proxy.New(snap, proxy.Settings{Logger: log, Metrics: set, AccessLog: stdout})
 	defer px.Close()
 	lag := health.StartLagProbe(set, 100*time.Millisecond)
 	defer lag.Stop()

@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"hash"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"sync"
@@ -31,9 +32,15 @@ type accessEntry struct {
 
 // accessLog writes access-log lines from a bounded buffer on its own
 // goroutine: logging never blocks a request; when the buffer is full the
-// line is dropped and counted.
+// line is dropped and counted. Lines are JSON in the operational log's
+// format, at level INFO whatever -log-level says (the access log has its
+// own switch), and go out in batches: the lines queued while one batch was
+// written go together in one write, so a busy proxy makes one write per
+// batch, not per request, and an idle one writes each line at once.
 type accessLog struct {
-	log     *slog.Logger
+	log     *slog.Logger // encodes into batch
+	batch   bytes.Buffer
+	out     io.Writer
 	entries chan accessEntry
 	dropped *metrics.Counter
 	key     []byte // default HMAC key, random per process
@@ -51,9 +58,13 @@ type accessLog struct {
 
 const accessLogBuffer = 8192
 
-func newAccessLog(log *slog.Logger, set *metrics.Set, secret func() []byte) *accessLog {
-	a := &accessLog{log: log, entries: make(chan accessEntry, accessLogBuffer), secret: secret, stop: make(chan struct{}),
+// accessLogBatch is the most a batch holds before it is written.
+const accessLogBatch = 64 << 10
+
+func newAccessLog(out io.Writer, set *metrics.Set, secret func() []byte) *accessLog {
+	a := &accessLog{out: out, entries: make(chan accessEntry, accessLogBuffer), secret: secret, stop: make(chan struct{}),
 		dropped: set.GetOrCreateCounter(`sidecar_access_log_dropped_total`)}
+	a.log = slog.New(slog.NewJSONHandler(&a.batch, nil))
 	a.key = make([]byte, 32)
 	_, _ = crand.Read(a.key)
 	a.wg.Add(1)
@@ -80,16 +91,28 @@ func (a *accessLog) run() {
 		select {
 		case e := <-a.entries:
 			a.write(e)
+			if len(a.entries) == 0 || a.batch.Len() >= accessLogBatch {
+				a.flush()
+			}
 		case <-a.stop:
 			for {
 				select {
 				case e := <-a.entries:
 					a.write(e)
 				default:
+					a.flush()
 					return
 				}
 			}
 		}
+	}
+}
+
+// flush writes the batch of whole lines in one call.
+func (a *accessLog) flush() {
+	if a.batch.Len() > 0 {
+		_, _ = a.out.Write(a.batch.Bytes())
+		a.batch.Reset()
 	}
 }
 

@@ -15,7 +15,9 @@ package proxy
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"os"
 	"reflect"
 	"strings"
 	"sync"
@@ -37,6 +39,9 @@ type Settings struct {
 	// Metrics is where the proxy registers its series. Default: a new set
 	// registered globally with metrics.RegisterSet.
 	Metrics *metrics.Set
+	// AccessLog receives the access log's JSON lines, written in whole
+	// lines. Default: os.Stdout.
+	AccessLog io.Writer
 }
 
 // Proxy forwards requests according to the current policy snapshot.
@@ -89,7 +94,10 @@ func New(snap *policy.Snapshot, s Settings) *Proxy {
 	p.circuits = circuits{set: s.Metrics, m: map[string]*atomic.Pointer[breaker.Breaker]{}}
 	p.m = newProxyMetrics(s.Metrics)
 	p.active = newActiveClients(s.Metrics)
-	p.access = newAccessLog(s.Logger, s.Metrics, func() []byte { return p.state.Load().snap.AccessLog.Secret })
+	if s.AccessLog == nil {
+		s.AccessLog = os.Stdout
+	}
+	p.access = newAccessLog(s.AccessLog, s.Metrics, func() []byte { return p.state.Load().snap.AccessLog.Secret })
 	p.Apply(snap)
 	p.wg.Add(1)
 	go p.reapIdle()

@@ -2,8 +2,10 @@ package test
 
 import (
 	"encoding/json"
+	"io"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -70,7 +72,9 @@ fingerprint_secret_env = "SIDECAR_TEST_LOG_SECRET"
 
 func TestAccessLogSuccessLine(t *testing.T) {
 	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("hello")) })
-	sc := startSidecar(t, "[access_log]\nenabled = true\n"+routeTo(be.url(), ""))
+	// The operational log set to errors only: the access log has its own
+	// switch and keeps logging.
+	sc := startSidecar(t, "[access_log]\nenabled = true\n"+routeTo(be.url(), ""), "-log-level", "error")
 	get(t, sc.url("/x"), nil)
 	var line map[string]any
 	deadline := time.Now().Add(3 * time.Second)
@@ -92,5 +96,52 @@ func TestAccessLogSuccessLine(t *testing.T) {
 	}
 	if d, _ := line["duration_ms"].(float64); d <= 0 {
 		t.Errorf("duration_ms %v", line["duration_ms"])
+	}
+}
+
+// Under load the access log writes lines in batches: every request still
+// gets exactly one line, and every line is whole JSON.
+func TestAccessLogBatchesWholeLines(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	sc := startSidecar(t, "[access_log]\nenabled = true\n"+routeTo(be.url(), ""), "-log-level", "error")
+	const workers, each = 8, 250
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				if resp, err := http.Get(sc.url("/batch")); err == nil {
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		requests, broken := 0, 0
+		for _, l := range strings.Split(sc.logs.String(), "\n") {
+			if l == "" {
+				continue
+			}
+			var m map[string]any
+			if json.Unmarshal([]byte(l), &m) != nil {
+				broken++
+			} else if m["msg"] == "request" {
+				requests++
+			}
+		}
+		if broken != 0 {
+			t.Fatalf("%d access-log lines are not whole JSON lines", broken)
+		}
+		if requests == workers*each {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d access lines for %d requests", requests, workers*each)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
