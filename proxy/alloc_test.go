@@ -97,3 +97,15 @@ func TestAccessLogFingerprint(t *testing.T) {
 		t.Error("the fingerprint did not change with the key")
 	}
 }
+
+// Writing an access-log line into a batch with room allocates nothing.
+func TestAccessLogWriteDoesNotAllocate(t *testing.T) {
+	key := []byte("k")
+	a := &accessLog{secret: func() []byte { return key }}
+	e := accessEntry{requestID: "abc-1", route: "app", method: "GET", status: 200, tier: "anonymous",
+		client: "ip:192.0.2.1", limit: "allowed", breaker: "closed", endpoint: "127.0.0.1:1"}
+	a.write(e)
+	if allocs := testing.AllocsPerRun(1000, func() { a.batch.Reset(); a.write(e) }); allocs != 0 {
+		t.Errorf("%v allocations per access-log line", allocs)
+	}
+}

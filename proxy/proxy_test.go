@@ -200,3 +200,41 @@ func TestErrorStatuses(t *testing.T) {
 		t.Error("read errors misclassified")
 	}
 }
+
+// The access log's hand-written JSON: every field present with its value,
+// whatever bytes a string holds.
+func TestAccessLogLineIsJSON(t *testing.T) {
+	a := &accessLog{secret: func() []byte { return []byte("k") }}
+	at := time.Date(2026, 11, 26, 1, 2, 3, 456789000, time.UTC)
+	e := accessEntry{at: at, requestID: "id\"\\\n\x01é", route: "r<>&", method: "GET", status: 503, tier: "gold",
+		client: "ip:192.0.2.1", limit: "denied", breaker: "open", fallback: "open", endpoint: "127.0.0.1:1",
+		duration: 1234567 * time.Nanosecond, upstream: 250 * time.Microsecond, bytesIn: 7, bytesOut: 1 << 40}
+	a.write(e)
+	a.write(accessEntry{at: at, requestID: "bad\xff\xfeutf8", status: 200})
+	lines := strings.Split(strings.TrimSuffix(a.batch.String(), "\n"), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("%d lines: %q", len(lines), a.batch.String())
+	}
+	var m map[string]any
+	if err := json.Unmarshal([]byte(lines[0]), &m); err != nil {
+		t.Fatalf("%v: %s", err, lines[0])
+	}
+	want := map[string]any{"level": "INFO", "msg": "request", "at": "2026-11-26T01:02:03.456789Z",
+		"request_id": "id\"\\\n\x01é", "route": "r<>&", "method": "GET", "status": 503.0, "tier": "gold",
+		"client": a.fingerprint("ip:192.0.2.1"), "limit": "denied", "breaker": "open", "fallback": "open",
+		"upstream": "127.0.0.1:1", "duration_ms": 1.234, "upstream_ms": 0.25, "bytes_in": 7.0, "bytes_out": float64(1 << 40)}
+	for k, v := range want {
+		if m[k] != v {
+			t.Errorf("%s = %#v, want %#v", k, m[k], v)
+		}
+	}
+	if _, err := time.Parse(time.RFC3339Nano, m["time"].(string)); err != nil {
+		t.Errorf("time: %v", err)
+	}
+	if len(m) != len(want)+1 {
+		t.Errorf("%d fields, want %d: %s", len(m), len(want)+1, lines[0])
+	}
+	if err := json.Unmarshal([]byte(lines[1]), &m); err != nil || m["request_id"] != "bad\ufffd\ufffdutf8" || m["client"] != "" {
+		t.Errorf("invalid UTF-8 line %s: %v %v", lines[1], err, m["request_id"])
+	}
+}
