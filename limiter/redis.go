@@ -38,18 +38,8 @@ local key = KEYS[1]
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
-local now
-if ARGV[4] ~= '' then
-  now = tonumber(ARGV[4])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local w = math.max(1, math.floor(window / 100))
-local k = math.floor((window + w - 1) / w)
-local ring = k + 1
+` + luaNowAndGeometry + `
 local size = 24 + 8 * ring
-local cur = math.floor(now / w)
 local hdr = redis.call('GETRANGE', key, 0, 23)
 local head, total, last
 local fresh = string.len(hdr) ~= 24 or redis.call('STRLEN', key) ~= size
@@ -137,17 +127,7 @@ local key = KEYS[1]
 local window = tonumber(ARGV[1])
 local idx = tonumber(ARGV[2])
 local units = tonumber(ARGV[3])
-local now
-if ARGV[4] ~= '' then
-  now = tonumber(ARGV[4])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local w = math.max(1, math.floor(window / 100))
-local k = math.floor((window + w - 1) / w)
-local ring = k + 1
-local cur = math.floor(now / w)
+` + luaNowAndGeometry + `
 if units <= 0 or idx > cur or cur - idx > k then return 0 end
 if redis.call('STRLEN', key) ~= 24 + 8 * ring then return 0 end
 local head, total, last = struct.unpack('<ddd', redis.call('GETRANGE', key, 0, 23))
@@ -160,6 +140,22 @@ redis.call('SETRANGE', key, off, struct.pack('<d', c - r))
 redis.call('SETRANGE', key, 0, struct.pack('<ddd', head, total - r, last))
 return r
 `)
+
+// luaNowAndGeometry is the start both window scripts share, once `window`
+// (ms) is set: now in ms from ARGV[4], or from Redis' TIME when it is
+// empty, and the sub-window geometry as geometry() computes it — width w,
+// k counted sub-windows, a ring of k+1 slots, the current sub-window cur.
+const luaNowAndGeometry = `local now
+if ARGV[4] ~= '' then
+  now = tonumber(ARGV[4])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local w = math.max(1, math.floor(window / 100))
+local k = math.floor((window + w - 1) / w)
+local ring = k + 1
+local cur = math.floor(now / w)`
 
 // RedisOptions says how to reach Redis. Zero values are the defaults.
 type RedisOptions struct {
