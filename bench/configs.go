@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/sidecar-proxy/sidecar/bench/procs"
 )
 
 // configResult is one row of the configuration table.
@@ -38,14 +40,14 @@ func configBench(dir, sidecarBin, backendAddr string, conns int, dur time.Durati
 		fmt.Println("\nconfiguration benchmark skipped: redis-server not installed")
 		return nil, true
 	}
-	redisAddr := freeAddr()
+	redisAddr := procs.FreeAddr()
 	_, redisPort, _ := net.SplitHostPort(redisAddr)
 	rs := start("redis-server", nil, "1", "--port", redisPort, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
-	defer stop(rs)
+	defer procs.Stop(rs)
 	time.Sleep(300 * time.Millisecond)
 
 	script := filepath.Join(dir, "clients.lua")
-	check(os.WriteFile(script, []byte(`local reqs = {}
+	procs.Check(os.WriteFile(script, []byte(`local reqs = {}
 for i = 0, 9999 do
   reqs[i] = wrk.format("GET", "/small", {["Host"] = "bench", ["X-Forwarded-For"] = "10." .. math.floor(i / 256) .. "." .. (i % 256) .. ".1"})
 end
@@ -86,17 +88,17 @@ upstream = "bench"
 		{name: "everything on, Redis store", extra: tiers + redis + accessLog, target: 0.6},
 	}
 	for i, v := range variants {
-		v.addr, v.admin = freeAddr(), freeAddr()
+		v.addr, v.admin = procs.FreeAddr(), procs.FreeAddr()
 		cfg := filepath.Join(dir, fmt.Sprintf("config-%d.toml", i))
-		check(os.WriteFile(cfg, fmt.Appendf([]byte(nil), base+v.extra, v.addr, v.admin, backendAddr), 0o600))
+		procs.Check(os.WriteFile(cfg, fmt.Appendf([]byte(nil), base+v.extra, v.addr, v.admin, backendAddr), 0o600))
 		// The access log (one JSON line per request) goes to a file, as
 		// a container runtime would take it.
 		logf, err := os.Create(filepath.Join(dir, fmt.Sprintf("config-%d.log", i)))
-		check(err)
+		procs.Check(err)
 		defer logf.Close()
 		v.cmd = startTo(logf, sidecarBin, []string{"GOMAXPROCS=1"}, "0", "-config", cfg, "-log-level", "warn")
-		defer stop(v.cmd)
-		waitHTTP("http://" + v.admin + "/readyz")
+		defer procs.Stop(v.cmd)
+		procs.WaitHTTP("http://" + v.admin + "/readyz")
 		wrk("http://"+v.addr+"/small", script, conns, time.Second) // warm-up
 	}
 	wrk("http://"+backendAddr+"/small", script, conns, time.Second)
@@ -110,7 +112,7 @@ upstream = "bench"
 	for r := 0; r < runs; r++ {
 		direct = append(direct, wrk("http://"+backendAddr+"/small", script, conns, dur))
 		for i, v := range variants {
-			before := scrape(v.admin)
+			before := procs.Scrape(v.admin)
 			var profiled chan struct{}
 			if profileDir != "" && r == runs-1 {
 				profiled = make(chan struct{})
@@ -124,7 +126,7 @@ upstream = "bench"
 				<-profiled
 				saveProfile(v.admin, "allocs", filepath.Join(profileDir, fmt.Sprintf("allocs-%d.pprof", i)))
 			}
-			after := scrape(v.admin)
+			after := procs.Scrape(v.admin)
 			mallocs[i] += after["go_memstats_mallocs_total"] - before["go_memstats_mallocs_total"]
 			reqs[i] += after[okSeries] - before[okSeries]
 			if i == 2 {
@@ -142,7 +144,7 @@ upstream = "bench"
 	for i, v := range variants {
 		m := median(results[i])
 		res := configResult{name: v.name, rps: m.rps, p50: m.p50, p99: m.p99, ratio: m.rps / d.rps,
-			rssMiB: float64(statusKB(v.cmd.Process.Pid, "VmHWM")) / 1024}
+			rssMiB: float64(procs.StatusKB(v.cmd.Process.Pid, "VmHWM")) / 1024}
 		if reqs[i] > 0 {
 			res.allocs = mallocs[i] / reqs[i]
 		}
@@ -197,7 +199,7 @@ func saveProfile(admin, what, file string) {
 	}
 	defer resp.Body.Close()
 	f, err := os.Create(file)
-	check(err)
+	procs.Check(err)
 	defer f.Close()
 	_, _ = io.Copy(f, resp.Body)
 }
@@ -210,16 +212,16 @@ func streamBench(dir, sidecarBin, backendBin string) bool {
 		fmt.Println("\nstreaming benchmark skipped: curl not installed")
 		return true
 	}
-	backendAddr, addr, admin := freeAddr(), freeAddr(), freeAddr()
+	backendAddr, addr, admin := procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr()
 	be := start(backendBin, []string{"GOMAXPROCS=1"}, "1", "-addr", backendAddr, "-kind", "nethttp")
-	defer stop(be)
-	waitHTTP("http://" + backendAddr + "/small")
+	defer procs.Stop(be)
+	procs.WaitHTTP("http://" + backendAddr + "/small")
 	cfg := filepath.Join(dir, "stream.toml")
-	check(os.WriteFile(cfg, fmt.Appendf(nil, "[server]\nlisten = %q\nadmin_listen = %q\nmax_body_bytes = 0\n[upstreams.bench]\nurl = \"http://%s\"\n[[routes]]\nupstream = \"bench\"\n",
+	procs.Check(os.WriteFile(cfg, fmt.Appendf(nil, "[server]\nlisten = %q\nadmin_listen = %q\nmax_body_bytes = 0\n[upstreams.bench]\nurl = \"http://%s\"\n[[routes]]\nupstream = \"bench\"\n",
 		addr, admin, backendAddr), 0o600))
 	sc := start(sidecarBin, []string{"GOMAXPROCS=1"}, "0", "-config", cfg, "-log-level", "warn")
-	defer stop(sc)
-	waitHTTP("http://" + admin + "/readyz")
+	defer procs.Stop(sc)
+	procs.WaitHTTP("http://" + admin + "/readyz")
 
 	const gib = 1 << 30
 	curl := func(shell string) float64 {
@@ -240,7 +242,7 @@ func streamBench(dir, sidecarBin, backendBin string) bool {
 	// The same from a file: curl sends Content-Length, and reads the file
 	// from the page cache rather than a pipe.
 	file := filepath.Join(dir, "1gib")
-	check(exec.Command("sh", "-c", fmt.Sprintf("head -c %d /dev/zero > %s", gib, file)).Run())
+	procs.Check(exec.Command("sh", "-c", fmt.Sprintf("head -c %d /dev/zero > %s", gib, file)).Run())
 	defer os.Remove(file)
 	upFile := func(host string) float64 {
 		return curl(fmt.Sprintf("curl -sf -o /dev/null -T %s -w '%%{speed_upload}' 'http://%s/sink'", file, host))
@@ -262,7 +264,7 @@ func streamBench(dir, sidecarBin, backendBin string) bool {
 		pf = append(pf, med(upFile, addr, 1)...)
 	}
 	m := func(v []float64) float64 { sort.Float64s(v); return v[len(v)/2] }
-	rss := float64(statusKB(sc.Process.Pid, "VmHWM")) / 1024
+	rss := float64(procs.StatusKB(sc.Process.Pid, "VmHWM")) / 1024
 	fmt.Printf("\n1 GiB streaming (curl on CPU 1, sidecar on CPU 0 with GOMAXPROCS=1), median of 3\n\n")
 	fmt.Printf("| transfer | direct MB/s | sidecar MB/s | ratio | target |\n|---|---|---|---|---|\n")
 	ok := true

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/sidecar-proxy/sidecar/bench/procs"
 )
 
 // leaseBench measures what quota leases save: three sidecars sharing one
@@ -43,16 +45,16 @@ func leaseBench(dir, sidecarBin, backendAddr string) bool {
 		commands, scripts, leases    float64
 	}
 	runOnce := func(lease bool) result {
-		redisAddr := freeAddr()
+		redisAddr := procs.FreeAddr()
 		_, redisPort, _ := net.SplitHostPort(redisAddr)
 		rs := start("redis-server", nil, "0,1", "--port", redisPort, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
-		defer stop(rs)
+		defer procs.Stop(rs)
 		rdb := redis.NewClient(&redis.Options{Addr: redisAddr})
 		defer rdb.Close()
 		ctx := context.Background()
 		for i := 0; rdb.Ping(ctx).Err() != nil; i++ {
 			if i == 200 {
-				check(fmt.Errorf("redis-server on %s did not answer", redisAddr))
+				procs.Check(fmt.Errorf("redis-server on %s did not answer", redisAddr))
 			}
 			time.Sleep(25 * time.Millisecond)
 		}
@@ -60,9 +62,9 @@ func leaseBench(dir, sidecarBin, backendAddr string) bool {
 		var cmds []*exec.Cmd
 		var addrs, admins []string
 		for i := range 3 {
-			addr, admin := freeAddr(), freeAddr()
+			addr, admin := procs.FreeAddr(), procs.FreeAddr()
 			cfg := filepath.Join(dir, fmt.Sprintf("lease-%v-%d.toml", lease, i))
-			check(os.WriteFile(cfg, fmt.Appendf(nil, `[server]
+			procs.Check(os.WriteFile(cfg, fmt.Appendf(nil, `[server]
 listen = %q
 admin_listen = %q
 trusted_proxies = ["127.0.0.1/32"]
@@ -85,26 +87,26 @@ addrs = [%q]
 		}
 		stopAll := func() {
 			for _, c := range cmds {
-				stop(c)
+				procs.Stop(c)
 			}
 			cmds = nil
 		}
 		defer stopAll()
 		for _, admin := range admins {
-			waitHTTP("http://" + admin + "/readyz")
+			procs.WaitHTTP("http://" + admin + "/readyz")
 		}
 		// Leases are sized by the live replicas each sidecar sees: start
 		// counting once every sidecar sees all three (one heartbeat, 2 s).
 		deadline := time.Now().Add(10 * time.Second)
 		for _, admin := range admins {
-			for scrape(admin)["sidecar_ratelimit_live_replicas"] != 3 {
+			for procs.Scrape(admin)["sidecar_ratelimit_live_replicas"] != 3 {
 				if time.Now().After(deadline) {
-					check(fmt.Errorf("sidecar %s does not see 3 live replicas", admin))
+					procs.Check(fmt.Errorf("sidecar %s does not see 3 live replicas", admin))
 				}
 				time.Sleep(50 * time.Millisecond)
 			}
 		}
-		check(rdb.ConfigResetStat(ctx).Err())
+		procs.Check(rdb.ConfigResetStat(ctx).Err())
 
 		var r result
 		var mu sync.Mutex
@@ -147,12 +149,12 @@ addrs = [%q]
 		close(jobs)
 		wg.Wait()
 		for _, admin := range admins {
-			r.leases += scrape(admin)["sidecar_ratelimit_leases_total"]
+			r.leases += procs.Scrape(admin)["sidecar_ratelimit_leases_total"]
 		}
 		stopAll() // a stopping sidecar gives back the units it holds
 
 		info, err := rdb.Info(ctx, "commandstats").Result()
-		check(err)
+		procs.Check(err)
 		for line := range strings.SplitSeq(info, "\n") {
 			name, rest, ok := strings.Cut(strings.TrimSpace(line), ":calls=")
 			if !ok || name == "cmdstat_info" || name == "cmdstat_config" { // ours

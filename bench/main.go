@@ -43,28 +43,28 @@ func main() {
 	flag.Parse()
 
 	dir, err := os.MkdirTemp("", "sidecar-bench-")
-	check(err)
+	procs.Check(err)
 	defer os.RemoveAll(dir)
 	sidecarBin, backendBin, bareBin := filepath.Join(dir, "sidecar"), filepath.Join(dir, "backend"), filepath.Join(dir, "bare")
-	run("go", "build", "-o", sidecarBin, ".")
-	run("go", "build", "-o", backendBin, "./bench/backend")
-	run("go", "build", "-o", bareBin, "./bench/bare")
+	procs.Run("go", "build", "-o", sidecarBin, ".")
+	procs.Run("go", "build", "-o", backendBin, "./bench/backend")
+	procs.Run("go", "build", "-o", bareBin, "./bench/bare")
 
-	backendAddr, proxyAddr, adminAddr, bareAddr := freeAddr(), freeAddr(), freeAddr(), freeAddr()
+	backendAddr, proxyAddr, adminAddr, bareAddr := procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr()
 	backend := start(backendBin, []string{"GOMAXPROCS=1"}, "1", "-addr", backendAddr, "-kind", *kind)
-	defer stop(backend)
-	waitHTTP("http://" + backendAddr + "/small")
+	defer procs.Stop(backend)
+	procs.WaitHTTP("http://" + backendAddr + "/small")
 	bare := start(bareBin, []string{"GOMAXPROCS=1"}, "0", "-addr", bareAddr, "-upstream", backendAddr)
-	defer stop(bare)
-	waitHTTP("http://" + bareAddr + "/small")
+	defer procs.Stop(bare)
+	procs.WaitHTTP("http://" + bareAddr + "/small")
 
 	// NGINX, when installed, as the reference proxy everyone knows: one
 	// worker on CPU 0, keep-alive upstream connections, default buffering.
 	nginxAddr := ""
 	if path, err := exec.LookPath("nginx"); err == nil {
-		nginxAddr = freeAddr()
+		nginxAddr = procs.FreeAddr()
 		conf := filepath.Join(dir, "nginx.conf")
-		check(os.WriteFile(conf, fmt.Appendf(nil, `worker_processes 1;
+		procs.Check(os.WriteFile(conf, fmt.Appendf(nil, `worker_processes 1;
 daemon off;
 error_log %s/nginx-error.log;
 pid %s/nginx.pid;
@@ -82,12 +82,12 @@ http {
 }
 `, dir, dir, dir, dir, backendAddr, nginxAddr), 0o600))
 		ngx := start(path, nil, "0", "-c", conf)
-		defer stop(ngx)
-		waitHTTP("http://" + nginxAddr + "/small")
+		defer procs.Stop(ngx)
+		procs.WaitHTTP("http://" + nginxAddr + "/small")
 	}
 
 	cfg := filepath.Join(dir, "sidecar.toml")
-	check(os.WriteFile(cfg, fmt.Appendf(nil, `[server]
+	procs.Check(os.WriteFile(cfg, fmt.Appendf(nil, `[server]
 listen = %q
 admin_listen = %q
 max_body_bytes = 0
@@ -98,11 +98,11 @@ name = "bench"
 upstream = "bench"
 `, proxyAddr, adminAddr, backendAddr), 0o600))
 	sidecar := start(sidecarBin, []string{"GOMAXPROCS=1"}, "0", "-config", cfg, "-log-level", "warn")
-	defer stop(sidecar)
-	waitHTTP("http://" + adminAddr + "/readyz")
+	defer procs.Stop(sidecar)
+	procs.WaitHTTP("http://" + adminAddr + "/readyz")
 
 	post := filepath.Join(dir, "post.lua")
-	check(os.WriteFile(post, []byte(`wrk.method = "POST"
+	procs.Check(os.WriteFile(post, []byte(`wrk.method = "POST"
 wrk.body = string.rep("a", 1048576)
 wrk.headers["Content-Type"] = "application/octet-stream"
 `), 0o600))
@@ -150,10 +150,10 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 		fmt.Printf("| %s | %.0f | %.0f | %.2f | %s | %.2f | %s | %s / %s | %s / %s |\n", sc.name, d.rps, p.rps, ratio, target,
 			b.rps/d.rps, ngx, ms(d.p50), ms(d.p99), ms(p.p50), ms(p.p99))
 	}
-	fmt.Printf("\nsidecar peak RSS (VmHWM): %.1f MiB\n", float64(statusKB(sidecar.Process.Pid, "VmHWM"))/1024)
+	fmt.Printf("\nsidecar peak RSS (VmHWM): %.1f MiB\n", float64(procs.StatusKB(sidecar.Process.Pid, "VmHWM"))/1024)
 
 	if profileDir != "" {
-		check(os.MkdirAll(profileDir, 0o755))
+		procs.Check(os.MkdirAll(profileDir, 0o755))
 		fmt.Printf("configuration i's profiles: %s/cpu-i.pprof and allocs-i.pprof (i from 0: plain, memory, Redis, breaker, everything on memory, Redis)\n", profileDir)
 	}
 	var results []configResult
@@ -171,7 +171,7 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 		failed = true
 	}
 	if *svg != "" && len(results) > 0 {
-		check(os.WriteFile(*svg, chart(results), 0o644))
+		procs.Check(os.WriteFile(*svg, chart(results), 0o644))
 		fmt.Printf("\nchart of throughput and p99 per configuration written to %s\n", *svg)
 	}
 	if failed {
@@ -247,16 +247,6 @@ func startTo(out io.Writer, bin string, env []string, cpu string, args ...string
 	cmd := exec.Command("taskset", append([]string{"-c", cpu, bin}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = out, out
-	check(cmd.Start())
+	procs.Check(cmd.Start())
 	return cmd
 }
-
-var (
-	stop     = procs.Stop
-	statusKB = procs.StatusKB
-	waitHTTP = procs.WaitHTTP
-	freeAddr = procs.FreeAddr
-	run      = procs.Run
-	check    = procs.Check
-	scrape   = procs.Scrape
-)

@@ -45,15 +45,15 @@ func soakAll() int {
 	flag.Parse()
 
 	dir, err := os.MkdirTemp("", "sidecar-soak-")
-	check(err)
+	procs.Check(err)
 	defer os.RemoveAll(dir)
 	sidecarBin, backendBin := filepath.Join(dir, "sidecar"), filepath.Join(dir, "backend")
-	run("go", "build", "-o", sidecarBin, ".")
-	run("go", "build", "-o", backendBin, "./bench/backend")
-	backendAddr := freeAddr()
+	procs.Run("go", "build", "-o", sidecarBin, ".")
+	procs.Run("go", "build", "-o", backendBin, "./bench/backend")
+	backendAddr := procs.FreeAddr()
 	backend := start(backendBin, "-addr", backendAddr, "-kind", "fasthttp")
-	defer stop(backend)
-	waitReady("http://" + backendAddr + "/small")
+	defer procs.Stop(backend)
+	procs.WaitHTTP("http://" + backendAddr + "/small")
 
 	fmt.Printf("soak: %d requests from %d distinct clients per store, %d connections\n\n", *requests, *clients, *conns)
 	fmt.Println("| store | req/s | 5xx / errors | RSS warm-up → half → end (MiB) | RSS growth, 2nd half | goroutines warm-up → end | open fds warm-up → end | series warm-up → end | limiter keys at end | result |")
@@ -85,21 +85,21 @@ func soak(dir, sidecarBin, backendAddr, store string, requests, clients, conns i
 	switch store {
 	case "memory":
 	case "redis":
-		redisAddr := freeAddr()
+		redisAddr := procs.FreeAddr()
 		_, port, _ := net.SplitHostPort(redisAddr)
 		rs := start("redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
-		defer stop(rs)
+		defer procs.Stop(rs)
 		time.Sleep(300 * time.Millisecond)
 		extra = fmt.Sprintf("[rate_limit]\nstore = \"redis\"\n[redis]\naddrs = [%q]\n", redisAddr)
 	default:
 		fmt.Fprintf(os.Stderr, "soak: -stores: unknown store %q (memory, redis)\n", store)
 		return false
 	}
-	addr, admin := freeAddr(), freeAddr()
+	addr, admin := procs.FreeAddr(), procs.FreeAddr()
 	cfg := filepath.Join(dir, "soak-"+store+".toml")
 	// A 10 s window keeps Redis' live keys (one per client seen in the
 	// window) at a few hundred thousand; every request is under its limit.
-	check(os.WriteFile(cfg, fmt.Appendf(nil, `[server]
+	procs.Check(os.WriteFile(cfg, fmt.Appendf(nil, `[server]
 listen = %q
 admin_listen = %q
 trusted_proxies = ["127.0.0.1/32"]
@@ -114,8 +114,8 @@ name = "bench"
 upstream = "bench"
 %s`, addr, admin, backendAddr, extra), 0o600))
 	sc := start(sidecarBin, "-config", cfg, "-log-level", "warn")
-	defer stop(sc)
-	waitReady("http://" + admin + "/readyz")
+	defer procs.Stop(sc)
+	procs.WaitHTTP("http://" + admin + "/readyz")
 
 	client := &fasthttp.HostClient{Addr: addr, MaxConns: conns, ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second}
 	var next atomic.Int64
@@ -159,8 +159,8 @@ upstream = "bench"
 		return time.Since(begin)
 	}
 	take := func() snapshot {
-		m := scrape(admin)
-		return snapshot{rssKB: statusKB(sc.Process.Pid, "VmRSS"), goroutines: int(m["go_goroutines"]), fds: openFDs(sc.Process.Pid),
+		m := procs.Scrape(admin)
+		return snapshot{rssKB: procs.StatusKB(sc.Process.Pid, "VmRSS"), goroutines: int(m["go_goroutines"]), fds: procs.OpenFDs(sc.Process.Pid),
 			series: len(m), keys: m["sidecar_ratelimit_memory_keys"]}
 	}
 	settle := func(want snapshot) snapshot {
@@ -194,14 +194,14 @@ upstream = "bench"
 		n := min(100_000, requests-half-sent)
 		took += load(n)
 		sent += n
-		peak = max(peak, statusKB(sc.Process.Pid, "VmRSS"))
+		peak = max(peak, procs.StatusKB(sc.Process.Pid, "VmRSS"))
 	}
 	end := take()
 	peak = max(peak, end.rssKB)
 	if heapProfiles != "" {
 		code, body, err := fasthttp.Get(nil, "http://"+admin+"/debug/pprof/heap")
 		if err == nil && code == 200 {
-			check(os.WriteFile(filepath.Join(heapProfiles, "heap-"+store+".pprof"), body, 0o644))
+			procs.Check(os.WriteFile(filepath.Join(heapProfiles, "heap-"+store+".pprof"), body, 0o644))
 		}
 	}
 	after := settle(warmed)
@@ -230,17 +230,6 @@ upstream = "bench"
 func start(bin string, args ...string) *exec.Cmd {
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	check(cmd.Start())
+	procs.Check(cmd.Start())
 	return cmd
 }
-
-var (
-	stop      = procs.Stop
-	statusKB  = procs.StatusKB
-	openFDs   = procs.OpenFDs
-	waitReady = procs.WaitHTTP
-	freeAddr  = procs.FreeAddr
-	run       = procs.Run
-	check     = procs.Check
-	scrape    = procs.Scrape
-)
