@@ -726,62 +726,54 @@ header_timeout = "5s"
 	}
 	// Aborted uploads: announce 8 MiB, send 256 KiB, reset the connection.
 	// Aborted downloads: ask for 64 MiB, read 256 KiB, reset the connection.
-	abort := func(c net.Conn) {
-		c.(*net.TCPConn).SetLinger(0) // a reset, as a crashing or cancelled client sends
-		c.Close()
+	// Each runs every 5 ms on a new connection until stop; the connection
+	// is then reset, as a crashing or cancelled client does.
+	aborter := func(half func(c net.Conn) bool, counted *atomic.Int64) {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			c, err := net.Dial("tcp", sc.Addr)
+			if err != nil {
+				return
+			}
+			c.SetDeadline(time.Now().Add(2 * time.Second))
+			ok := half(c)
+			c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+			if ok {
+				counted.Add(1)
+			}
+		}
+	}
+	upload := func(c net.Conn) bool {
+		fmt.Fprintf(c, "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", 8<<20)
+		for k := 0; k < 4; k++ {
+			c.Write(chunk)
+		}
+		time.Sleep(5 * time.Millisecond)
+		return true
+	}
+	download := func(c net.Conn) bool {
+		io.WriteString(c, "GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+		buf := make([]byte, 64<<10)
+		got := 0
+		for got < 256<<10 {
+			n, err := c.Read(buf)
+			if err != nil {
+				break
+			}
+			got += n
+		}
+		return got >= 256<<10
 	}
 	for i := 0; i < 4; i++ {
 		wg.Add(2)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(5 * time.Millisecond):
-				}
-				c, err := net.Dial("tcp", sc.Addr)
-				if err != nil {
-					return
-				}
-				fmt.Fprintf(c, "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", 8<<20)
-				for k := 0; k < 4; k++ {
-					c.Write(chunk)
-				}
-				time.Sleep(5 * time.Millisecond)
-				abort(c)
-				uploadsAborted.Add(1)
-			}
-		}()
-		go func() {
-			defer wg.Done()
-			buf := make([]byte, 64<<10)
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(5 * time.Millisecond):
-				}
-				c, err := net.Dial("tcp", sc.Addr)
-				if err != nil {
-					return
-				}
-				c.SetDeadline(time.Now().Add(2 * time.Second))
-				io.WriteString(c, "GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
-				got := 0
-				for got < 256<<10 {
-					n, err := c.Read(buf)
-					if err != nil {
-						break
-					}
-					got += n
-				}
-				abort(c)
-				if got >= 256<<10 {
-					downloadsAborted.Add(1)
-				}
-			}
-		}()
+		go aborter(upload, &uploadsAborted)
+		go aborter(download, &downloadsAborted)
 	}
 	time.Sleep(hold)
 	hostile := tr.phase(h0, time.Now())
