@@ -209,8 +209,8 @@ func TestAccessLogLineIsJSON(t *testing.T) {
 	e := accessEntry{at: at, requestID: "id\"\\\n\x01é", route: "r<>&", method: "GET", status: 503, tier: "gold",
 		client: "ip:192.0.2.1", limit: "denied", breaker: "open", fallback: "open", endpoint: "127.0.0.1:1",
 		duration: 1234567 * time.Nanosecond, upstream: 250 * time.Microsecond, bytesIn: 7, bytesOut: 1 << 40}
-	a.write(e)
-	a.write(accessEntry{at: at, requestID: "bad\xff\xfeutf8", status: 200})
+	a.write(e, at)
+	a.write(accessEntry{at: at, requestID: "bad\xff\xfeutf8", status: 200}, at)
 	lines := strings.Split(strings.TrimSuffix(a.batch.String(), "\n"), "\n")
 	if len(lines) != 2 {
 		t.Fatalf("%d lines: %q", len(lines), a.batch.String())
