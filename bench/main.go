@@ -29,7 +29,11 @@ type scenario struct {
 	target             float64 // sidecar/direct throughput the issue asks for; 0: report only
 }
 
-type sample struct{ rps, p50, p99 float64 }
+type sample struct {
+	rps, p50, p99 float64
+	requests      float64       // completed in the run
+	wrkCPU        time.Duration // processor time wrk itself used
+}
 
 func main() {
 	dur := flag.Duration("d", 5*time.Second, "duration of each wrk run")
@@ -159,7 +163,7 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	var results []configResult
 	if !*onlyStream {
 		var ok bool
-		results, ok = configBench(dir, sidecarBin, backendAddr, *conns, *dur, *runs)
+		results, ok = configBench(dir, sidecarBin, backendAddr, backend.Process.Pid, *conns, *dur, *runs)
 		if !ok {
 			failed = true
 		}
@@ -182,8 +186,9 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 func ms(s float64) string { return fmt.Sprintf("%.2f ms", s*1000) }
 
 var (
-	rpsRE = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
-	pctRE = regexp.MustCompile(`(?m)^\s+(50|99)(?:\.000)?%\s+([0-9.]+)(us|ms|s)\b`)
+	rpsRE      = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+	requestsRE = regexp.MustCompile(`(\d+) requests in`)
+	pctRE      = regexp.MustCompile(`(?m)^\s+(50|99)(?:\.000)?%\s+([0-9.]+)(us|ms|s)\b`)
 )
 
 // wrk runs wrk pinned to CPU 1 and parses its --latency report.
@@ -193,7 +198,8 @@ func wrk(url, script string, conns int, d time.Duration) sample {
 		args = append(args, "-s", script)
 	}
 	args = append(args, url)
-	out, err := exec.Command("taskset", args...).CombinedOutput()
+	cmd := exec.Command("taskset", args...) // taskset execs wrk: one process
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "wrk failed: %v\n%s", err, out)
 		os.Exit(1)
@@ -201,9 +207,12 @@ func wrk(url, script string, conns int, d time.Duration) sample {
 	if strings.Contains(string(out), "Non-2xx") || strings.Contains(string(out), "Socket errors") {
 		fmt.Fprintf(os.Stderr, "wrk saw errors against %s:\n%s", url, out)
 	}
-	var s sample
+	s := sample{wrkCPU: cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()}
 	if m := rpsRE.FindSubmatch(out); m != nil {
 		s.rps, _ = strconv.ParseFloat(string(m[1]), 64)
+	}
+	if m := requestsRE.FindSubmatch(out); m != nil {
+		s.requests, _ = strconv.ParseFloat(string(m[1]), 64)
 	}
 	for _, m := range pctRE.FindAllSubmatch(out, -1) {
 		v, _ := strconv.ParseFloat(string(m[2]), 64)

@@ -6,6 +6,7 @@
 package procs
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -78,6 +79,19 @@ func StatusKB(pid int, field string) int64 {
 		}
 	}
 	return 0
+}
+
+// CPU is the processor time (user and system, all threads) the process
+// has used so far, from /proc/PID/stat (clock ticks of 10 ms).
+func CPU(pid int) time.Duration {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	Check(err)
+	// Fields after the command name, which is in parentheses and may hold
+	// spaces: state is field 3, utime 14 and stime 15.
+	f := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * 10 * time.Millisecond
 }
 
 // OpenFDs counts the process's open file descriptors.
