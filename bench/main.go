@@ -54,13 +54,16 @@ func main() {
 	procs.Run("go", "build", "-o", backendBin, "./bench/backend")
 	procs.Run("go", "build", "-o", bareBin, "./bench/bare")
 
-	backendAddr, proxyAddr, adminAddr, bareAddr := procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr()
+	backendAddr, proxyAddr, adminAddr, bareAddr, bareHAddr := procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr()
 	backend := start(backendBin, []string{"GOMAXPROCS=1"}, "1", "-addr", backendAddr, "-kind", *kind)
 	defer procs.Stop(backend)
 	procs.WaitHTTP("http://" + backendAddr + "/small")
 	bare := start(bareBin, []string{"GOMAXPROCS=1"}, "0", "-addr", bareAddr, "-upstream", backendAddr)
 	defer procs.Stop(bare)
 	procs.WaitHTTP("http://" + bareAddr + "/small")
+	bareH := start(bareBin, []string{"GOMAXPROCS=1"}, "0", "-addr", bareHAddr, "-upstream", backendAddr, "-headers")
+	defer procs.Stop(bareH)
+	procs.WaitHTTP("http://" + bareHAddr + "/small")
 
 	// NGINX, when installed, as the reference proxy everyone knows: one
 	// worker on CPU 0, keep-alive upstream connections, default buffering.
@@ -118,29 +121,39 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	}
 	fmt.Printf("sidecar (and the bare reference forwarder) on CPU 0, GOMAXPROCS=1; %s backend and wrk on CPU 1;\nwrk -t1 -c%d -d%s; median of %d alternating runs\n\n",
 		*kind, *conns, *dur, *runs)
-	fmt.Printf("| scenario | direct req/s | sidecar req/s | sidecar/direct | target | bare fasthttp/direct | nginx/direct | direct p50 / p99 | sidecar p50 / p99 |\n")
-	fmt.Printf("|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Printf("| scenario | direct req/s | sidecar req/s | sidecar/direct | target | bare fasthttp/direct | bare + the sidecar's 6 upstream headers/direct | nginx/direct | direct p50 / p99 | sidecar p50 / p99 | core 1 busy: direct / sidecar / bare / bare + headers / nginx |\n")
+	fmt.Printf("|---|---|---|---|---|---|---|---|---|---|---|\n")
 	failed := false
 	if *onlyLimits || *onlyStream {
 		scenarios = nil
 	}
 	for _, sc := range scenarios {
-		var direct, proxied, bared, nginxed []sample
+		var direct, proxied, bared, bareHed, nginxed []sample
+		// Core 1's load per target; NGINX's worker is a child of the
+		// process started, so only core 1 is metered for it.
+		meters := []*cpuMeter{{backendPid: backend.Process.Pid}, {backendPid: backend.Process.Pid, proxyPid: sidecar.Process.Pid},
+			{backendPid: backend.Process.Pid, proxyPid: bare.Process.Pid}, {backendPid: backend.Process.Pid, proxyPid: bareH.Process.Pid},
+			{backendPid: backend.Process.Pid}}
 		wrk("http://"+backendAddr+sc.path, sc.script, *conns, time.Second) // warm-up
 		wrk("http://"+proxyAddr+sc.path, sc.script, *conns, time.Second)
 		wrk("http://"+bareAddr+sc.path, sc.script, *conns, time.Second)
+		wrk("http://"+bareHAddr+sc.path, sc.script, *conns, time.Second)
 		for i := 0; i < *runs; i++ {
-			direct = append(direct, wrk("http://"+backendAddr+sc.path, sc.script, *conns, *dur))
-			proxied = append(proxied, wrk("http://"+proxyAddr+sc.path, sc.script, *conns, *dur))
-			bared = append(bared, wrk("http://"+bareAddr+sc.path, sc.script, *conns, *dur))
+			run := func(m *cpuMeter, addr string) sample {
+				return m.run(func() sample { return wrk("http://"+addr+sc.path, sc.script, *conns, *dur) })
+			}
+			direct = append(direct, run(meters[0], backendAddr))
+			proxied = append(proxied, run(meters[1], proxyAddr))
+			bared = append(bared, run(meters[2], bareAddr))
+			bareHed = append(bareHed, run(meters[3], bareHAddr))
 			if nginxAddr != "" {
-				nginxed = append(nginxed, wrk("http://"+nginxAddr+sc.path, sc.script, *conns, *dur))
+				nginxed = append(nginxed, run(meters[4], nginxAddr))
 			}
 		}
-		d, p, b := median(direct), median(proxied), median(bared)
-		ngx := "not installed"
+		d, p, b, bh := median(direct), median(proxied), median(bared), median(bareHed)
+		ngxRatio := "not installed"
 		if nginxAddr != "" {
-			ngx = fmt.Sprintf("%.2f", median(nginxed).rps/d.rps)
+			ngxRatio = fmt.Sprintf("%.2f", median(nginxed).rps/d.rps)
 		}
 		ratio := p.rps / d.rps
 		target := "-"
@@ -151,8 +164,16 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 				failed = true
 			}
 		}
-		fmt.Printf("| %s | %.0f | %.0f | %.2f | %s | %.2f | %s | %s / %s | %s / %s |\n", sc.name, d.rps, p.rps, ratio, target,
-			b.rps/d.rps, ngx, ms(d.p50), ms(d.p99), ms(p.p50), ms(p.p99))
+		busy := ""
+		for i, m := range meters {
+			if i == 4 && nginxAddr == "" {
+				continue
+			}
+			_, c1 := m.busy()
+			busy += fmt.Sprintf(" / %.0f %%", c1)
+		}
+		fmt.Printf("| %s | %.0f | %.0f | %.2f | %s | %.2f | %.2f | %s | %s / %s | %s / %s | %s |\n", sc.name, d.rps, p.rps, ratio, target,
+			b.rps/d.rps, bh.rps/d.rps, ngxRatio, ms(d.p50), ms(d.p99), ms(p.p50), ms(p.p99), busy[3:])
 	}
 	fmt.Printf("\nsidecar peak RSS (VmHWM): %.1f MiB\n", float64(procs.StatusKB(sidecar.Process.Pid, "VmHWM"))/1024)
 
@@ -229,6 +250,46 @@ func wrk(url, script string, conns int, d time.Duration) sample {
 		}
 	}
 	return s
+}
+
+// cpuMeter adds up, over the runs of one target, the processor time of
+// the proxy (core 0) and of core 1 (the backend and wrk), so that a table
+// can say what each request cost each core and how busy each core was.
+type cpuMeter struct {
+	backendPid, proxyPid int // proxyPid 0: direct, no proxy
+	proxy, core1         time.Duration
+	requests             float64
+	wall                 time.Duration
+}
+
+// run measures one wrk run.
+func (m *cpuMeter) run(f func() sample) sample {
+	var p0 time.Duration
+	if m.proxyPid > 0 {
+		p0 = procs.CPU(m.proxyPid)
+	}
+	b0 := procs.CPU(m.backendPid)
+	start := time.Now() // wall time of the whole run, wrk's start-up included, as its CPU is
+	s := f()
+	if m.proxyPid > 0 {
+		m.proxy += procs.CPU(m.proxyPid) - p0
+	}
+	m.core1 += procs.CPU(m.backendPid) - b0 + s.wrkCPU
+	m.requests += s.requests
+	m.wall += time.Since(start)
+	return s
+}
+
+// perRequest is each core's processor time per request, in µs.
+func (m *cpuMeter) perRequest() (proxyUs, core1Us float64) {
+	n := max(m.requests, 1)
+	return float64(m.proxy.Microseconds()) / n, float64(m.core1.Microseconds()) / n
+}
+
+// busy is the share of the runs' wall time each core was busy, in %.
+func (m *cpuMeter) busy() (proxyPct, core1Pct float64) {
+	w := float64(max(m.wall, 1))
+	return 100 * float64(m.proxy) / w, 100 * float64(m.core1) / w
 }
 
 func median(ss []sample) sample {
