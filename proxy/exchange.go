@@ -630,7 +630,9 @@ func (x *exchange) respond(upgrade []byte) {
 		return
 	case cl < 0:
 		cl = -1
-		ctx.Response.ImmediateHeaderFlush = true // streams (SSE) show their head at once
+		// Streams (SSE) show their head at once; when the first chunk came
+		// with the head, it goes out with it in the same write.
+		ctx.Response.ImmediateHeaderFlush = len(x.pending) == 0 && !x.pendingEOF
 	default:
 		// A large Content-Length body: fasthttp would hold what arrives in
 		// its 32 KiB write buffer until it fills, so a slow stream would
@@ -707,6 +709,10 @@ func (x *exchange) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// chunkFraming is the most a chunk's framing adds to its data: a size line
+// of up to 8 hex digits, and two CRLFs.
+const chunkFraming = 8 + 2 + 2
+
 // SupportsBodyWriteTo opts in to WriteTo (see fasthttp.BodyWriterTo): the
 // chunked path then frames 32 KiB chunks instead of 4 KiB ones.
 func (x *exchange) SupportsBodyWriteTo() bool { return true }
@@ -720,6 +726,12 @@ func (x *exchange) WriteTo(w io.Writer) (int64, error) {
 	bufp := copyBufPool.Get().(*[]byte)
 	defer copyBufPool.Put(bufp)
 	buf := *bufp
+	if !x.direct {
+		// fasthttp frames each write as a chunk (size line, data, CRLF) in
+		// its write buffer, which is copyBufSize too: leave room for the
+		// framing, or every full read costs a second write of 8 bytes.
+		buf = buf[:copyBufSize-chunkFraming]
+	}
 	var total int64
 	for {
 		n, err := x.Read(buf)

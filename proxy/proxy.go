@@ -269,7 +269,7 @@ func (p *Proxy) NewServer(srv *policy.Server) *fasthttp.Server {
 		// write buffer (fasthttp reads the first byte alone): 10,000 idle
 		// connections take ~90 MiB instead of ~150 MiB (TestChaosHostileClients).
 		ReduceMemoryUsage:             true,
-		WriteBufferSize:               32 << 10,
+		WriteBufferSize:               copyBufSize,       // WriteTo sizes chunks to fit it
 		ReadTimeout:                   srv.HeaderTimeout, // armed per request head; the body re-arms
 		IdleTimeout:                   srv.IdleTimeout,
 		Concurrency:                   srv.MaxConnections,
