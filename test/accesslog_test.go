@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -143,5 +144,72 @@ func TestAccessLogBatchesWholeLines(t *testing.T) {
 			t.Fatalf("%d access lines for %d requests", requests, workers*each)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Lines still waiting for their batch when the process stops are written
+// before it exits: a drain loses no access-log line. The last request is
+// in flight at SIGTERM and ends during the drain, just before the access
+// log is closed: its line is in the middle of its batch interval then.
+func TestAccessLogWrittenOnShutdown(t *testing.T) {
+	release := make(chan struct{})
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/in-flight" {
+			<-release
+		}
+	})
+	sc := startSidecar(t, "[server]\ndrain_delay = \"0s\"\n[access_log]\nenabled = true\n"+routeTo(be.url(), ""), "-log-level", "error")
+	countLines := func() int {
+		lines := 0
+		for _, l := range strings.Split(sc.logs.String(), "\n") {
+			var m map[string]any
+			if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == "request" {
+				lines++
+			}
+		}
+		return lines
+	}
+	const n = 20
+	for i := 0; i < n; i++ {
+		get(t, sc.url("/before-term"), nil)
+	}
+	// Their batch is written: the in-flight request's line starts the next.
+	for deadline := time.Now().Add(5 * time.Second); countLines() < n; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d access lines for %d requests", countLines(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	inFlight := make(chan int, 1)
+	go func() {
+		resp, err := http.Get(sc.url("/in-flight"))
+		if err != nil {
+			inFlight <- 0
+			return
+		}
+		resp.Body.Close()
+		inFlight <- resp.StatusCode
+	}()
+	for deadline := time.Now().Add(5 * time.Second); be.lastRequest() == nil || be.lastRequest().URL.Path != "/in-flight"; {
+		if time.Now().After(deadline) {
+			t.Fatal("the in-flight request never reached the backend")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	sc.signal(syscall.SIGTERM)
+	time.Sleep(50 * time.Millisecond) // the drain has begun
+	close(release)
+	released := time.Now()
+	if code := <-inFlight; code != 200 {
+		t.Fatalf("in-flight request: status %d", code)
+	}
+	if code := sc.wait(15 * time.Second); code != 0 {
+		t.Fatalf("exit code %d", code)
+	}
+	// Under the batch interval (100 ms), so the last line was written by
+	// the close, not by its timer.
+	t.Logf("exited %v after the last request was released", time.Since(released))
+	if lines := countLines(); lines != n+1 {
+		t.Fatalf("%d access lines after shutdown for %d requests", lines, n+1)
 	}
 }
