@@ -451,9 +451,16 @@ func (s *redisStore) slidingRun(ctx context.Context, calls []*call, nowMs int64)
 				c.rule.Window.Milliseconds(), c.idx, c.cost, nowArg(nowMs))
 		}
 	}
-	_, _ = pipe.Exec(ctx) // errors are per command
+	// Errors are per command, except when no connection could be set up
+	// (a refused password, a failed TLS handshake): then go-redis leaves
+	// the commands unsent, without error or reply, and only Exec says why.
+	_, execErr := pipe.Exec(ctx)
 	for i, c := range calls {
-		if err := cmds[i].Err(); err != nil {
+		err := cmds[i].Err()
+		if err == nil && cmds[i].Val() == nil && execErr != nil {
+			err = execErr
+		}
+		if err != nil {
 			c.err = err
 			continue
 		}

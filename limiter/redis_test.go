@@ -241,3 +241,31 @@ func TestLocalFallbackSharesTheLimit(t *testing.T) {
 		t.Errorf("3 replicas admitted %d during the outage, want each its third of 30", total)
 	}
 }
+
+// A password Redis refuses is the error each decision reports (go-redis
+// sends nothing on a connection it could not authenticate, and leaves the
+// commands without reply or error): the operator reads WRONGPASS, not a
+// puzzle about the script's reply.
+func TestRedisRefusedCredentialsAreTheError(t *testing.T) {
+	srv := redistest.StartProtected(t, redistest.Protected{User: "sidecar", UserPassword: "right"})
+	rdb, err := NewRedisClient(RedisOptions{Addrs: []string{srv.Addr}, Username: "sidecar", Password: "wrong"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	store := newRedisStore(rdb, "test")
+	c := &call{key: "k", rule: Rule{Limit: 5, Window: time.Second}, cost: 1}
+	_ = store.slidingBatch(context.Background(), []*call{c}, t0.UnixMilli())
+	if c.err == nil || !strings.Contains(c.err.Error(), "WRONGPASS") {
+		t.Fatalf("decision error %v, want Redis' WRONGPASS", c.err)
+	}
+	rdb2, err := NewRedisClient(RedisOptions{Addrs: []string{srv.Addr}, Username: "sidecar", Password: "right"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb2.Close()
+	c = &call{key: "k", rule: Rule{Limit: 5, Window: time.Second}, cost: 1}
+	if err := newRedisStore(rdb2, "test").slidingBatch(context.Background(), []*call{c}, t0.UnixMilli()); err != nil || c.err != nil || !c.d.Allowed {
+		t.Fatalf("with the right password: %v %v %+v", err, c.err, c.d)
+	}
+}

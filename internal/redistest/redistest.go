@@ -24,9 +24,48 @@ import (
 type Server struct {
 	t    testing.TB
 	Addr string
-	args []string // after the binary; the port is in them
-	dir  string   // working directory; "" is the test's
-	cmd  *exec.Cmd
+	// TLSAddr is the TLS listener of a server started with TLS files
+	// (StartProtected); Addr stays plain, for the tests' own probes.
+	TLSAddr string
+	args    []string // after the binary; the port is in them
+	dir     string   // working directory; "" is the test's
+	cmd     *exec.Cmd
+}
+
+// Protected says how StartProtected secures a server.
+type Protected struct {
+	// Password is the default user's password (requirepass).
+	Password string
+	// User and UserPassword add an ACL user allowed every command and key.
+	User, UserPassword string
+	// TLSCert, TLSKey and TLSCA are PEM files: with them the server also
+	// listens with TLS on TLSAddr (clients need no certificate).
+	TLSCert, TLSKey, TLSCA string
+}
+
+// StartProtected runs redis-server like Start, with passwords, an ACL
+// user and TLS as p asks.
+func StartProtected(t testing.TB, p Protected) *Server {
+	t.Helper()
+	addr := freeAddr(t, false)
+	var extra []string
+	if p.Password != "" {
+		extra = append(extra, "--requirepass", p.Password)
+	}
+	if p.User != "" {
+		extra = append(extra, "--user", p.User, "on", ">"+p.UserPassword, "~*", "&*", "+@all")
+	}
+	s := &Server{t: t, Addr: addr}
+	if p.TLSCert != "" {
+		s.TLSAddr = freeAddr(t, false)
+		_, tlsPort, _ := net.SplitHostPort(s.TLSAddr)
+		extra = append(extra, "--tls-port", tlsPort, "--tls-cert-file", p.TLSCert, "--tls-key-file", p.TLSKey,
+			"--tls-ca-cert-file", p.TLSCA, "--tls-auth-clients", "no")
+	}
+	s.args = serverArgs(addr, extra...)
+	s.start()
+	t.Cleanup(s.Kill)
+	return s
 }
 
 // Start runs redis-server on a free loopback port; the test fails if
@@ -88,7 +127,8 @@ func (s *Server) start() {
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
-		if s.Ping() == nil {
+		// A server with a password answers NOAUTH: it is up.
+		if err := s.Ping(); err == nil || strings.HasPrefix(err.Error(), "NOAUTH") {
 			return
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -144,6 +184,12 @@ func (s *Server) Thaw() { _ = s.cmd.Process.Signal(syscall.SIGCONT) }
 // deadline) and returns the reply: a string (simple or bulk), an int64,
 // nil, or []any for arrays. An error reply is returned as an error.
 func Do(addr string, args ...string) (any, error) {
+	return DoAs(addr, "", "", args...)
+}
+
+// DoAs is Do as an ACL user (AUTH user password first, on the same
+// connection); an empty user is Do.
+func DoAs(addr, user, password string, args ...string) (any, error) {
 	c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
 	if err != nil {
 		return nil, err
@@ -151,14 +197,26 @@ func Do(addr string, args ...string) (any, error) {
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
 	var b strings.Builder
-	fmt.Fprintf(&b, "*%d\r\n", len(args))
-	for _, a := range args {
-		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
+	command := func(args ...string) {
+		fmt.Fprintf(&b, "*%d\r\n", len(args))
+		for _, a := range args {
+			fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
+		}
 	}
+	if user != "" {
+		command("AUTH", user, password)
+	}
+	command(args...)
 	if _, err := io.WriteString(c, b.String()); err != nil {
 		return nil, err
 	}
-	return readReply(bufio.NewReader(c))
+	br := bufio.NewReader(c)
+	if user != "" {
+		if _, err := readReply(br); err != nil {
+			return nil, fmt.Errorf("AUTH: %w", err)
+		}
+	}
+	return readReply(br)
 }
 
 func readReply(r *bufio.Reader) (any, error) {
