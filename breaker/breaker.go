@@ -21,6 +21,14 @@
 // hystrix computes health on its own goroutine, so on its own a trip lags
 // the thresholds (by dozens of requests in a tight loop); a synchronous
 // count of the same window refuses requests as soon as they are crossed.
+//
+// hystrix only trips on a percentage of its 10 s window: after a healthy
+// spell at low volume, a hung upstream is cut off only once its failures
+// outnumber the window's successes, each failure a full timeout. With
+// Settings.ConsecutiveFailures the circuit also opens after that many
+// failures in a row (Envoy's consecutive_5xx, Polly's basic breaker). That
+// trip is this package's own state beside hystrix's, with the same sleep
+// window and single probe.
 package breaker
 
 import (
@@ -53,6 +61,9 @@ type Settings struct {
 	SleepWindow time.Duration
 	// MaxConcurrent bounds requests in flight (the bulkhead). Default 1000.
 	MaxConcurrent int
+	// ConsecutiveFailures opens the circuit after this many failures in a
+	// row, whatever the window says. 0 (the default): off.
+	ConsecutiveFailures int
 }
 
 // State of a circuit, as exported in metrics.
@@ -73,6 +84,11 @@ type Breaker struct {
 	opened atomic.Int64 // unix ns the current open period (or last probe) began; 0: closed
 	trans  func(to State)
 	early  window // our synchronous view of hystrix's window, see Allow
+
+	// The consecutive-failures trip (see the package doc).
+	consecutiveLimit int64
+	consecutive      atomic.Int64 // failures since the last success
+	tripped          atomic.Int64 // unix ns of the trip or of the last probe; 0: not tripped
 }
 
 // window counts requests and failures over the last 10 s in 1 s buckets,
@@ -158,9 +174,26 @@ func New(s Settings, onTransition func(to State)) (*Breaker, error) {
 	if onTransition == nil {
 		onTransition = func(State) {}
 	}
-	b := &Breaker{name: s.Name, sleep: s.SleepWindow, cb: cb, slots: make(chan struct{}, s.MaxConcurrent), trans: onTransition}
+	b := &Breaker{name: s.Name, sleep: s.SleepWindow, cb: cb, slots: make(chan struct{}, s.MaxConcurrent), trans: onTransition,
+		consecutiveLimit: int64(max(0, s.ConsecutiveFailures))}
 	b.early.volume, b.early.percent = s.VolumeThreshold, s.ErrorPercent
 	return b, nil
+}
+
+// Inherit carries the state this package keeps beside hystrix's (the
+// synchronous window, the open period, the consecutive-failures count and
+// trip) over from the circuit prev that b replaces on a reload; hystrix
+// keeps its own by name. Call it before b is used.
+func (b *Breaker) Inherit(prev *Breaker) {
+	if prev == nil || prev == b {
+		return
+	}
+	prev.early.mu.Lock()
+	b.early.buckets = prev.early.buckets
+	prev.early.mu.Unlock()
+	b.opened.Store(prev.opened.Load())
+	b.consecutive.Store(prev.consecutive.Load())
+	b.tripped.Store(prev.tripped.Load())
 }
 
 // Ticket is one admitted request. Report its verdict once the response
@@ -170,11 +203,29 @@ type Ticket struct {
 	b     *Breaker
 	start time.Time
 	probe bool
+	// tripProbe: the probe of a consecutive-failures trip, not hystrix's.
+	tripProbe bool
 }
 
 // Allow admits a request, or says why not: ErrOpen (retry after the
 // returned duration) or ErrSaturated (the bulkhead is full; no waiting).
 func (b *Breaker) Allow(now time.Time) (Ticket, time.Duration, error) {
+	if t := b.tripped.Load(); t != 0 {
+		b.markOpen(now)
+		// After the sleep window one request probes: the one that moves
+		// the trip's time to now. A probe whose verdict never comes is
+		// replaced after another sleep window.
+		if now.Sub(time.Unix(0, t)) < b.sleep || !b.tripped.CompareAndSwap(t, now.UnixNano()) {
+			return Ticket{}, b.retryIn(now), ErrOpen
+		}
+		b.opened.Store(now.UnixNano())
+		select {
+		case b.slots <- struct{}{}:
+		default:
+			return Ticket{}, 0, ErrSaturated
+		}
+		return Ticket{b: b, start: now, probe: true, tripProbe: true}, 0, nil
+	}
 	probe := false
 	if !b.cb.IsOpen() && b.early.unhealthy(now) {
 		// hystrix has not seen it yet: refuse now, it will open shortly.
@@ -220,11 +271,20 @@ func (t Ticket) Report(failed bool, now time.Time) {
 	if t.b == nil {
 		return
 	}
+	if t.tripProbe {
+		t.b.reportTripProbe(failed, now)
+		return
+	}
 	if failed {
 		t.b.early.add(now, true)
 		_ = t.b.cb.ReportEvent(evFailure, t.start, now.Sub(t.start))
+		if n := t.b.consecutive.Add(1); t.b.consecutiveLimit > 0 && n >= t.b.consecutiveLimit &&
+			t.b.tripped.CompareAndSwap(0, now.UnixNano()) {
+			t.b.markOpen(now)
+		}
 		return
 	}
+	t.b.consecutive.Store(0)
 	if !t.probe && t.b.cb.IsOpen() {
 		return // started before the trip: only the probe decides
 	}
@@ -239,6 +299,24 @@ func (t Ticket) Report(failed bool, now time.Time) {
 	}
 }
 
+// reportTripProbe ends or renews a consecutive-failures trip. The probe's
+// verdict reaches hystrix's window too, like any request's.
+func (b *Breaker) reportTripProbe(failed bool, now time.Time) {
+	if failed {
+		b.tripped.Store(now.UnixNano()) // another sleep window
+		b.early.add(now, true)
+		_ = b.cb.ReportEvent(evFailure, now, 0)
+		return
+	}
+	b.consecutive.Store(0)
+	b.tripped.Store(0)
+	b.early.add(now, false)
+	_ = b.cb.ReportEvent(evSuccess, now, 0)
+	if !b.cb.IsOpen() && b.opened.Swap(0) != 0 {
+		b.trans(Closed)
+	}
+}
+
 // Done frees the request's bulkhead slot.
 func (t Ticket) Done() {
 	if t.b != nil {
@@ -248,6 +326,12 @@ func (t Ticket) Done() {
 
 // State reports the circuit's state now.
 func (b *Breaker) State(now time.Time) State {
+	if t := b.tripped.Load(); t != 0 {
+		if now.Sub(time.Unix(0, t)) >= b.sleep {
+			return HalfOpen
+		}
+		return Open
+	}
 	if !b.cb.IsOpen() {
 		if b.early.unhealthy(now) {
 			return Open // hystrix is about to agree

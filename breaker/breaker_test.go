@@ -132,3 +132,121 @@ func TestBulkheadRejectsAtOnceAndIsNotAFailure(t *testing.T) {
 		tk.Done()
 	}
 }
+
+// After a healthy spell, a run of ConsecutiveFailures failures opens the
+// circuit at once, though the window's error percentage is far below its
+// threshold; after the sleep window one probe decides, like hystrix's.
+func TestConsecutiveFailuresTrip(t *testing.T) {
+	var transitions []State
+	b, err := New(Settings{Name: fmt.Sprintf("test-consecutive-%d", time.Now().UnixNano()), VolumeThreshold: 20, ErrorPercent: 50,
+		SleepWindow: time.Minute, ConsecutiveFailures: 3}, func(to State) { transitions = append(transitions, to) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	request := func(at time.Time, failed bool) error {
+		tk, _, err := b.Allow(at)
+		if err != nil {
+			return err
+		}
+		tk.Report(failed, at)
+		tk.Done()
+		return nil
+	}
+	for i := 0; i < 50; i++ { // the healthy spell: 50 successes in the window
+		if err := request(now, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Two failures, a success, two failures: never three in a row.
+	for _, failed := range []bool{true, true, false, true, true} {
+		if err := request(now, failed); err != nil {
+			t.Fatalf("refused before three failures in a row: %v", err)
+		}
+	}
+	if err := request(now, true); err != nil { // the third in a row
+		t.Fatal(err)
+	}
+	_, retry, err := b.Allow(now)
+	if !errors.Is(err, ErrOpen) {
+		t.Fatalf("after 3 failures in a row (5 of 56 in the window): %v, want ErrOpen", err)
+	}
+	if retry < 59*time.Second || b.State(now) != Open {
+		t.Errorf("retry in %v, state %v; want ~1m, open", retry, b.State(now))
+	}
+	// The sleep window is over: one probe, the others still refused. It
+	// fails: another sleep window.
+	later := now.Add(time.Minute)
+	if b.State(later) != HalfOpen {
+		t.Errorf("state after the sleep window: %v", b.State(later))
+	}
+	probe, _, err := b.Allow(later)
+	if err != nil {
+		t.Fatalf("no probe after the sleep window: %v", err)
+	}
+	if _, _, err := b.Allow(later); !errors.Is(err, ErrOpen) {
+		t.Fatalf("a second request during the probe: %v, want ErrOpen", err)
+	}
+	probe.Report(true, later)
+	probe.Done()
+	if _, _, err := b.Allow(later.Add(time.Second)); !errors.Is(err, ErrOpen) {
+		t.Fatalf("after a failed probe: %v, want ErrOpen", err)
+	}
+	// The next probe succeeds: closed, and requests flow.
+	later = later.Add(time.Minute)
+	if err := request(later, false); err != nil {
+		t.Fatalf("second probe: %v", err)
+	}
+	if err := request(later, false); err != nil || b.State(later) != Closed {
+		t.Fatalf("after a successful probe: %v, state %v", err, b.State(later))
+	}
+	if fmt.Sprint(transitions) != fmt.Sprint([]State{Open, Closed}) {
+		t.Errorf("transitions %v, want [open closed]", transitions)
+	}
+}
+
+// Without ConsecutiveFailures a run of failures after a healthy spell
+// leaves the circuit to hystrix's percentage: still closed here.
+func TestConsecutiveFailuresOffByDefault(t *testing.T) {
+	b, err := New(Settings{Name: fmt.Sprintf("test-consecutive-off-%d", time.Now().UnixNano()), SleepWindow: time.Minute}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	for i := 0; i < 60; i++ {
+		tk, _, err := b.Allow(now)
+		if err != nil {
+			t.Fatalf("request %d refused: %v", i, err)
+		}
+		tk.Report(i >= 50, now) // 10 failures in a row after 50 successes: 17 %
+		tk.Done()
+	}
+	if s := b.State(now); s != Closed {
+		t.Errorf("state %v, want closed", s)
+	}
+}
+
+// A reload replaces the Breaker; the new one keeps the trip (hystrix keeps
+// its own state by name, the trip is this package's).
+func TestInheritKeepsTheTrip(t *testing.T) {
+	name := fmt.Sprintf("test-inherit-%d", time.Now().UnixNano())
+	old, _ := New(Settings{Name: name, SleepWindow: time.Minute, ConsecutiveFailures: 2}, nil)
+	now := time.Now()
+	for i := 0; i < 2; i++ {
+		tk, _, err := old.Allow(now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tk.Report(true, now)
+		tk.Done()
+	}
+	var transitions []State
+	b, _ := New(Settings{Name: name, SleepWindow: time.Minute, ConsecutiveFailures: 2, MaxConcurrent: 5}, func(to State) { transitions = append(transitions, to) })
+	b.Inherit(old)
+	if _, _, err := b.Allow(now.Add(time.Second)); !errors.Is(err, ErrOpen) {
+		t.Fatalf("after the reload: %v, want ErrOpen", err)
+	}
+	if len(transitions) != 0 {
+		t.Errorf("the reload reported transitions %v: the circuit was open already", transitions)
+	}
+}

@@ -347,6 +347,9 @@ type BreakerFile struct {
 	// FailureStatuses count as failures, besides connect errors and
 	// timeouts. Default [502, 503, 504].
 	FailureStatuses []int `toml:"failure_statuses"`
+	// ConsecutiveFailures opens the circuit after this many failures in a
+	// row, whatever the window's percentage. Default 0: off.
+	ConsecutiveFailures *int `toml:"consecutive_failures"`
 }
 
 // FallbackFile is [upstreams.NAME.fallback]: a fixed response, or another

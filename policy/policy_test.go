@@ -54,6 +54,16 @@ func TestDefaults(t *testing.T) {
 	if rl.Store != "memory" || rl.Lease || rl.LeaseOvershoot != 0.01 || rl.LeaseDuration != time.Second {
 		t.Errorf("rate_limit defaults: %+v", rl)
 	}
+	if b := u.Breaker; b == nil || b.ErrorPercent != 50 || b.VolumeThreshold != 20 || b.ConsecutiveFailures != 0 {
+		t.Errorf("breaker defaults: %+v", b)
+	}
+	s, err = Parse("t.toml", []byte(minimal+"[upstreams.app.breaker]\nconsecutive_failures = 5\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := s.Upstreams["app"].Breaker; b.ConsecutiveFailures != 5 {
+		t.Errorf("consecutive_failures = 5 parsed as %d", b.ConsecutiveFailures)
+	}
 }
 
 // Quota leases: on with Redis, tuned; the tuning keys are accepted with
@@ -124,6 +134,7 @@ func TestProblems(t *testing.T) {
 	f("[upstreams.app]\nurl = \"http://a:1\"\n[[routes]]\nname = \"r\"\nupstream = \"app\"\n[[routes]]\nname = \"r\"\nupstream = \"app\"\n", "routes[1].name", 7, "duplicate")
 	f("[upstreams.app]\nurl = \"http://a:1\"\n", "routes", 0, "at least one")
 	f("[[routes]]\nupstream = \"x\"\n", "upstreams", 0, "at least one")
+	f(minimal+"[upstreams.app.breaker]\nconsecutive_failures = -1\n", "upstreams.app.breaker.consecutive_failures", 8, "between 0 and")
 	f("[server\n", "", 1, "")
 
 	// [redis]: modes, credentials, TLS.

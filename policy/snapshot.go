@@ -148,6 +148,8 @@ type Breaker struct {
 	SleepWindow     time.Duration
 	MaxConcurrent   int
 	FailureStatuses []int
+	// ConsecutiveFailures in a row open the circuit; 0: off.
+	ConsecutiveFailures int
 }
 
 // Failure reports whether a response status counts as an upstream failure.

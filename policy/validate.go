@@ -374,11 +374,12 @@ func (v *validator) serverTLS(f *TLSFile) *ServerTLS {
 
 func (v *validator) breaker(key string, f *BreakerFile) *Breaker {
 	b := &Breaker{
-		ErrorPercent:    v.intRange(key+".error_percent", f.ErrorPercent, 50, 1, 100),
-		VolumeThreshold: v.intRange(key+".volume_threshold", f.VolumeThreshold, 20, 1, 1_000_000),
-		SleepWindow:     v.duration(key+".sleep_window", f.SleepWindow, 5*time.Second, false),
-		MaxConcurrent:   v.intRange(key+".max_concurrent", f.MaxConcurrent, 1000, 1, 1_000_000),
-		FailureStatuses: []int{502, 503, 504},
+		ErrorPercent:        v.intRange(key+".error_percent", f.ErrorPercent, 50, 1, 100),
+		VolumeThreshold:     v.intRange(key+".volume_threshold", f.VolumeThreshold, 20, 1, 1_000_000),
+		SleepWindow:         v.duration(key+".sleep_window", f.SleepWindow, 5*time.Second, false),
+		MaxConcurrent:       v.intRange(key+".max_concurrent", f.MaxConcurrent, 1000, 1, 1_000_000),
+		FailureStatuses:     []int{502, 503, 504},
+		ConsecutiveFailures: v.intRange(key+".consecutive_failures", f.ConsecutiveFailures, 0, 0, 1_000_000),
 	}
 	if f.FailureStatuses != nil {
 		b.FailureStatuses = nil

@@ -60,7 +60,7 @@ func (p *Proxy) circuit(name string, spec *policy.Breaker) *breaker.Breaker {
 	toOpen := p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_breaker_transitions_total{circuit=%q,to="open"}`, name))
 	toClosed := p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_breaker_transitions_total{circuit=%q,to="closed"}`, name))
 	b, err := breaker.New(breaker.Settings{Name: name, ErrorPercent: spec.ErrorPercent, VolumeThreshold: spec.VolumeThreshold,
-		SleepWindow: spec.SleepWindow, MaxConcurrent: spec.MaxConcurrent}, func(to breaker.State) {
+		SleepWindow: spec.SleepWindow, MaxConcurrent: spec.MaxConcurrent, ConsecutiveFailures: spec.ConsecutiveFailures}, func(to breaker.State) {
 		if to == breaker.Open {
 			toOpen.Inc()
 			p.log.Warn("circuit opened: the upstream is cut off", "circuit", name, "sleep_window", spec.SleepWindow.String())
@@ -72,6 +72,7 @@ func (p *Proxy) circuit(name string, spec *policy.Breaker) *breaker.Breaker {
 	if err != nil {
 		panic("BUG: " + err.Error()) // names come from validated config
 	}
+	b.Inherit(p.circuits.slot(name).Load()) // a reload keeps an open circuit open
 	p.circuits.slot(name).Store(b)
 	return b
 }

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -259,5 +260,82 @@ upstream = "app"
 	}
 	if v := sc.metric(`sidecar_breaker_state{circuit="upstream:app"}`); v != 0 {
 		t.Errorf("upstream circuit state %v", v)
+	}
+}
+
+// After a healthy spell, consecutive_failures cuts a failing upstream off
+// after that many failures in a row, where the window's percentage (3 of
+// 43 here) would have kept sending it traffic; a reload does not close the
+// circuit; the upstream's recovery does, through the probe.
+func TestConsecutiveFailuresCutOffAfterHealthySpell(t *testing.T) {
+	var failing atomic.Bool
+	var hits atomic.Int64
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		if failing.Load() {
+			w.WriteHeader(503)
+			return
+		}
+		io.WriteString(w, "upstream ok")
+	})
+	breakerCfg := func(sleep string) string {
+		return routeTo(be.url(), fmt.Sprintf(`
+[upstreams.app.breaker]
+consecutive_failures = 3
+sleep_window = %q
+`, sleep))
+	}
+	sc := startSidecar(t, breakerCfg("1s"))
+	for i := 0; i < 40; i++ {
+		if resp, _ := get(t, sc.url("/"), nil); resp.StatusCode != 200 {
+			t.Fatalf("healthy spell: %d", resp.StatusCode)
+		}
+	}
+	failing.Store(true)
+	for i := 0; i < 3; i++ {
+		if resp, _ := get(t, sc.url("/"), nil); resp.StatusCode != 503 || resp.Header.Get("X-Sidecar-Fallback") == "open" {
+			t.Fatalf("failure %d: %d %v, want the upstream's 503", i+1, resp.StatusCode, resp.Header)
+		}
+	}
+	before := hits.Load()
+	for i := 0; i < 20; i++ {
+		if resp, _ := get(t, sc.url("/"), nil); resp.Header.Get("X-Sidecar-Fallback") != "open" {
+			t.Fatalf("request %d after 3 failures in a row: %d %v, want the open-circuit fallback", i+1, resp.StatusCode, resp.Header)
+		}
+	}
+	if got := hits.Load() - before; got != 0 {
+		t.Errorf("the upstream got %d requests after the trip", got)
+	}
+	// A reload that changes the upstream's settings builds a new circuit:
+	// it stays open.
+	sc.writeConfig(breakerCfg("1100ms"))
+	sc.signal(syscall.SIGHUP)
+	deadline := time.Now().Add(5 * time.Second)
+	for sc.metric(`sidecar_config_reloads_total{result="success"}`) < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("reload not applied")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if resp, _ := get(t, sc.url("/"), nil); resp.Header.Get("X-Sidecar-Fallback") != "open" {
+		t.Fatalf("after the reload: %d %v, want the open-circuit fallback", resp.StatusCode, resp.Header)
+	}
+	if v := sc.metric(`sidecar_breaker_transitions_total{circuit="upstream:app",to="open"}`); v != 1 {
+		t.Errorf("%v transitions to open, want 1 (the reload must not report another)", v)
+	}
+	// The upstream recovers: the probe after the sleep window closes it.
+	failing.Store(false)
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		resp, body := get(t, sc.url("/"), nil)
+		if resp.StatusCode == 200 && body == "upstream ok" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("circuit never closed after the upstream recovered")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if v := sc.metric(`sidecar_breaker_transitions_total{circuit="upstream:app",to="closed"}`); v != 1 {
+		t.Errorf("%v transitions to closed, want 1", v)
 	}
 }
