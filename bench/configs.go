@@ -247,34 +247,8 @@ func streamBench(dir, sidecarBin, backendBin string) bool {
 	// NGINX in its streaming mode (no request or response buffering, which
 	// would spool 1 GiB to disk) on the same core: the reference for what
 	// a proxy reaches on this machine.
-	nginxAddr := ""
-	if path, err := exec.LookPath("nginx"); err == nil {
-		nginxAddr = procs.FreeAddr()
-		conf := filepath.Join(dir, "nginx-stream.conf")
-		procs.Check(os.WriteFile(conf, fmt.Appendf(nil, `worker_processes 1;
-daemon off;
-error_log %s/nginx-stream-error.log;
-pid %s/nginx-stream.pid;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path %s;
-  proxy_temp_path %s;
-  client_max_body_size 0;
-  upstream be { server %s; keepalive 16; }
-  server {
-    listen %s;
-    location / {
-      proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_request_buffering off; proxy_buffering off;
-    }
-  }
-}
-`, dir, dir, dir, dir, backendAddr, nginxAddr), 0o600))
-		ngx := start(path, nil, "0", "-c", conf)
-		defer procs.Stop(ngx)
-		procs.WaitHTTP("http://" + nginxAddr + "/small")
-	}
+	nginxAddr, stopNginx := startNginx(dir, "nginx-stream", backendAddr, "proxy_request_buffering off; proxy_buffering off; ")
+	defer stopNginx()
 
 	const gib = 1 << 30
 	curl := func(shell string) float64 {

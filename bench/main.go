@@ -67,31 +67,8 @@ func main() {
 
 	// NGINX, when installed, as the reference proxy everyone knows: one
 	// worker on CPU 0, keep-alive upstream connections, default buffering.
-	nginxAddr := ""
-	if path, err := exec.LookPath("nginx"); err == nil {
-		nginxAddr = procs.FreeAddr()
-		conf := filepath.Join(dir, "nginx.conf")
-		procs.Check(os.WriteFile(conf, fmt.Appendf(nil, `worker_processes 1;
-daemon off;
-error_log %s/nginx-error.log;
-pid %s/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path %s;
-  proxy_temp_path %s;
-  client_max_body_size 0;
-  upstream be { server %s; keepalive 64; }
-  server {
-    listen %s;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-`, dir, dir, dir, dir, backendAddr, nginxAddr), 0o600))
-		ngx := start(path, nil, "0", "-c", conf)
-		defer procs.Stop(ngx)
-		procs.WaitHTTP("http://" + nginxAddr + "/small")
-	}
+	nginxAddr, stopNginx := startNginx(dir, "nginx", backendAddr, "")
+	defer stopNginx()
 
 	cfg := filepath.Join(dir, "sidecar.toml")
 	procs.Check(os.WriteFile(cfg, fmt.Appendf(nil, `[server]
@@ -306,6 +283,39 @@ func median(ss []sample) sample {
 		p50: pick(func(s sample) float64 { return s.p50 }),
 		p99: pick(func(s sample) float64 { return s.p99 }),
 	}
+}
+
+// startNginx runs NGINX, when installed, with one worker on CPU 0 in front
+// of backendAddr (keep-alive upstream connections, directives added to the
+// location), and returns its address ("" when not installed) and how to
+// stop it.
+func startNginx(dir, name, backendAddr, location string) (string, func()) {
+	path, err := exec.LookPath("nginx")
+	if err != nil {
+		return "", func() {}
+	}
+	addr := procs.FreeAddr()
+	conf := filepath.Join(dir, name+".conf")
+	procs.Check(os.WriteFile(conf, fmt.Appendf(nil, `worker_processes 1;
+daemon off;
+error_log %[1]s/%[2]s-error.log;
+pid %[1]s/%[2]s.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path %[1]s;
+  proxy_temp_path %[1]s;
+  client_max_body_size 0;
+  upstream be { server %[3]s; keepalive 64; }
+  server {
+    listen %[4]s;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; %[5]s}
+  }
+}
+`, dir, name, backendAddr, addr, location), 0o600))
+	ngx := start(path, nil, "0", "-c", conf)
+	procs.WaitHTTP("http://" + addr + "/small")
+	return addr, func() { procs.Stop(ngx) }
 }
 
 func start(bin string, env []string, cpu string, args ...string) *exec.Cmd {

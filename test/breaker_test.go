@@ -12,10 +12,11 @@ import (
 	"time"
 )
 
-func TestCircuitOpensServesFallbackAndRecovers(t *testing.T) {
-	var failing atomic.Bool
-	var hits atomic.Int64
-	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+// failingBackend answers "upstream ok", or 503 while *failing is set,
+// and counts the requests it got in *hits.
+func failingBackend(t *testing.T) (be *backend, failing *atomic.Bool, hits *atomic.Int64) {
+	failing, hits = new(atomic.Bool), new(atomic.Int64)
+	be = startBackend(t, func(w http.ResponseWriter, r *http.Request) {
 		hits.Add(1)
 		if failing.Load() {
 			w.WriteHeader(503)
@@ -23,6 +24,27 @@ func TestCircuitOpensServesFallbackAndRecovers(t *testing.T) {
 		}
 		io.WriteString(w, "upstream ok")
 	})
+	return be, failing, hits
+}
+
+// waitClosed asks until the upstream answers again: the probe after the
+// sleep window closed the circuit.
+func waitClosed(t *testing.T, sc *sidecar) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		resp, body := get(t, sc.url("/"), nil)
+		if resp.StatusCode == 200 && body == "upstream ok" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("circuit never closed after the upstream recovered")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestCircuitOpensServesFallbackAndRecovers(t *testing.T) {
+	be, failing, hits := failingBackend(t)
 	sc := startSidecar(t, routeTo(be.url(), `
 [upstreams.app.breaker]
 error_percent = 50
@@ -71,17 +93,7 @@ body = '{"error":"try again soon"}'
 	}
 	// The upstream recovers; after the sleep window a probe closes the circuit.
 	failing.Store(false)
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		resp, body := get(t, sc.url("/"), nil)
-		if resp.StatusCode == 200 && body == "upstream ok" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("circuit never closed after the upstream recovered")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitClosed(t, sc)
 	for i := 0; i < 10; i++ {
 		if resp, _ := get(t, sc.url("/"), nil); resp.StatusCode != 200 {
 			t.Fatalf("after recovery: %d", resp.StatusCode)
@@ -268,16 +280,7 @@ upstream = "app"
 // 43 here) would have kept sending it traffic; a reload does not close the
 // circuit; the upstream's recovery does, through the probe.
 func TestConsecutiveFailuresCutOffAfterHealthySpell(t *testing.T) {
-	var failing atomic.Bool
-	var hits atomic.Int64
-	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		hits.Add(1)
-		if failing.Load() {
-			w.WriteHeader(503)
-			return
-		}
-		io.WriteString(w, "upstream ok")
-	})
+	be, failing, hits := failingBackend(t)
 	breakerCfg := func(sleep string) string {
 		return routeTo(be.url(), fmt.Sprintf(`
 [upstreams.app.breaker]
@@ -325,16 +328,7 @@ sleep_window = %q
 	}
 	// The upstream recovers: the probe after the sleep window closes it.
 	failing.Store(false)
-	for deadline := time.Now().Add(5 * time.Second); ; {
-		resp, body := get(t, sc.url("/"), nil)
-		if resp.StatusCode == 200 && body == "upstream ok" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("circuit never closed after the upstream recovered")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitClosed(t, sc)
 	if v := sc.metric(`sidecar_breaker_transitions_total{circuit="upstream:app",to="closed"}`); v != 1 {
 		t.Errorf("%v transitions to closed, want 1", v)
 	}
