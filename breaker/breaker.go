@@ -272,7 +272,7 @@ func (t Ticket) Report(failed bool, now time.Time) {
 		return
 	}
 	if t.tripProbe {
-		t.b.reportTripProbe(failed, now)
+		t.b.reportTripProbe(failed, t.start, now)
 		return
 	}
 	if failed {
@@ -301,17 +301,17 @@ func (t Ticket) Report(failed bool, now time.Time) {
 
 // reportTripProbe ends or renews a consecutive-failures trip. The probe's
 // verdict reaches hystrix's window too, like any request's.
-func (b *Breaker) reportTripProbe(failed bool, now time.Time) {
+func (b *Breaker) reportTripProbe(failed bool, start, now time.Time) {
 	if failed {
 		b.tripped.Store(now.UnixNano()) // another sleep window
 		b.early.add(now, true)
-		_ = b.cb.ReportEvent(evFailure, now, 0)
+		_ = b.cb.ReportEvent(evFailure, start, now.Sub(start))
 		return
 	}
 	b.consecutive.Store(0)
 	b.tripped.Store(0)
 	b.early.add(now, false)
-	_ = b.cb.ReportEvent(evSuccess, now, 0)
+	_ = b.cb.ReportEvent(evSuccess, start, now.Sub(start))
 	if !b.cb.IsOpen() && b.opened.Swap(0) != 0 {
 		b.trans(Closed)
 	}
