@@ -227,12 +227,17 @@ func (b *Breaker) Allow(now time.Time) (Ticket, time.Duration, error) {
 		return Ticket{b: b, start: now, probe: true, tripProbe: true}, 0, nil
 	}
 	probe := false
-	if !b.cb.IsOpen() && b.early.unhealthy(now) {
+	// IsOpen is hystrix's health computation (sums over its rolling
+	// window) while the circuit is closed: once per request, and only
+	// here. hystrix opens nowhere else than in IsOpen, so b.opened, set
+	// whenever a call here or in State sees it open, tells the rest.
+	open := b.cb.IsOpen()
+	if !open && b.early.unhealthy(now) {
 		// hystrix has not seen it yet: refuse now, it will open shortly.
 		b.markOpen(now)
 		return Ticket{}, b.retryIn(now), ErrOpen
 	}
-	if b.cb.IsOpen() {
+	if open {
 		b.markOpen(now)
 		if !b.cb.AllowRequest() {
 			return Ticket{}, b.retryIn(now), ErrOpen
@@ -285,8 +290,8 @@ func (t Ticket) Report(failed bool, now time.Time) {
 		return
 	}
 	t.b.consecutive.Store(0)
-	if !t.probe && t.b.cb.IsOpen() {
-		return // started before the trip: only the probe decides
+	if !t.probe && t.b.opened.Load() != 0 {
+		return // open, and this request started before the trip: only the probe decides
 	}
 	if t.probe {
 		t.b.early.reset() // hystrix resets its window when the probe closes the circuit
@@ -332,13 +337,15 @@ func (b *Breaker) State(now time.Time) State {
 		}
 		return Open
 	}
-	if !b.cb.IsOpen() {
+	// Not seen open (b.opened == 0): hystrix is closed, and the cheap
+	// synchronous window says whether it is about to open. The access log
+	// asks this for every request.
+	if b.opened.Load() == 0 || !b.cb.IsOpen() {
 		if b.early.unhealthy(now) {
 			return Open // hystrix is about to agree
 		}
 		return Closed
 	}
-	b.markOpen(now)
 	if now.Sub(time.Unix(0, b.opened.Load())) >= b.sleep {
 		return HalfOpen
 	}
