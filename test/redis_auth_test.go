@@ -32,7 +32,11 @@ func TestRedisCredentialsAndTLS(t *testing.T) {
 		// Each subtest counts under its own key prefix: the client is the
 		// same address every time.
 		redis += fmt.Sprintf("\nkey_prefix = %q", strings.NewReplacer(" ", "_", "/", "_").Replace(t.Name()))
-		cfg := fmt.Sprintf("[rate_limit]\nstore = \"redis\"\n[redis]\n%s\n[tiers.anonymous]\nlimit = %d\nwindow = \"1m\"\n",
+		// The first decision dials, shakes hands and authenticates: under
+		// -race on a loaded machine that can outlast the 50 ms default, and
+		// a timed-out decision is made locally. This test is about
+		// credentials, not latency.
+		cfg := fmt.Sprintf("[rate_limit]\nstore = \"redis\"\nstore_timeout = \"2s\"\n[redis]\n%s\n[tiers.anonymous]\nlimit = %d\nwindow = \"1m\"\n",
 			redis, limit) + routeTo(be.url(), "")
 		sc := &sidecar{t: t, logs: &syncBuffer{}, waited: make(chan struct{})}
 		addrs := freeAddrs(t, 2)
