@@ -288,7 +288,7 @@ consecutive_failures = 3
 sleep_window = %q
 `, sleep))
 	}
-	sc := startSidecar(t, breakerCfg("1s"))
+	sc := startSidecar(t, breakerCfg("2s"))
 	for i := 0; i < 40; i++ {
 		if resp, _ := get(t, sc.url("/"), nil); resp.StatusCode != 200 {
 			t.Fatalf("healthy spell: %d", resp.StatusCode)
@@ -310,8 +310,9 @@ sleep_window = %q
 		t.Errorf("the upstream got %d requests after the trip", got)
 	}
 	// A reload that changes the upstream's settings builds a new circuit:
-	// it stays open.
-	sc.writeConfig(breakerCfg("1100ms"))
+	// it stays open. (The sleep window, 2 s, leaves the reload time even on
+	// a loaded machine; after it, the next request would be the probe.)
+	sc.writeConfig(breakerCfg("2100ms"))
 	sc.signal(syscall.SIGHUP)
 	deadline := time.Now().Add(5 * time.Second)
 	for sc.metric(`sidecar_config_reloads_total{result="success"}`) < 1 {
