@@ -17,17 +17,8 @@ func TestLeaseSpendDoesNotAllocate(t *testing.T) {
 	l := New(Settings{Redis: client(t, srv.Addr), KeyPrefix: "alloc", Heartbeat: time.Hour, Now: clock.Now, Lease: true})
 	defer l.Close()
 	rule := Rule{Limit: 1_000_000, Window: time.Minute} // leases of up to 10,000
-	held := 0
-	for i := 0; held < 500; i++ { // at one instant the client's count grows by one a request
-		if i == 5000 {
-			t.Fatal("no lease of 500 units")
-		}
-		l.Allow("hot", rule)
-		sh := l.leases.shard("hot")
-		sh.mu.Lock()
-		held = sh.m["hot"].units
-		sh.mu.Unlock()
-	}
+	// At one instant the client's count grows by one a request.
+	askUntilHeld(t, l, "hot", rule, 500, 5000, nil)
 	src := FromLease
 	allocs := testing.AllocsPerRun(200, func() {
 		if _, s := l.Allow("hot", rule); s != FromLease {

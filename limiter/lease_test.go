@@ -360,18 +360,7 @@ func TestLeaseSpentDuringOutage(t *testing.T) {
 	l := New(Settings{Redis: client(t, counter.Addr), KeyPrefix: "outage", Heartbeat: time.Hour, Now: clock.Now, Lease: true})
 	defer l.Close()
 	rule := Rule{Limit: 6000, Window: time.Minute} // leases of at most 60
-	held := 0
-	for i := 0; held < 10; i++ {
-		if i == 1000 {
-			t.Fatal("no lease of 10 units or more")
-		}
-		l.Allow("client", rule)
-		clock.Advance(time.Millisecond)
-		sh := l.leases.shard("client")
-		sh.mu.Lock()
-		held = sh.m["client"].units
-		sh.mu.Unlock()
-	}
+	held := askUntilHeld(t, l, "client", rule, 10, 1000, func() { clock.Advance(time.Millisecond) })
 	srv.Kill()
 	sent := counter.Sent()
 	for i := range held {
@@ -419,17 +408,7 @@ func TestLeaseGCRA(t *testing.T) {
 		t.Errorf("leases hardly used: %v", bySrc)
 	}
 
-	var held int
-	for i := 0; held == 0; i++ {
-		if i == 100 {
-			t.Fatal("no lease with units left")
-		}
-		l.Allow("other", rule)
-		sh := l.leases.shard("other")
-		sh.mu.Lock()
-		held = sh.m["other"].units
-		sh.mu.Unlock()
-	}
+	held := askUntilHeld(t, l, "other", rule, 1, 100, nil)
 	expired := l.m.unitsExpired.Get()
 	clock.Advance(2 * time.Second)
 	l.sweepLeases(clock.Now().UnixMilli())
@@ -446,17 +425,7 @@ func TestLeaseTableBounded(t *testing.T) {
 		Lease: true, MaxLeaseKeys: leaseShards, StoreTimeout: time.Second}) // one client per shard
 	defer l.Close()
 	rule := Rule{Limit: 6000, Window: time.Minute}
-	held := 0
-	for i := 0; held == 0; i++ {
-		if i == 100 {
-			t.Fatal("no lease with units left")
-		}
-		l.Allow("hot", rule)
-		sh := l.leases.shard("hot")
-		sh.mu.Lock()
-		held = sh.m["hot"].units
-		sh.mu.Unlock()
-	}
+	held := askUntilHeld(t, l, "hot", rule, 1, 100, nil)
 	for i := range 2000 {
 		l.Allow(fmt.Sprintf("cold-%d", i), rule)
 	}
@@ -687,4 +656,29 @@ func TestGaugesFollowTheNewestLimiter(t *testing.T) {
 	if got := gauge("sidecar_ratelimit_memory_keys"); got != "1" {
 		t.Errorf("memory keys %s after the limiter was replaced, want the new one's 1", got)
 	}
+}
+
+// askUntilHeld asks as key until its lease holds at least min units, at
+// most tries times (calling between after each ask, when set), and
+// returns the units held.
+func askUntilHeld(t *testing.T, l *Limiter, key string, rule Rule, min, tries int, between func()) int {
+	t.Helper()
+	for range tries {
+		l.Allow(key, rule)
+		if between != nil {
+			between()
+		}
+		sh := l.leases.shard(key)
+		sh.mu.Lock()
+		held := 0
+		if e := sh.m[key]; e != nil {
+			held = e.units
+		}
+		sh.mu.Unlock()
+		if held >= min {
+			return held
+		}
+	}
+	t.Fatalf("no lease of %d units or more for %q after %d requests", min, key, tries)
+	return 0
 }

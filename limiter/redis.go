@@ -343,15 +343,26 @@ func nowArg(nowMs int64) string {
 	return strconv.FormatInt(nowMs, 10)
 }
 
+// onceMoreIfLost runs call, and once more after reloading a cluster's slot
+// map when a node was unreachable (a failover moved its slots).
+func (s *redisStore) onceMoreIfLost(ctx context.Context, call func() error) error {
+	err := call()
+	if err != nil && s.cluster != nil && unreachable(err) && ctx.Err() == nil {
+		s.refreshCluster(ctx)
+		err = call()
+	}
+	return err
+}
+
 // gcraAllow runs redis_rate's GCRA for one decision. redis_rate falls
 // back from EVALSHA to EVAL by itself on NOSCRIPT.
 func (s *redisStore) gcraAllow(ctx context.Context, key string, rule Rule, cost int) (Decision, error) {
 	limit := redis_rate.Limit{Rate: rule.Limit, Period: rule.Window, Burst: rule.burst()}
-	res, err := s.gcra.AllowN(ctx, s.key(key), limit, cost)
-	if err != nil && s.cluster != nil && unreachable(err) && ctx.Err() == nil {
-		s.refreshCluster(ctx)
+	var res *redis_rate.Result
+	err := s.onceMoreIfLost(ctx, func() (err error) {
 		res, err = s.gcra.AllowN(ctx, s.key(key), limit, cost)
-	}
+		return err
+	})
 	if err != nil {
 		return Decision{}, err
 	}
@@ -371,11 +382,11 @@ func (s *redisStore) gcraAllow(ctx context.Context, key string, rule Rule, cost 
 // granted (0 when denied).
 func (s *redisStore) gcraLease(ctx context.Context, key string, rule Rule, n int) (Decision, int, error) {
 	limit := redis_rate.Limit{Rate: rule.Limit, Period: rule.Window, Burst: rule.burst()}
-	res, err := s.gcra.AllowAtMost(ctx, s.key(key), limit, n)
-	if err != nil && s.cluster != nil && unreachable(err) && ctx.Err() == nil {
-		s.refreshCluster(ctx)
+	var res *redis_rate.Result
+	err := s.onceMoreIfLost(ctx, func() (err error) {
 		res, err = s.gcra.AllowAtMost(ctx, s.key(key), limit, n)
-	}
+		return err
+	})
 	if err != nil {
 		return Decision{}, 0, err
 	}
