@@ -23,11 +23,14 @@ fmt-check:
 
 # The tests start their own redis-server processes on free loopback ports.
 # The monitoring tests run a real Prometheus and promtool (Debian's prometheus).
+# The identity tests run a real WSGI backend (Python's wsgiref).
 deps-test:
 	@command -v redis-server >/dev/null || { apt-get update -q && $(APT_INSTALL) redis-server; }
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		{ apt-get update -q && $(APT_INSTALL) --no-install-recommends prometheus; }
 	@command -v docker-compose >/dev/null || { apt-get update -q && $(APT_INSTALL) --no-install-recommends docker-compose; }
+	@# a real CGI-style backend for the identity tests: Python's wsgiref
+	@command -v python3 >/dev/null || { apt-get update -q && $(APT_INSTALL) --no-install-recommends python3; }
 
 # timed,NAME,COMMAND runs COMMAND and prints its wall time (go test also
 # prints each package's).

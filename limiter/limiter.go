@@ -339,6 +339,26 @@ func (l *Limiter) Allow(key string, rule Rule) (Decision, Source) {
 	return d, FromStore
 }
 
+// Denied reports whether key is known to be over rule's limit, from this
+// replica's memory alone (see Remember; with Redis, also what Allow saw
+// Redis deny): no store call, nothing charged. It is for checks that must
+// cost less than the work a denial spares.
+func (l *Limiter) Denied(key string, rule Rule) (Decision, bool) {
+	nowMs := l.s.Now().UnixMilli()
+	until, ok := l.denied.get(key, nowMs)
+	if !ok {
+		return Decision{}, false
+	}
+	return l.denyCached(rule, until, nowMs), true
+}
+
+// Remember makes Denied report key for as long as denial d says to wait.
+func (l *Limiter) Remember(key string, d Decision) {
+	if !d.Allowed && d.RetryAfter > 0 {
+		l.denied.put(key, l.s.Now().UnixMilli()+d.RetryAfter.Milliseconds())
+	}
+}
+
 func (l *Limiter) denyCached(rule Rule, until, nowMs int64) Decision {
 	l.m.denyCacheHits.Inc()
 	return Decision{Limit: rule.Limit, RetryAfter: time.Duration(until-nowMs) * time.Millisecond,

@@ -101,11 +101,21 @@ type JWTFile struct {
 	Audience *string `toml:"audience"`
 	// Leeway tolerates clock skew on exp/nbf. Default 0s.
 	Leeway *Duration `toml:"leeway"`
+	// RequireExp refuses tokens without an "exp" claim, which would never
+	// expire. Default true.
+	RequireExp *bool `toml:"require_exp"`
+	// UnknownTier is what a valid token whose tier claim names no
+	// [tiers.NAME] table gets: "authenticated" (default: the
+	// authenticated tier; counted and logged) or "reject" (401).
+	UnknownTier *string `toml:"unknown_tier"`
 }
 
 // TierFile is one [tiers.NAME] table.
 type TierFile struct {
-	// Limit requests per Window. Required.
+	// Unlimited makes a tier that is never rate limited; it then takes no
+	// limit, window, burst or algorithm. Default false.
+	Unlimited *bool `toml:"unlimited"`
+	// Limit requests per Window. Required unless Unlimited.
 	Limit  *int      `toml:"limit"`
 	Window *Duration `toml:"window"`
 	// Burst is the GCRA bucket depth. Default: Limit.
@@ -236,6 +246,18 @@ type ServerFile struct {
 	// TrustedProxies lists CIDRs (or single IPs) whose X-Forwarded-* headers
 	// are believed. Default empty: nobody is trusted.
 	TrustedProxies []string `toml:"trusted_proxies"`
+	// TrustedOnlyHeaders are fields that name the client, its address or
+	// the URL it asked for, and that backends believe: they are removed
+	// from requests whose peer is not in TrustedProxies (also when spelled
+	// with '_' for '-'). Setting it replaces the default list,
+	// DefaultTrustedOnlyHeaders (Forwarded, X-Real-IP, True-Client-IP,
+	// X-Original-URL, ...).
+	TrustedOnlyHeaders []string `toml:"trusted_only_headers"`
+	// AllowedUpgrades are the protocols a client may switch to (Upgrade,
+	// RFC 9110 §7.8), compared case-insensitively; a request for another is
+	// answered 501, except "h2c", which is ignored (served as HTTP/1.1).
+	// Default ["websocket"].
+	AllowedUpgrades []string `toml:"allowed_upgrades"`
 	// RequestIDHeader names the request-id header. Default "X-Request-Id".
 	RequestIDHeader *string `toml:"request_id_header"`
 	// AdminPprof serves Go's profiler under /debug/pprof/ on the admin

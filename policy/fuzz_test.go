@@ -1,9 +1,11 @@
 package policy
 
 import (
+	"bytes"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -21,6 +23,9 @@ func fuzzToken(f *testing.F, claims jwt.MapClaims) []byte {
 	}
 	return []byte("Bearer " + tok)
 }
+
+// bearerRE: the auth-scheme is "Bearer" (not a longer token that starts so).
+var bearerRE = regexp.MustCompile("^(?i)bearer([^!#$%&'*+.^_`|~0-9a-z-]|$)")
 
 // FuzzIdentify feeds made-up API keys, Authorization headers (JWTs) and
 // X-Forwarded-For chains to identity resolution with API keys and HS256
@@ -46,6 +51,11 @@ secret_env = "SIDECAR_FUZZ_SECRET"
 [tiers.premium]
 limit = 10
 window = "1m"
+[tiers.anonymous]
+limit = 10
+window = "1m"
+[tiers.authenticated]
+unlimited = true
 [upstreams.a]
 url = "http://127.0.0.1:1"
 [[routes]]
@@ -59,29 +69,47 @@ upstream = "a"
 	f.Add([]byte(""), fuzzToken(f, jwt.MapClaims{"sub": "alice", "tier": "premium", "exp": exp}), []byte(""), "127.0.0.1")
 	f.Add([]byte(""), fuzzToken(f, jwt.MapClaims{"sub": "bob", "exp": 1}), []byte(""), "127.0.0.1")
 	f.Add([]byte(""), []byte("Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."), []byte(""), "127.0.0.1")
+	// apiKey and auth hold one field line per '\n'-separated part, so that
+	// repeated credentials are fuzzed too.
 	f.Fuzz(func(t *testing.T, apiKey, auth, xff []byte, peerText string) {
 		peer, err := netip.ParseAddr(peerText)
 		if err != nil {
 			return
 		}
-		c, err := snap.Identify(apiKey, auth, [][]byte{xff}, peer)
+		lines := func(b []byte) [][]byte {
+			if len(b) == 0 {
+				return nil
+			}
+			return bytes.Split(b, []byte{'\n'})
+		}
+		creds := &Credentials{APIKeys: lines(apiKey), Authorization: lines(auth), ForwardedFor: [][]byte{xff}, Peer: peer}
+		c, err := snap.Identify(creds)
 		if err != nil {
+			if !snap.Verifies(creds) {
+				t.Fatalf("identification failed (%v) for a request Verifies calls plain: %q %q", err, apiKey, auth)
+			}
 			return
+		}
+		bearers := 0
+		for _, a := range creds.Authorization {
+			if bearerRE.Match(a) {
+				bearers++
+			}
 		}
 		switch {
 		case strings.HasPrefix(c.ID, "key:"):
-			if string(apiKey) != "known-key" || c.ID != "key:acme" || c.Tier != "premium" {
-				t.Fatalf("API key %q accepted as %+v", apiKey, c)
+			if string(apiKey) != "known-key" || c.ID != "key:acme" || c.Tier != "premium" || bearers != 0 {
+				t.Fatalf("API key %q (Authorization %q) accepted as %+v", apiKey, auth, c)
 			}
 		case strings.HasPrefix(c.ID, "jwt:"):
-			if len(apiKey) != 0 || !strings.Contains(string(auth), ".") {
+			if len(apiKey) != 0 || len(creds.Authorization) != 1 || bearers != 1 || !strings.Contains(string(auth), ".") {
 				t.Fatalf("token %q (API key %q) accepted as %+v", auth, apiKey, c)
 			}
 			if c.Tier != "premium" && c.Tier != "authenticated" {
 				t.Fatalf("token gave an unknown tier: %+v", c)
 			}
 		case strings.HasPrefix(c.ID, "ip:"):
-			if len(apiKey) != 0 || c.Tier != "anonymous" {
+			if len(apiKey) != 0 || c.Tier != "anonymous" || bearers != 0 || len(creds.Authorization) > 1 {
 				t.Fatalf("API key %q or token %q fell back to the address: %+v", apiKey, auth, c)
 			}
 			if !snap.Server.Trusted(peer.Unmap()) && c.ID != "ip:"+peer.Unmap().String() && !peer.Unmap().Is6() {

@@ -46,7 +46,18 @@ type JWT struct {
 	key         any
 	TierClaim   string
 	ClientClaim string
+	// RejectUnknownTier answers a token whose tier claim names no
+	// [tiers.NAME] table with 401 instead of the authenticated tier.
+	RejectUnknownTier bool
 }
+
+// MaxTokenBytes is the longest bearer token looked at; a longer one is
+// refused before any decoding, so that a flood of huge tokens costs a
+// length check each, not a base64 and JSON decode.
+const MaxTokenBytes = 8 << 10
+
+// maxClientIDBytes bounds a client id taken from a token or a certificate.
+const maxClientIDBytes = 256
 
 // Tier is one [tiers.NAME] with defaults applied.
 type Tier struct {
@@ -56,62 +67,128 @@ type Tier struct {
 	Burst     int    // 0: Limit
 	Algorithm string // "sliding_window" or "gcra"
 	Shadow    bool
+	// Unlimited tiers (unlimited = true) are never rate limited.
+	Unlimited bool
 }
 
 // Client is who a request comes from, as far as the sidecar can verify.
 type Client struct {
-	ID   string // "key:<client>", "jwt:<client>" or "ip:<address or /64>"
+	ID   string // "key:<client>", "jwt:<client>", "cert:<CN>" or "ip:<address or /64>"
 	Tier string
 }
 
-// Errors of Identify; the proxy answers them with 401.
-var (
-	ErrUnknownKey = errors.New("policy: unknown or revoked API key")
-	ErrBadToken   = errors.New("policy: invalid bearer token")
-)
-
-// Identify resolves a request's client and tier from what can be verified:
-// an API key (apiKey: the header's value), else a bearer token
-// (authorization: the Authorization header), else the client address:
-// the socket peer, or, only when the peer is a trusted proxy, the
-// right-most address in X-Forwarded-For (xff, one entry per header line)
-// that is not itself a trusted proxy. Nothing a client sends can choose
-// its tier without a valid key or token.
-func (s *Snapshot) Identify(apiKey, authorization []byte, xff [][]byte, peer netip.Addr) (Client, error) {
-	id, tier, err := s.AppendIdentity(nil, apiKey, authorization, nil, xff, peer)
-	return Client{ID: string(id), Tier: tier}, err
+// Credentials are what a request offers to be identified by: every field
+// line of each kind, so that a repeated credential cannot hide behind the
+// first one. The front-end fills it; nothing in it is trusted yet.
+type Credentials struct {
+	// APIKeys are the values of every field named identity.api_key_header,
+	// also when spelled with '_' for '-' (CGI-style backends read both as
+	// one variable).
+	APIKeys [][]byte
+	// Authorization holds every Authorization line.
+	Authorization [][]byte
+	// CertCN is the subject common name of a verified TLS client
+	// certificate, or nil.
+	CertCN []byte
+	// ForwardedFor holds the X-Forwarded-For lines; the front-end reads
+	// them only when Peer is a trusted proxy.
+	ForwardedFor [][]byte
+	// Peer is the socket's remote address.
+	Peer netip.Addr
 }
 
-// AppendIdentity is Identify that appends the client id to dst, so that
-// the request path builds it without allocating. certCN is the subject
-// common name of a verified TLS client certificate, or nil: with
-// identity.client_cert_tier set, it identifies the client after API keys
-// and tokens and before the address.
-func (s *Snapshot) AppendIdentity(dst, apiKey, authorization, certCN []byte, xff [][]byte, peer netip.Addr) ([]byte, string, error) {
+// Verdict is the outcome of a successful identification besides the id.
+type Verdict struct {
+	Tier string
+	// UnknownTierClaim is a token's tier claim that named no tier table:
+	// the client got the authenticated tier instead (count it, log it).
+	UnknownTierClaim string
+}
+
+// Errors of Identify. The proxy answers ErrUnknownKey and ErrBadToken
+// with 401, ErrAmbiguousCredentials with 400.
+var (
+	ErrUnknownKey           = errors.New("policy: unknown or revoked API key")
+	ErrBadToken             = errors.New("policy: invalid bearer token")
+	ErrAmbiguousCredentials = errors.New("policy: ambiguous credentials")
+)
+
+// Identify resolves a request's client and tier; see AppendIdentity.
+func (s *Snapshot) Identify(c *Credentials) (Client, error) {
+	id, v, err := s.AppendIdentity(nil, c)
+	return Client{ID: string(id), Tier: v.Tier}, err
+}
+
+// Verifies reports whether c carries a credential that the sidecar checks
+// (an API key with a keys file, a bearer token with [identity.jwt]), or
+// an Authorization field repeated: identification may fail, and failures
+// are limited by address (see the proxy).
+func (s *Snapshot) Verifies(c *Credentials) bool {
 	id := &s.Identity
-	if len(apiKey) > 0 && id.keys != nil {
-		k, ok := id.lookup(apiKey)
+	return (id.keys != nil && len(c.APIKeys) > 0) || len(c.Authorization) > 1 ||
+		(id.JWT != nil && len(c.Authorization) == 1 && isBearer(c.Authorization[0]))
+}
+
+// AppendIdentity resolves a request's client and tier from what can be
+// verified, appending the client id to dst (so that the request path
+// builds it without allocating):
+//
+//  1. an API key, when a keys file is configured: exactly one line, and
+//     one the keys file knows and has not revoked, else an error;
+//  2. a bearer token, when [identity.jwt] is configured: exactly one,
+//     well-formed ("Bearer" SP token), validly signed and in date, else
+//     an error;
+//  3. a verified TLS client certificate, with identity.client_cert_tier;
+//  4. the client address (AppendAddress), in the anonymous tier.
+//
+// An API key and a bearer token together, or two Authorization fields,
+// are ErrAmbiguousCredentials: which one a backend would believe is
+// anyone's guess. Another Authorization scheme (Basic, Digest) is not
+// looked at. Nothing a client sends can choose its tier without a valid
+// key or token.
+func (s *Snapshot) AppendIdentity(dst []byte, c *Credentials) ([]byte, Verdict, error) {
+	id := &s.Identity
+	if n := len(c.Authorization); n > 1 {
+		return dst, Verdict{}, fmt.Errorf("%w: %d Authorization fields", ErrAmbiguousCredentials, n)
+	}
+	useKey := id.keys != nil && len(c.APIKeys) > 0
+	bearer := id.JWT != nil && len(c.Authorization) == 1 && isBearer(c.Authorization[0])
+	switch {
+	case useKey && len(c.APIKeys) > 1:
+		return dst, Verdict{}, fmt.Errorf("%w: %d %s fields", ErrAmbiguousCredentials, len(c.APIKeys), id.APIKeyHeader)
+	case useKey && bearer:
+		return dst, Verdict{}, fmt.Errorf("%w: both an API key and a bearer token", ErrAmbiguousCredentials)
+	case useKey:
+		k, ok := id.lookup(c.APIKeys[0])
 		if !ok {
-			return dst, "", ErrUnknownKey
+			return dst, Verdict{}, ErrUnknownKey
 		}
-		return append(append(dst, "key:"...), k.Client...), k.Tier, nil
-	}
-	if id.JWT != nil {
-		if tok, ok := bearer(authorization); ok {
-			c, err := id.verify(tok)
-			return append(dst, c.ID...), c.Tier, err
+		return append(append(dst, "key:"...), k.Client...), Verdict{Tier: k.Tier}, nil
+	case bearer:
+		tok, err := bearerToken(c.Authorization[0])
+		if err != nil {
+			return dst, Verdict{}, err
 		}
+		return id.verify(dst, tok, s.Tiers)
 	}
-	if len(certCN) > 0 && id.ClientCertTier != "" {
-		return append(append(dst, "cert:"...), certCN...), id.ClientCertTier, nil
+	if len(c.CertCN) > 0 && id.ClientCertTier != "" && printableID(c.CertCN) {
+		return append(append(dst, "cert:"...), c.CertCN...), Verdict{Tier: id.ClientCertTier}, nil
 	}
-	addr := s.Server.clientAddr(xff, peer)
+	return s.AppendAddress(dst, c), Verdict{Tier: id.AnonymousTier}, nil
+}
+
+// AppendAddress appends the id of the client's address: "ip:" and the
+// socket peer, or, only when the peer is a trusted proxy, the right-most
+// X-Forwarded-For entry that is not itself one; IPv6 addresses by their
+// identity.ipv6_prefix network.
+func (s *Snapshot) AppendAddress(dst []byte, c *Credentials) []byte {
+	addr := s.Server.clientAddr(c.ForwardedFor, c.Peer)
 	dst = append(dst, "ip:"...)
-	if addr.Is6() && id.IPv6Prefix < 128 {
-		p, _ := addr.Prefix(id.IPv6Prefix)
-		return p.AppendTo(dst), id.AnonymousTier, nil
+	if addr.Is6() && s.Identity.IPv6Prefix < 128 {
+		p, _ := addr.Prefix(s.Identity.IPv6Prefix)
+		return p.AppendTo(dst)
 	}
-	return addr.AppendTo(dst), id.AnonymousTier, nil
+	return addr.AppendTo(dst)
 }
 
 // lookup finds a key by its SHA-256 and checks it in constant time.
@@ -124,33 +201,104 @@ func (id *Identity) lookup(key []byte) (APIKey, bool) {
 	return k, true
 }
 
-func bearer(auth []byte) (string, bool) {
-	const prefix = "bearer "
-	if len(auth) <= len(prefix) || !bytes.EqualFold(auth[:len(prefix)], []byte(prefix)) {
-		return "", false
+// authScheme returns the auth-scheme of an Authorization value (RFC 9110
+// §11.4: a token) and what follows it.
+func authScheme(v []byte) (scheme, rest []byte) {
+	i := 0
+	for i < len(v) && tokenByte[v[i]] {
+		i++
 	}
-	return string(bytes.TrimSpace(auth[len(prefix):])), true
+	return v[:i], v[i:]
 }
 
-func (id *Identity) verify(tok string) (Client, error) {
+func isBearer(v []byte) bool {
+	scheme, _ := authScheme(v)
+	return bytes.EqualFold(scheme, []byte("Bearer"))
+}
+
+// bearerToken returns the token of a Bearer credential, which RFC 6750
+// §2.1 writes as "Bearer" 1*SP b64token: a tab, no token, or anything after
+// the token is malformed.
+func bearerToken(v []byte) (string, error) {
+	_, rest := authScheme(v)
+	tok := bytes.TrimLeft(rest, " ")
+	switch {
+	case len(rest) == 0 || rest[0] != ' ' || len(tok) == 0:
+		return "", fmt.Errorf("%w: want \"Bearer <token>\"", ErrBadToken)
+	case len(tok) > MaxTokenBytes:
+		return "", fmt.Errorf("%w: longer than %d bytes", ErrBadToken, MaxTokenBytes)
+	}
+	for _, c := range tok {
+		if !b64tokenByte[c] {
+			return "", fmt.Errorf("%w: want \"Bearer <token>\"", ErrBadToken)
+		}
+	}
+	return string(tok), nil
+}
+
+// tokenByte marks RFC 9110 tchar; b64tokenByte RFC 6750's b64token.
+var tokenByte, b64tokenByte = func() (t, b [256]bool) {
+	for c := 0; c < 256; c++ {
+		alnum := ('0' <= c && c <= '9') || ('a' <= c && c <= 'z') || ('A' <= c && c <= 'Z')
+		t[c] = alnum || strings.IndexByte("!#$%&'*+-.^_`|~", byte(c)) >= 0
+		b[c] = alnum || strings.IndexByte("-._~+/=", byte(c)) >= 0
+	}
+	return t, b
+}()
+
+// printableID accepts a client id from a token or certificate only if it
+// is short visible ASCII (spaces inside allowed): it goes upstream in a
+// header and into logs.
+func printableID(v []byte) bool {
+	if len(v) == 0 || len(v) > maxClientIDBytes || v[0] == ' ' || v[len(v)-1] == ' ' {
+		return false
+	}
+	for _, c := range v {
+		if c < ' ' || c >= 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// errCrit: RFC 7515 §4.1.11 — a token naming extensions in "crit" must be
+// refused by a recipient that does not understand them, and this one
+// understands none.
+var errCrit = errors.New("unsupported critical header \"crit\"")
+
+func (id *Identity) verify(dst []byte, tok string, tiers map[string]*Tier) ([]byte, Verdict, error) {
 	j := id.JWT
 	claims := jwt.MapClaims{}
-	if _, err := j.parser.ParseWithClaims(tok, claims, func(*jwt.Token) (any, error) { return j.key, nil }); err != nil {
-		return Client{}, fmt.Errorf("%w: %w", ErrBadToken, err)
+	keyFunc := func(t *jwt.Token) (any, error) {
+		if _, ok := t.Header["crit"]; ok {
+			return nil, errCrit
+		}
+		return j.key, nil
+	}
+	if _, err := j.parser.ParseWithClaims(tok, claims, keyFunc); err != nil {
+		return dst, Verdict{}, fmt.Errorf("%w: %w", ErrBadToken, err)
 	}
 	client, _ := claims[j.ClientClaim].(string)
-	if client == "" {
-		return Client{}, fmt.Errorf("%w: no %q claim", ErrBadToken, j.ClientClaim)
+	if !printableID([]byte(client)) {
+		return dst, Verdict{}, fmt.Errorf("%w: no %q claim of at most %d visible ASCII characters", ErrBadToken, j.ClientClaim, maxClientIDBytes)
 	}
-	tier, _ := claims[j.TierClaim].(string)
-	if tier == "" {
-		tier = id.AuthenticatedTier
+	v := Verdict{Tier: id.AuthenticatedTier}
+	if tier, _ := claims[j.TierClaim].(string); tier != "" {
+		if _, ok := tiers[tier]; ok {
+			v.Tier = tier
+		} else if j.RejectUnknownTier {
+			return dst, Verdict{}, fmt.Errorf("%w: %q claim names no tier", ErrBadToken, j.TierClaim)
+		} else {
+			v.UnknownTierClaim = tier
+		}
 	}
-	return Client{ID: "jwt:" + client, Tier: tier}, nil
+	return append(append(dst, "jwt:"...), client...), v, nil
 }
 
 // clientAddr is the socket peer, or, behind trusted proxies, the right-most
-// X-Forwarded-For address that is not one of them.
+// X-Forwarded-For address that is not one of them. An entry that is not an
+// address ends the chain: nothing left of it is believed, and the last
+// trusted proxy counts as the client.
 func (s *Server) clientAddr(xff [][]byte, peer netip.Addr) netip.Addr {
 	addr := peer.Unmap()
 	if !s.Trusted(addr) {
@@ -165,19 +313,67 @@ func (s *Server) clientAddr(xff [][]byte, peer netip.Addr) netip.Addr {
 			if j < 0 {
 				line = nil
 			}
-			// ParseAddr keeps nothing of its argument: a string view of
-			// part saves an allocation per request.
-			a, err := netip.ParseAddr(unsafe.String(unsafe.SliceData(part), len(part)))
-			if err != nil {
+			if len(part) == 0 && len(line) > 0 {
+				continue // "a,,b": an empty list element (RFC 9110 §5.6.1)
+			}
+			a, ok := forwardedAddr(part)
+			if !ok {
 				return addr // garbage in the chain: trust nothing left of it
 			}
-			addr = a.Unmap()
+			addr = a
 			if !s.Trusted(addr) {
 				return addr
 			}
 		}
 	}
 	return addr
+}
+
+// forwardedAddr parses one X-Forwarded-For entry: an address, an IPv4
+// address with a port ("192.0.2.1:5555"), or a bracketed IPv6 address with
+// or without one ("[2001:db8::1]:443", "[2001:db8::1]"), as proxies write
+// them. Zones are dropped.
+func forwardedAddr(part []byte) (netip.Addr, bool) {
+	host := part
+	switch {
+	case len(part) > 0 && part[0] == '[':
+		end := bytes.IndexByte(part, ']')
+		if end < 0 || !validPort(part[end+1:], true) {
+			return netip.Addr{}, false
+		}
+		host = part[1:end]
+	case bytes.Count(part, []byte{':'}) == 1:
+		i := bytes.IndexByte(part, ':')
+		if !validPort(part[i:], false) {
+			return netip.Addr{}, false
+		}
+		host = part[:i]
+	}
+	// ParseAddr keeps nothing of its argument: a string view saves an
+	// allocation per request.
+	a, err := netip.ParseAddr(unsafe.String(unsafe.SliceData(host), len(host)))
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	return a.Unmap().WithZone(""), true
+}
+
+// validPort accepts ":" and a port number (or nothing, when optional).
+func validPort(p []byte, optional bool) bool {
+	if len(p) == 0 {
+		return optional
+	}
+	if p[0] != ':' || len(p) < 2 || len(p) > 6 {
+		return false
+	}
+	n := 0
+	for _, c := range p[1:] {
+		if c < '0' || c > '9' {
+			return false
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n <= 65535
 }
 
 // HashKey returns the keys-file form of an API key: hex SHA-256.
@@ -293,6 +489,12 @@ func (v *validator) jwt(f *JWTFile, configFile string) *JWT {
 	}
 	if f.Leeway != nil {
 		opts = append(opts, jwt.WithLeeway(f.Leeway.Duration))
+	}
+	if f.RequireExp == nil || *f.RequireExp {
+		opts = append(opts, jwt.WithExpirationRequired())
+	}
+	if f.UnknownTier != nil {
+		j.RejectUnknownTier = v.oneOf(key+".unknown_tier", *f.UnknownTier, "authenticated", "reject") == "reject"
 	}
 	j.parser = jwt.NewParser(opts...)
 	return j

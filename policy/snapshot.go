@@ -81,6 +81,8 @@ type Server struct {
 	MaxConnections      int
 	MaxConnectionsPerIP int // 0: unlimited
 	TrustedProxies      []netip.Prefix
+	TrustedOnlyHeaders  []string // removed from untrusted peers' requests
+	AllowedUpgrades     []string // lower-case protocol names
 	RequestIDHeader     string
 	AdminPprof          bool
 	ReusePort           bool
@@ -195,9 +197,10 @@ type Route struct {
 }
 
 // Match returns the first route whose conditions all hold, or nil.
-// host may carry a port; it is compared case-insensitively.
+// host may carry a port and a trailing dot (the same name in DNS); it is
+// compared case-insensitively.
 func (s *Snapshot) Match(host, path, method []byte) *Route {
-	host = stripPort(host)
+	host = bytes.TrimSuffix(stripPort(host), []byte{'.'})
 	for i := range s.Routes {
 		r := &s.Routes[i]
 		if r.matches(host, path, method) {

@@ -177,6 +177,20 @@ func (v *validator) server(f *ServerFile, s *Server) {
 		}
 		s.TrustedProxies = append(s.TrustedProxies, p)
 	}
+	s.TrustedOnlyHeaders = DefaultTrustedOnlyHeaders
+	if f.TrustedOnlyHeaders != nil {
+		s.TrustedOnlyHeaders = v.headerNames("server.trusted_only_headers", f.TrustedOnlyHeaders)
+	}
+	s.AllowedUpgrades = []string{"websocket"}
+	if f.AllowedUpgrades != nil {
+		s.AllowedUpgrades = nil
+		for i, u := range f.AllowedUpgrades {
+			if !tokenRE.MatchString(u) {
+				v.addf(fmt.Sprintf("server.allowed_upgrades[%d]", i), "want a protocol name such as \"websocket\", got %q", u)
+			}
+			s.AllowedUpgrades = append(s.AllowedUpgrades, strings.ToLower(u))
+		}
+	}
 	s.AdminPprof = f.AdminPprof != nil && *f.AdminPprof
 	s.ReusePort = f.ReusePort != nil && *f.ReusePort
 	if f.TLS != nil {
@@ -190,6 +204,32 @@ func (v *validator) server(f *ServerFile, s *Server) {
 			s.RequestIDHeader = *f.RequestIDHeader
 		}
 	}
+}
+
+// DefaultTrustedOnlyHeaders is server.trusted_only_headers' default: the
+// fields that proxies, CDNs and URL-rewriting front ends set and that
+// frameworks believe (Rails, Django, Werkzeug's ProxyFix, Spring, IIS):
+// the client's address, the scheme, port and prefix it used, the URL it
+// asked for.
+var DefaultTrustedOnlyHeaders = []string{
+	"Forwarded", "X-Real-IP", "True-Client-IP", "CF-Connecting-IP", "Fastly-Client-IP",
+	"X-Client-IP", "X-Cluster-Client-IP", "X-Original-Forwarded-For",
+	"X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Server", "X-Forwarded-Scheme",
+	"X-Forwarded-Ssl", "X-Scheme", "X-Url-Scheme", "Front-End-Https",
+	"X-Original-URL", "X-Rewrite-URL", "X-Original-Host",
+}
+
+// headerNames validates a list of field names.
+func (v *validator) headerNames(key string, names []string) []string {
+	out := make([]string, 0, len(names))
+	for i, n := range names {
+		if !tokenRE.MatchString(n) {
+			v.addf(fmt.Sprintf("%s[%d]", key, i), "not a valid header name: %q", n)
+			continue
+		}
+		out = append(out, n)
+	}
+	return out
 }
 
 func parsePrefix(s string) (netip.Prefix, error) {
@@ -431,17 +471,30 @@ func (v *validator) fallback(name string, f *FallbackFile, ups map[string]Upstre
 	return fb
 }
 
+// userinfoRE finds the user:password@ part of a URL, for masking.
+var userinfoRE = regexp.MustCompile(`^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@`)
+
+// redactURL masks a URL's userinfo (even in a URL that does not parse), so
+// that no error message or log line repeats a password.
+func redactURL(raw string) string {
+	return userinfoRE.ReplaceAllString(raw, "${1}xxxxx@")
+}
+
 func parseEndpoint(raw string) (Endpoint, string) {
 	pu, err := url.Parse(raw)
 	if err != nil || pu.Host == "" {
-		return Endpoint{}, fmt.Sprintf("want a URL such as \"http://127.0.0.1:3000\", got %q", raw)
+		return Endpoint{}, fmt.Sprintf("want a URL such as \"http://127.0.0.1:3000\", got %q", redactURL(raw))
+	}
+	raw = redactURL(raw)
+	if pu.User != nil {
+		return Endpoint{}, fmt.Sprintf("%q: credentials in the URL are not supported (they would be sent to nobody and shown in logs); remove the user:password@ part", raw)
 	}
 	switch pu.Scheme {
 	case "http", "https":
 	default:
 		return Endpoint{}, fmt.Sprintf("%q: scheme must be http or https", raw)
 	}
-	if (pu.Path != "" && pu.Path != "/") || pu.RawQuery != "" || pu.User != nil || pu.Fragment != "" {
+	if (pu.Path != "" && pu.Path != "/") || pu.RawQuery != "" || pu.Fragment != "" {
 		return Endpoint{}, fmt.Sprintf("%q: only scheme://host:port is allowed; the client's path and query are forwarded unchanged", raw)
 	}
 	host, port := pu.Hostname(), pu.Port()
@@ -509,6 +562,14 @@ func (v *validator) tiers(f *File) map[string]*Tier {
 			v.addf(key, "tier names may use letters, digits, '_', '.', '-' (at most 64), got %q", name)
 		}
 		t := &Tier{Name: name}
+		if tf.Unlimited != nil && *tf.Unlimited {
+			t.Unlimited = true
+			if tf.Limit != nil || tf.Window != nil || tf.Burst != nil || tf.Algorithm != nil || tf.Mode != nil {
+				v.addf(key+".unlimited", "an unlimited tier takes no limit, window, burst, algorithm or mode")
+			}
+			tiers[name] = t
+			continue
+		}
 		if tf.Limit == nil || *tf.Limit <= 0 {
 			v.addf(key+".limit", "a positive limit is required")
 		} else {
@@ -699,6 +760,29 @@ func (v *validator) identity(f *IdentityFile, id *Identity, tiers map[string]*Ti
 		}
 		id.JWT = v.jwt(f.JWT, v.file)
 	}
+	v.tierTables(f, id, tiers)
+}
+
+// tierTables: once any tier is configured, every tier a client can land in
+// has a table, so that no client is unlimited by omission (a tier meant
+// to be unlimited says unlimited = true). Tiers of the keys file are
+// checked as it is read.
+func (v *validator) tierTables(f *IdentityFile, id *Identity, tiers map[string]*Tier) {
+	if len(tiers) == 0 {
+		return
+	}
+	need := func(key, tier, who string) {
+		if _, ok := tiers[tier]; !ok {
+			v.addf(key, "tier %q (%s) has no [tiers.%s] table: add one with limit and window, or unlimited = true", tier, who, tier)
+		}
+	}
+	need("identity.anonymous_tier", id.AnonymousTier, "clients known by their address")
+	if f.JWT != nil {
+		need("identity.authenticated_tier", id.AuthenticatedTier, "tokens without a known tier claim")
+	}
+	if id.ClientCertTier != "" {
+		need("identity.client_cert_tier", id.ClientCertTier, "clients with a certificate")
+	}
 }
 
 func (v *validator) routeLimits(i int, f *RouteFile, r *Route, tiers map[string]*Tier) {
@@ -708,8 +792,10 @@ func (v *validator) routeLimits(i int, f *RouteFile, r *Route, tiers map[string]
 		r.Shadow = v.oneOf(key+".rate_limit_mode", *f.RateLimitMode, "enforce", "shadow") == "shadow"
 	}
 	for tier, limit := range f.Limits {
-		if _, ok := tiers[tier]; !ok {
+		if t, ok := tiers[tier]; !ok {
 			v.addf(key+".limits", "unknown tier %q", tier)
+		} else if t.Unlimited {
+			v.addf(key+".limits", "tier %q is unlimited: a route limit needs the tier's window", tier)
 		}
 		if limit <= 0 {
 			v.addf(key+".limits", "limit for %q must be positive", tier)

@@ -8,6 +8,8 @@ import (
 	"syscall"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/sidecar-proxy/sidecar/policy"
 )
 
 // Sentinel errors of the forwarding path. Only this package maps them to
@@ -26,8 +28,8 @@ var (
 	ErrUpstreamTLS     = errors.New("proxy: TLS handshake with the upstream failed")
 	ErrClientBody      = errors.New("proxy: reading the client's request body failed")
 	ErrPanic           = errors.New("proxy: internal error")
-	ErrUnauthorized    = errors.New("proxy: unknown API key or invalid token")
 	ErrRateLimited     = errors.New("proxy: rate limit exceeded")
+	ErrUpgradeRefused  = errors.New("proxy: protocol upgrade not allowed")
 )
 
 // errorKind is the bounded label for sidecar_upstream_errors_total.
@@ -56,8 +58,14 @@ func statusFor(err error) (int, string) {
 	switch {
 	case errors.Is(err, ErrNoRoute):
 		return fasthttp.StatusNotFound, "no route for this request"
-	case errors.Is(err, ErrUnauthorized):
-		return fasthttp.StatusUnauthorized, "unknown API key or invalid token"
+	case errors.Is(err, policy.ErrUnknownKey):
+		return fasthttp.StatusUnauthorized, "unknown or revoked API key"
+	case errors.Is(err, policy.ErrBadToken):
+		return fasthttp.StatusUnauthorized, "invalid bearer token"
+	case errors.Is(err, policy.ErrAmbiguousCredentials):
+		return fasthttp.StatusBadRequest, "ambiguous credentials: send one API key or one bearer token, in one field"
+	case errors.Is(err, ErrUpgradeRefused):
+		return fasthttp.StatusNotImplemented, "protocol upgrade not supported"
 	case errors.Is(err, ErrRateLimited):
 		return fasthttp.StatusTooManyRequests, "rate limit exceeded"
 	case errors.Is(err, ErrBadRequest):

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -63,6 +64,9 @@ type exchange struct {
 	rl       decision // the rate-limit decision, for the response headers
 	clientID []byte
 	tier     string // the client's tier, once identified (from config or a verified token)
+	peer     netip.Addr
+	creds    policy.Credentials // the request's credential lines (views into the head)
+	fwd      forwardedIn        // a trusted peer's X-Forwarded-*, copied before stripping
 
 	upStart  time.Time      // the first attempt upstream began
 	upEnd    time.Time      // the upstream's part ended (response complete, or failed)
@@ -147,6 +151,11 @@ func (x *exchange) begin() {
 	}
 	x.method = append(x.method[:0], h.Method()...)
 	x.http11 = h.IsHTTP11()
+	x.peer = peerAddr(x.ctx)
+	x.fwd.trusted = x.peer.IsValid() && x.srv.Trusted(x.peer)
+	if !originForm(&x.ctx.Request) {
+		return // x.rt stays nil; serve answers 400
+	}
 	x.rt = x.st.match(x.ctx)
 }
 
@@ -157,7 +166,7 @@ func (x *exchange) serve() {
 	if testHookServe != nil {
 		testHookServe(ctx)
 	}
-	if !checkRawHeaders(h) {
+	if !checkRawHeaders(h) || !originForm(&ctx.Request) {
 		x.p.m.badReqs.Inc()
 		x.fail(ErrBadRequest)
 		ctx.SetConnectionClose()
@@ -165,6 +174,11 @@ func (x *exchange) serve() {
 	}
 	if x.rt == nil {
 		x.fail(ErrNoRoute)
+		return
+	}
+	upgrade, ok := x.st.upgrade(h)
+	if !ok {
+		x.fail(ErrUpgradeRefused)
 		return
 	}
 	if !x.limit(h) {
@@ -206,7 +220,7 @@ func (x *exchange) serve() {
 		}
 	}
 
-	upgrade := x.prepareRequest(h, cl)
+	x.prepareRequest(h, cl, upgrade)
 	x.forward(upgrade)
 }
 
@@ -297,25 +311,31 @@ func idempotent(m []byte) bool {
 }
 
 // prepareRequest rewrites the client's request head in place into the one
-// sent upstream, and returns the protocol the client asks to upgrade to.
-func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int) (upgrade []byte) {
-	if up := upgradeType(h); up != nil {
-		upgrade = append([]byte(nil), up...)
+// sent upstream. What the sidecar writes itself (X-Forwarded-*, the
+// verified identity, the request id) is written last, after every client
+// copy of those fields and every hop-by-hop field is gone: nothing the
+// client sends, names in Connection or spells with '_' can remove, repeat
+// or forge them.
+func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int, upgrade []byte) {
+	if x.fwd.trusted {
+		x.fwd.capture(h)
 	}
-	x.scratch = stripRequestHop(h, x.scratch)
+	x.scratch = stripRequest(h, x.st.filter, x.fwd.trusted, x.scratch)
 	h.Del("Expect") // 100-continue was answered by the server already
 	if upgrade != nil {
 		h.Set("Connection", "Upgrade")
 		h.SetBytesV("Upgrade", upgrade)
 	}
 	h.SetProtocol("HTTP/1.1") // keep-alive and chunking upstream, whatever the client spoke
-	x.scratch = setForwardedHeaders(x.ctx, x.srv, peerAddr(x.ctx), x.scratch)
+	x.scratch = setForwardedHeaders(x.ctx, &x.fwd, x.peer, x.scratch)
+	id := &x.st.snap.Identity
+	h.SetBytesV(id.ClientHeader, x.clientID)
+	h.Set(id.TierHeader, x.tier)
 	h.SetBytesV(x.srv.RequestIDHeader, x.reqID)
 	if cl >= -1 {
 		h.SetContentLength(cl) // regenerates framing: Content-Length, or chunked
 	}
 	h.ResetConnectionClose()
-	return upgrade
 }
 
 // roundTrip sends the request head (and body, or starts the pump) and
@@ -854,6 +874,9 @@ func (x *exchange) release() {
 	x.status, x.upErr, x.done = 0, nil, false
 	x.rl = decision{}
 	x.tier = ""
+	x.peer = netip.Addr{}
+	x.creds = policy.Credentials{APIKeys: x.creds.APIKeys[:0], Authorization: x.creds.Authorization[:0], ForwardedFor: x.creds.ForwardedFor[:0]}
+	x.fwd.reset()
 	x.up, x.ticket, x.pumped, x.fallback = nil, breaker.Ticket{}, false, ""
 	x.upStart, x.upEnd = time.Time{}, time.Time{}
 	exchangePool.Put(x)

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"sync/atomic"
 
@@ -37,19 +38,103 @@ type headerDeleter interface {
 	DelBytes(key []byte)
 }
 
-// stripRequestHop removes hop-by-hop fields from a request head (RFC 9110
-// §7.6.1), including every field named in Connection. Most messages carry
-// none, so it first looks (one pass, no allocation) and deletes only what
-// is there: each Del costs a key normalisation and a scan of all fields.
-func stripRequestHop(h *fasthttp.RequestHeader, scratch []byte) []byte {
+// fieldSet is a set of field names compared as CGI-style backends (WSGI,
+// PHP, Rack) see them: case-insensitively and with '_' read as '-', since
+// they map X_Sidecar_Tier and X-Sidecar-Tier to the same variable.
+type fieldSet struct {
+	byLen [maxFieldSetName + 1][][]byte // folded names by length
+}
+
+const maxFieldSetName = 64
+
+func newFieldSet(names ...string) *fieldSet {
+	fs := &fieldSet{}
+	for _, n := range names {
+		if len(n) > maxFieldSetName {
+			panic("BUG: field name longer than " + strconv.Itoa(maxFieldSetName) + ": " + n)
+		}
+		f := make([]byte, len(n))
+		for i := range len(n) {
+			f[i] = foldByte(n[i])
+		}
+		fs.byLen[len(n)] = append(fs.byLen[len(n)], f)
+	}
+	return fs
+}
+
+func foldByte(c byte) byte {
+	switch {
+	case c == '_':
+		return '-'
+	case 'A' <= c && c <= 'Z':
+		return c + 'a' - 'A'
+	}
+	return c
+}
+
+func (fs *fieldSet) has(k []byte) bool {
+	if fs == nil || len(k) > maxFieldSetName {
+		return false
+	}
+next:
+	for _, f := range fs.byLen[len(k)] {
+		for i, c := range k {
+			if foldByte(c) != f[i] {
+				continue next
+			}
+		}
+		return true
+	}
+	return false
+}
+
+// requestFilter says which fields stripRequest removes besides the
+// hop-by-hop ones. It is built once per policy snapshot.
+type requestFilter struct {
+	// written are the fields the sidecar writes itself (identity,
+	// X-Forwarded-*, request id): every client copy goes, whatever its
+	// spelling, and a Connection token naming one is ignored.
+	written *fieldSet
+	// trustedOnly (server.trusted_only_headers) go unless the peer is a
+	// trusted proxy.
+	trustedOnly *fieldSet
+}
+
+func newRequestFilter(snap *policy.Snapshot) *requestFilter {
+	id := &snap.Identity
+	return &requestFilter{
+		written: newFieldSet(id.ClientHeader, id.TierHeader, snap.Server.RequestIDHeader,
+			"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"),
+		trustedOnly: newFieldSet(snap.Server.TrustedOnlyHeaders...),
+	}
+}
+
+// stripRequest removes from a request head the hop-by-hop fields (RFC 9110
+// §7.6.1), including every field named in Connection, and the fields
+// rf says go (trustedPeer: the peer is a trusted proxy). It looks first
+// (one pass, no allocation) and deletes only what is there: each Del
+// costs a key normalisation and a scan of all fields.
+func stripRequest(h *fasthttp.RequestHeader, rf *requestFilter, trustedPeer bool, scratch []byte) []byte {
 	var present uint16 // bit i: hopHeaders[i] is there
+	scratch = scratch[:0]
 	for k := range h.All() {
-		present |= hopBit(k)
+		if b := hopBit(k); b != 0 {
+			present |= b
+			continue
+		}
+		if rf.written.has(k) || (!trustedPeer && rf.trustedOnly.has(k)) {
+			scratch = append(append(scratch, k...), 0) // Del mutates what All yields: delete after
+		}
+	}
+	for rest := scratch; len(rest) > 0; {
+		i := bytes.IndexByte(rest, 0)
+		h.DelBytes(rest[:i])
+		rest = rest[i+1:]
 	}
 	return stripHop(h, present, scratch)
 }
 
-// stripResponseHop is stripRequestHop for a response head.
+// stripResponseHop removes hop-by-hop fields from a response head.
 func stripResponseHop(h *fasthttp.ResponseHeader, scratch []byte) []byte {
 	var present uint16
 	for k := range h.All() {
@@ -58,6 +143,10 @@ func stripResponseHop(h *fasthttp.ResponseHeader, scratch []byte) []byte {
 	return stripHop(h, present, scratch)
 }
 
+// stripHop deletes the hop-by-hop fields present says are there, and the
+// fields Connection names but Host (routing and the upstream must see the
+// same authority). Fields the sidecar writes are written after this, so
+// naming them in Connection cannot make them vanish either.
 func stripHop(h headerDeleter, present uint16, scratch []byte) []byte {
 	if present == 0 {
 		return scratch
@@ -65,7 +154,7 @@ func stripHop(h headerDeleter, present uint16, scratch []byte) []byte {
 	if present&1 != 0 { // Connection: drop the fields it lists
 		scratch = append(scratch[:0], h.Peek("Connection")...) // Del mutates the storage Peek points into
 		for tok := range bytes.SplitSeq(scratch, []byte{','}) {
-			if tok = bytes.TrimSpace(tok); len(tok) > 0 {
+			if tok = bytes.TrimSpace(tok); len(tok) > 0 && !bytes.EqualFold(tok, []byte("Host")) {
 				h.DelBytes(tok)
 			}
 		}
@@ -108,6 +197,86 @@ func upgradeType(h *fasthttp.RequestHeader) []byte {
 	return h.Peek("Upgrade")
 }
 
+// upgrade returns the protocol list a request asks to switch to when every
+// protocol in it is in server.allowed_upgrades (a copy: the head is
+// rewritten before it is used), and false when one is not. A request that
+// asks for none, or only for h2c, gets nil and true: h2c's upgrade is
+// ignored and the request served as HTTP/1.1 (RFC 9110 §7.8 lets a server
+// ignore Upgrade; RFC 9113 §3.1 deprecates that upgrade), which is what
+// `curl --http2` on a plain URL expects.
+func (st *state) upgrade(h *fasthttp.RequestHeader) ([]byte, bool) {
+	up := bytes.TrimSpace(upgradeType(h))
+	if len(up) == 0 {
+		return nil, true
+	}
+	allowed, onlyH2C := true, true
+	for tok := range bytes.SplitSeq(up, []byte{','}) {
+		name, _, _ := bytes.Cut(bytes.TrimSpace(tok), []byte{'/'}) // protocol-name[/protocol-version]
+		if len(name) == 0 {
+			continue
+		}
+		onlyH2C = onlyH2C && bytes.EqualFold(name, []byte("h2c"))
+		allowed = allowed && slices.ContainsFunc(st.snap.Server.AllowedUpgrades, func(a string) bool {
+			return bytes.EqualFold(name, []byte(a))
+		})
+	}
+	switch {
+	case allowed:
+		return append([]byte(nil), up...), true
+	case onlyH2C:
+		return nil, true
+	}
+	return nil, false
+}
+
+// originForm turns an absolute-form request target ("GET http://host/x",
+// RFC 9112 §3.2.2) into origin-form with the target's authority as Host,
+// as RFC 9112 §3.2.2 and RFC 9110 §7.2 have a recipient do: routing,
+// limits, Host and X-Forwarded-Host then all use the one authority the
+// client named, whatever its Host field said. It returns false for an
+// absolute target that cannot be honoured: another scheme, no authority,
+// or userinfo (RFC 9110 §4.2.4).
+func originForm(req *fasthttp.Request) bool {
+	uri := req.Header.RequestURI()
+	if len(uri) == 0 || uri[0] == '/' || uri[0] == '*' {
+		return true
+	}
+	i := bytes.Index(uri, []byte("://"))
+	if i <= 0 {
+		return true // not absolute-form (CONNECT's authority-form)
+	}
+	scheme, rest := uri[:i], uri[i+3:]
+	if !bytes.EqualFold(scheme, []byte("http")) && !bytes.EqualFold(scheme, []byte("https")) {
+		return false
+	}
+	end := bytes.IndexAny(rest, "/?#")
+	if end < 0 {
+		end = len(rest)
+	}
+	authority, target := rest[:end], rest[end:]
+	if len(authority) == 0 || bytes.IndexByte(authority, '@') >= 0 {
+		return false
+	}
+	for _, c := range authority {
+		if !tokenChars[c] && c != ':' && c != '[' && c != ']' {
+			return false
+		}
+	}
+	if i := bytes.IndexByte(target, '#'); i >= 0 {
+		target = target[:i] // a fragment is never sent (RFC 9110 §4.2.5)
+	}
+	// Both alias the URI buffer that the setters overwrite.
+	buf := make([]byte, 0, len(authority)+len(target)+1)
+	buf = append(buf, authority...)
+	if len(target) == 0 || target[0] != '/' {
+		buf = append(buf, '/')
+	}
+	buf = append(buf, target...)
+	req.Header.SetHostBytes(buf[:len(authority)])
+	req.SetRequestURIBytes(buf[len(authority):])
+	return true
+}
+
 func connectionHas(v []byte, token string) bool {
 	for tok := range bytes.SplitSeq(v, []byte{','}) {
 		if bytes.EqualFold(bytes.TrimSpace(tok), []byte(token)) {
@@ -127,46 +296,60 @@ func peerAddr(ctx *fasthttp.RequestCtx) netip.Addr {
 	return netip.Addr{}
 }
 
-// setForwardedHeaders rewrites X-Forwarded-For/-Proto/-Host. A trusted
-// peer's values are kept and the peer is appended; from anyone else they
-// are started afresh, so a client cannot plant addresses (or a scheme, or a
-// host) that the upstream would believe. Forwarded (RFC 7239) is removed
-// from untrusted peers for the same reason.
-func setForwardedHeaders(ctx *fasthttp.RequestCtx, srv *policy.Server, peer netip.Addr, scratch []byte) []byte {
-	h := &ctx.Request.Header
-	trusted := peer.IsValid() && srv.Trusted(peer)
-	scratch = scratch[:0]
-	if trusted {
-		for _, v := range h.PeekAll("X-Forwarded-For") {
-			if len(scratch) > 0 {
-				scratch = append(scratch, ", "...)
-			}
-			scratch = append(scratch, v...)
+// forwardedIn is what a trusted peer said in X-Forwarded-For, -Proto and
+// -Host, copied before stripRequest removes every client copy of them.
+type forwardedIn struct {
+	buf               []byte // for, then proto, then host
+	forLen, protoLen  int
+	trusted, captured bool
+}
+
+func (f *forwardedIn) capture(h *fasthttp.RequestHeader) {
+	b := f.buf[:0]
+	for _, v := range h.PeekAll("X-Forwarded-For") {
+		if len(b) > 0 {
+			b = append(b, ", "...)
 		}
+		b = append(b, v...)
 	}
+	f.forLen = len(b)
+	b = append(b, h.Peek("X-Forwarded-Proto")...)
+	f.protoLen = len(b) - f.forLen
+	f.buf = append(b, h.Peek("X-Forwarded-Host")...)
+	f.captured = true
+}
+
+func (f *forwardedIn) reset() { *f = forwardedIn{buf: f.buf[:0]} }
+
+// setForwardedHeaders writes X-Forwarded-For/-Proto/-Host, once each. A
+// trusted peer's values (in) are kept and the peer is appended; from anyone
+// else they are started afresh, so a client cannot plant addresses (or a
+// scheme, or a host) that the upstream would believe.
+func setForwardedHeaders(ctx *fasthttp.RequestCtx, in *forwardedIn, peer netip.Addr, scratch []byte) []byte {
+	h := &ctx.Request.Header
+	var forIn, protoIn, hostIn []byte
+	if in.trusted && in.captured {
+		forIn, protoIn, hostIn = in.buf[:in.forLen], in.buf[in.forLen:in.forLen+in.protoLen], in.buf[in.forLen+in.protoLen:]
+	}
+	scratch = append(scratch[:0], forIn...)
 	if len(scratch) > 0 {
 		scratch = append(scratch, ", "...)
 	}
 	scratch = peer.AppendTo(scratch)
-	h.Del("X-Forwarded-For")
 	h.SetBytesV("X-Forwarded-For", scratch)
 
-	if !trusted || len(h.Peek("X-Forwarded-Proto")) == 0 {
-		if ctx.IsTLS() {
-			h.Set("X-Forwarded-Proto", "https")
-		} else {
-			h.Set("X-Forwarded-Proto", "http")
-		}
+	switch {
+	case len(protoIn) > 0:
+		h.SetBytesV("X-Forwarded-Proto", protoIn)
+	case ctx.IsTLS():
+		h.Set("X-Forwarded-Proto", "https")
+	default:
+		h.Set("X-Forwarded-Proto", "http")
 	}
-	if !trusted || len(h.Peek("X-Forwarded-Host")) == 0 {
-		if host := h.Host(); len(host) > 0 {
-			h.SetBytesV("X-Forwarded-Host", host)
-		} else {
-			h.Del("X-Forwarded-Host")
-		}
-	}
-	if !trusted {
-		h.Del("Forwarded")
+	if len(hostIn) > 0 {
+		h.SetBytesV("X-Forwarded-Host", hostIn)
+	} else if host := h.Host(); len(host) > 0 {
+		h.SetBytesV("X-Forwarded-Host", host)
 	}
 	return scratch
 }
@@ -224,12 +407,13 @@ var tokenChars = func() (t [256]bool) {
 
 // checkRawHeaders rejects what fasthttp lets through but RFC 9112 forbids
 // and request smugglers use: a field name with spaces or control bytes,
-// and Content-Length together with Transfer-Encoding (fasthttp drops the
+// a second Host, and Content-Length together with Transfer-Encoding (fasthttp drops the
 // Content-Length and carries on; a front end that disagrees with the back
 // end about where the body ends is how smuggling works, so refuse).
 func checkRawHeaders(h *fasthttp.RequestHeader) bool {
 	raw := h.RawHeaders()
 	chunked := h.ContentLength() == -1
+	hosts := 0
 	for len(raw) > 0 {
 		line := raw
 		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
@@ -256,6 +440,11 @@ func checkRawHeaders(h *fasthttp.RequestHeader) bool {
 		}
 		if chunked && bytes.EqualFold(name, []byte("Content-Length")) {
 			return false
+		}
+		if bytes.EqualFold(name, []byte("Host")) {
+			if hosts++; hosts > 1 {
+				return false // RFC 9112 §3.2: more than one Host is a 400
+			}
 		}
 	}
 	return true

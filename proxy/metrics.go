@@ -49,13 +49,30 @@ type proxyMetrics struct {
 	inFlight atomic.Int64
 	panics   *metrics.Counter
 	badReqs  *metrics.Counter
+	// identity counts identification problems by reason.
+	identity [identityReasons]*metrics.Counter
 }
+
+// Reasons of sidecar_identity_problems_total.
+const (
+	reasonUnknownKey   = iota // an unknown or revoked API key (401)
+	reasonBadToken            // a bearer token that failed verification (401)
+	reasonAmbiguous           // two credentials, or one repeated (400)
+	reasonUnknownTier         // a valid token's tier claim named no tier: the authenticated tier was used
+	reasonFailureLimit        // refused with 429: the address failed identification too often
+	identityReasons
+)
+
+var identityReasonNames = [identityReasons]string{"unknown_key", "bad_token", "ambiguous", "unknown_tier", "failure_limit"}
 
 func newProxyMetrics(set *metrics.Set) *proxyMetrics {
 	m := &proxyMetrics{set: set}
 	set.GetOrCreateGauge(`sidecar_requests_in_flight`, func() float64 { return float64(m.inFlight.Load()) })
 	m.panics = set.GetOrCreateCounter(`sidecar_panics_recovered_total`)
 	m.badReqs = set.GetOrCreateCounter(`sidecar_requests_rejected_total{reason="malformed"}`)
+	for i, r := range identityReasonNames {
+		m.identity[i] = set.GetOrCreateCounter(fmt.Sprintf(`sidecar_identity_problems_total{reason=%q}`, r))
+	}
 	return m
 }
 

@@ -58,10 +58,11 @@ type Proxy struct {
 	stop    chan struct{}
 	wg      sync.WaitGroup
 
-	lastShadowLog atomic.Int64
-	circuits      circuits
-	access        *accessLog
-	active        *activeClients
+	lastShadowLog      atomic.Int64
+	lastUnknownTierLog atomic.Int64 // minutes
+	circuits           circuits
+	access             *accessLog
+	active             *activeClients
 }
 
 // state is everything the handler needs, built from one snapshot.
@@ -71,6 +72,10 @@ type state struct {
 	routes    []routeRuntime // parallel to snap.Routes
 	noRoute   *routeMetrics
 	rl        *rateLimiting
+	// filter says which client fields never reach the upstream;
+	// apiKeyField matches identity.api_key_header in any spelling.
+	filter      *requestFilter
+	apiKeyField *fieldSet
 }
 
 type routeRuntime struct {
@@ -115,7 +120,8 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 	p.applyMu.Lock()
 	defer p.applyMu.Unlock()
 	old := p.state.Load()
-	st := &state{snap: snap, upstreams: make(map[string]*upstream, len(snap.Upstreams))}
+	st := &state{snap: snap, upstreams: make(map[string]*upstream, len(snap.Upstreams)),
+		filter: newRequestFilter(snap), apiKeyField: newFieldSet(snap.Identity.APIKeyHeader)}
 	for name, spec := range snap.Upstreams {
 		if old != nil {
 			if u, ok := old.upstreams[name]; ok && reflect.DeepEqual(u.spec, spec) &&
@@ -248,8 +254,11 @@ func (p *Proxy) reapIdle() {
 	}
 }
 
+// match routes by the Host field as it will go upstream (originForm made
+// it the absolute-form target's authority), not by fasthttp's URI host,
+// which percent-decodes it: the route and the upstream see one authority.
 func (st *state) match(ctx *fasthttp.RequestCtx) *routeRuntime {
-	r := st.snap.Match(ctx.Host(), ctx.Path(), ctx.Method())
+	r := st.snap.Match(ctx.Request.Header.Host(), ctx.Path(), ctx.Method())
 	if r == nil {
 		return nil
 	}
@@ -313,8 +322,7 @@ func (p *Proxy) expect(ctx *fasthttp.RequestCtx) int {
 	if !x.limit(&ctx.Request.Header) {
 		return ctx.Response.StatusCode() // answered (and released) by limit
 	}
-	d := x.rl
-	ctx.SetUserValue(decisionKey, &d)
+	ctx.SetUserValue(decisionKey, &expectVerdict{rl: x.rl, clientID: append([]byte(nil), x.clientID...), tier: x.tier})
 	p.m.inFlight.Add(-1)
 	x.release()
 	return fasthttp.StatusContinue

@@ -118,7 +118,11 @@ func TestStripHopHeaders(t *testing.T) {
 	h.Set("X-A", "1")
 	h.Set("X-B", "2")
 	h.Set("X-C", "3")
-	stripRequestHop(&h, nil)
+	snap, err := policy.Parse("t", []byte("[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n[[routes]]\nupstream = \"a\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stripRequest(&h, newRequestFilter(snap), false, nil)
 	for _, k := range append([]string{"X-A", "X-B"}, hopHeaders[:]...) {
 		if v := h.Peek(k); len(v) > 0 {
 			t.Errorf("%s survived: %q", k, v)
@@ -236,5 +240,31 @@ func TestAccessLogLineIsJSON(t *testing.T) {
 	}
 	if err := json.Unmarshal([]byte(lines[1]), &m); err != nil || m["request_id"] != "bad\ufffd\ufffdutf8" || m["client"] != "" {
 		t.Errorf("invalid UTF-8 line %s: %v %v", lines[1], err, m["request_id"])
+	}
+}
+
+// Limiter keys write each part with its length: no client id, whatever it
+// holds, spells another (tier, client, route).
+func TestLimitKeysAreUnambiguous(t *testing.T) {
+	key := func(tier, client, route string) string {
+		b := appendLimitKey(nil, tier, []byte(client))
+		if route != "" {
+			b = appendKeyPart(b, route)
+		}
+		return string(b)
+	}
+	if got := key("anonymous", "ip:127.0.0.1", ""); got != "9:anonymous12:ip:127.0.0.1" {
+		t.Errorf("key %q", got)
+	}
+	seen := map[string][3]string{}
+	for _, c := range [][3]string{
+		{"t", "jwt:x", "r"}, {"t", "jwt:x|r", ""}, {"t", "jwt:x|", "r"}, {"t|jwt:x", "r", ""},
+		{"t", "jwt:x5:r", ""}, {"t", "jwt:x", "5:r"}, {"t", "", "jwt:x"}, {"t1", ":jwt:x", ""},
+	} {
+		k := key(c[0], c[1], c[2])
+		if prev, dup := seen[k]; dup {
+			t.Errorf("%q and %q share the key %q", prev, c, k)
+		}
+		seen[k] = c
 	}
 }

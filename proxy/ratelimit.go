@@ -1,8 +1,10 @@
 package proxy
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"log/slog"
 	"reflect"
@@ -80,68 +82,83 @@ type decision struct {
 	shadowed bool
 }
 
+// expectVerdict carries what the expect handler decided to the handler
+// that serves the same request after 100 Continue.
+type expectVerdict struct {
+	rl       decision
+	clientID []byte
+	tier     string
+}
+
 var decisionKey = "sidecar.decision"
 
-// limit resolves the client and applies its tier's limit. It returns false
-// when it has answered the request itself (401 or 429).
+// limit identifies the client and applies its tier's limit. It returns
+// false when it has answered the request itself (400, 401 or 429). The
+// identity goes upstream in prepareRequest, after stripping.
 func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 	ctx := x.ctx
 	if ctx.Request.MayContinue() {
 		// The expect handler decided already, before the body was sent.
-		if d, ok := ctx.UserValue(decisionKey).(*decision); ok {
-			x.rl = *d
-			if d.tier != nil {
-				x.tier = d.tier.Name
-			}
+		if v, ok := ctx.UserValue(decisionKey).(*expectVerdict); ok {
+			x.rl, x.tier = v.rl, v.tier
+			x.clientID = append(x.clientID[:0], v.clientID...)
 			return true
 		}
 	}
 	snap := x.st.snap
-	id := &snap.Identity
-	peer := peerAddr(ctx)
-	var xff [][]byte
-	if snap.Server.Trusted(peer) {
-		xff = h.PeekAll("X-Forwarded-For")
-	}
-	var certCN []byte
-	if id.ClientCertTier != "" && ctx.IsTLS() {
-		if st := ctx.TLSConnectionState(); st != nil && len(st.VerifiedChains) > 0 && len(st.PeerCertificates) > 0 {
-			certCN = []byte(st.PeerCertificates[0].Subject.CommonName)
+	c := x.credentials(h)
+	// A client that keeps failing identification is refused by address,
+	// before its next key lookup or signature check (see failureKey).
+	var failKey string
+	anon := snap.Tiers[snap.Identity.AnonymousTier]
+	if anon != nil && !anon.Unlimited && !anon.Shadow && snap.Verifies(c) {
+		failKey = failureKey(snap, c, x.scratch)
+		if d, denied := x.st.rl.lim.Denied(failKey, tierRule(snap, anon, nil)); denied {
+			return x.refuseFailures(anon, d)
 		}
 	}
-	clientID, tierName, err := snap.AppendIdentity(x.clientID[:0], h.Peek(id.APIKeyHeader), h.Peek("Authorization"), certCN, xff, peer)
+	clientID, v, err := snap.AppendIdentity(x.clientID[:0], c)
 	x.clientID = clientID
-	x.tier = tierName
+	x.tier = v.Tier
 	if err != nil {
-		x.fail(ErrUnauthorized)
+		x.tier = ""
+		x.p.m.identity[identityReason(err)].Inc()
+		if failKey != "" {
+			rule := tierRule(snap, anon, nil)
+			d, _ := x.st.rl.lim.Allow(failKey, rule)
+			if !d.Allowed {
+				x.st.rl.lim.Remember(failKey, d)
+				return x.refuseFailures(anon, d)
+			}
+			if d.Remaining == 0 {
+				// That was the last failure the limit allows: learn when
+				// the next would be, so that it is refused before its
+				// check (a denied decision charges nothing).
+				if d, _ := x.st.rl.lim.Allow(failKey, rule); !d.Allowed {
+					x.st.rl.lim.Remember(failKey, d)
+				}
+			}
+		}
+		x.fail(err)
 		return false
 	}
-	// The upstream learns who the client is from us alone.
-	h.Del(id.ClientHeader)
-	h.Del(id.TierHeader)
-	h.SetBytesV(id.ClientHeader, clientID)
-	h.Set(id.TierHeader, tierName)
+	if v.UnknownTierClaim != "" {
+		x.p.m.identity[reasonUnknownTier].Inc()
+		x.p.unknownTierLog(v.UnknownTierClaim, v.Tier)
+	}
 
-	tier := snap.Tiers[tierName]
+	tier := snap.Tiers[x.tier]
 	route := x.rt.route
-	if tier == nil || route.RateLimitExempt {
+	if tier == nil || tier.Unlimited || route.RateLimitExempt {
 		return true
 	}
-	rule := limiter.Rule{Limit: tier.Limit, Window: tier.Window, Burst: tier.Burst}
-	if tier.Algorithm == "gcra" || (tier.Algorithm == "" && snap.RateLimit.Algorithm == "gcra") {
-		rule.Algorithm = limiter.GCRA
-	}
-	if l, ok := route.Limits[tier.Name]; ok {
-		rule.Limit = l
-		if rule.Burst > l {
-			rule.Burst = l
-		}
-	}
-	key := tierName + "|" + string(clientID)
+	rule := tierRule(snap, tier, route)
+	b := appendLimitKey(x.scratch[:0], tier.Name, x.clientID)
 	if route.LimitPerRoute {
-		key += "|" + route.Name
+		b = appendKeyPart(b, route.Name)
 	}
-	d, src := x.st.rl.lim.Allow(key, rule)
+	x.scratch = b
+	d, src := x.st.rl.lim.Allow(string(b), rule)
 	x.rl = decision{set: true, d: d, tier: tier, limit: d.Limit, window: tier.Window}
 	shadow := tier.Shadow || route.Shadow
 	result := "allowed"
@@ -159,6 +176,110 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 		return false
 	}
 	return true
+}
+
+// credentials collects the request's credential lines in one pass over
+// the head: every API-key field (also spelled with '_'), every
+// Authorization field, the verified client certificate's CN, and the
+// X-Forwarded-For lines when the peer is a trusted proxy. The slices are
+// views into the head, valid until it is modified.
+func (x *exchange) credentials(h *fasthttp.RequestHeader) *policy.Credentials {
+	c := &x.creds
+	c.APIKeys, c.Authorization, c.ForwardedFor = c.APIKeys[:0], c.Authorization[:0], c.ForwardedFor[:0]
+	c.CertCN, c.Peer = nil, x.peer
+	keyName := x.st.apiKeyField
+	for k, v := range h.All() {
+		switch {
+		case keyName.has(k):
+			c.APIKeys = append(c.APIKeys, v)
+		case len(k) == len("Authorization") && bytes.EqualFold(k, []byte("Authorization")):
+			c.Authorization = append(c.Authorization, v)
+		case x.fwd.trusted && len(k) == len("X-Forwarded-For") && bytes.EqualFold(k, []byte("X-Forwarded-For")):
+			c.ForwardedFor = append(c.ForwardedFor, v)
+		}
+	}
+	if x.st.snap.Identity.ClientCertTier != "" && x.ctx.IsTLS() {
+		if st := x.ctx.TLSConnectionState(); st != nil && len(st.VerifiedChains) > 0 && len(st.PeerCertificates) > 0 {
+			c.CertCN = []byte(st.PeerCertificates[0].Subject.CommonName)
+		}
+	}
+	return c
+}
+
+// failureKey is the limiter key that counts an address's failed
+// identifications, under the anonymous tier's limit: "fail:" and the
+// address id, a client id no credential can produce.
+func failureKey(snap *policy.Snapshot, c *policy.Credentials, scratch []byte) string {
+	addr := snap.AppendAddress(append(scratch[:0], "fail:"...), c)
+	return string(appendLimitKey(addr[len(addr):], snap.Identity.AnonymousTier, addr))
+}
+
+// refuseFailures answers 429 to an address over its failure limit.
+func (x *exchange) refuseFailures(anon *policy.Tier, d limiter.Decision) bool {
+	x.p.m.identity[reasonFailureLimit].Inc()
+	x.rl = decision{set: true, d: d, tier: anon, limit: d.Limit, window: anon.Window}
+	x.fail(ErrRateLimited)
+	return false
+}
+
+func identityReason(err error) int {
+	switch {
+	case errors.Is(err, policy.ErrUnknownKey):
+		return reasonUnknownKey
+	case errors.Is(err, policy.ErrAmbiguousCredentials):
+		return reasonAmbiguous
+	}
+	return reasonBadToken
+}
+
+// tierRule is the limiter rule of tier, with route's override if any.
+func tierRule(snap *policy.Snapshot, tier *policy.Tier, route *policy.Route) limiter.Rule {
+	rule := limiter.Rule{Limit: tier.Limit, Window: tier.Window, Burst: tier.Burst}
+	if tier.Algorithm == "gcra" || (tier.Algorithm == "" && snap.RateLimit.Algorithm == "gcra") {
+		rule.Algorithm = limiter.GCRA
+	}
+	if route == nil {
+		return rule
+	}
+	if l, ok := route.Limits[tier.Name]; ok {
+		rule.Limit = l
+		if rule.Burst > l {
+			rule.Burst = l
+		}
+	}
+	return rule
+}
+
+// appendLimitKey appends the limiter key of a tier and client: each part
+// with its length in front ("9:anonymous13:ip:127.0.0.1"), so that no
+// client id, whatever it contains, can spell another client's key or
+// another route's count. appendKeyPart adds the route of a per-route count.
+func appendLimitKey(dst []byte, tier string, client []byte) []byte {
+	dst = appendKeyPart(dst, tier)
+	dst = strconv.AppendInt(dst, int64(len(client)), 10)
+	dst = append(dst, ':')
+	return append(dst, client...)
+}
+
+func appendKeyPart(dst []byte, part string) []byte {
+	dst = strconv.AppendInt(dst, int64(len(part)), 10)
+	dst = append(dst, ':')
+	return append(dst, part...)
+}
+
+// unknownTierLog reports a token tier claim that names no tier, at most
+// once a minute per process: the claim is the issuer's mistake (or a
+// config's), worth seeing but not per request.
+func (p *Proxy) unknownTierLog(claim, used string) {
+	now := time.Now().Unix() / 60
+	if last := p.lastUnknownTierLog.Load(); last == now || !p.lastUnknownTierLog.CompareAndSwap(last, now) {
+		return
+	}
+	if len(claim) > 64 {
+		claim = claim[:64] + "..."
+	}
+	p.log.Warn("a valid token's tier claim names no [tiers] table; the authenticated tier was used (identity.jwt.unknown_tier = \"reject\" refuses such tokens)",
+		slog.String("tier_claim", claim), slog.String("tier", used))
 }
 
 // rateLimitHeaders adds the IETF RateLimit fields (draft-ietf-httpapi-

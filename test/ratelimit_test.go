@@ -153,6 +153,12 @@ issuer = "test-issuer"
 [tiers.gold]
 limit = 100
 window = "1m"
+[tiers.authenticated]
+limit = 100
+window = "1m"
+[tiers.anonymous]
+limit = 100
+window = "1m"
 ` + routeTo(be.url(), "")
 	sc := startSidecarIn(t, t.TempDir(), cfg, "SIDECAR_TEST_JWT="+secret)
 	sign := func(method jwt.SigningMethod, key any, claims jwt.MapClaims) string {
@@ -170,7 +176,8 @@ window = "1m"
 		body        string
 	}{
 		{"valid", sign(jwt.SigningMethodHS256, []byte(secret), good), 200, "jwt:alice gold"},
-		{"no tier claim", sign(jwt.SigningMethodHS256, []byte(secret), jwt.MapClaims{"sub": "bob", "iss": "test-issuer"}), 200, "jwt:bob authenticated"},
+		{"no tier claim", sign(jwt.SigningMethodHS256, []byte(secret), jwt.MapClaims{"sub": "bob", "iss": "test-issuer", "exp": now.Add(time.Hour).Unix()}), 200, "jwt:bob authenticated"},
+		{"no exp", sign(jwt.SigningMethodHS256, []byte(secret), jwt.MapClaims{"sub": "bob", "iss": "test-issuer"}), 401, ""},
 		{"expired", sign(jwt.SigningMethodHS256, []byte(secret), jwt.MapClaims{"sub": "a", "iss": "test-issuer", "exp": now.Add(-time.Minute).Unix()}), 401, ""},
 		{"not yet valid", sign(jwt.SigningMethodHS256, []byte(secret), jwt.MapClaims{"sub": "a", "iss": "test-issuer", "nbf": now.Add(time.Hour).Unix()}), 401, ""},
 		{"bad signature", sign(jwt.SigningMethodHS256, []byte("another-secret-another-secret-xx"), good), 401, ""},
