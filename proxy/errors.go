@@ -27,6 +27,7 @@ var (
 	ErrUpstreamProto   = errors.New("proxy: upstream sent a malformed response")
 	ErrUpstreamTLS     = errors.New("proxy: TLS handshake with the upstream failed")
 	ErrClientBody      = errors.New("proxy: reading the client's request body failed")
+	ErrClientGone      = errors.New("proxy: writing to the client failed")
 	ErrPanic           = errors.New("proxy: internal error")
 	ErrRateLimited     = errors.New("proxy: rate limit exceeded")
 	ErrUpgradeRefused  = errors.New("proxy: protocol upgrade not allowed")

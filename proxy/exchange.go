@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -61,12 +62,13 @@ type exchange struct {
 	awaiting  atomic.Bool // waiting for the response head: uploads extend its deadline
 	sent      int64       // body bytes written upstream (pump: read after join)
 
-	rl       decision // the rate-limit decision, for the response headers
-	clientID []byte
-	tier     string // the client's tier, once identified (from config or a verified token)
-	peer     netip.Addr
-	creds    policy.Credentials // the request's credential lines (views into the head)
-	fwd      forwardedIn        // a trusted peer's X-Forwarded-*, copied before stripping
+	rl        decision // the rate-limit decision, for the response headers
+	clientID  []byte
+	tier      string // the client's tier, once identified (from config or a verified token)
+	peer      netip.Addr
+	badTarget bool               // a request target that cannot be honoured (400): see originForm, state.match
+	creds     policy.Credentials // the request's credential lines (views into the head)
+	fwd       forwardedIn        // a trusted peer's X-Forwarded-*, copied before stripping
 
 	upStart  time.Time      // the first attempt upstream began
 	upEnd    time.Time      // the upstream's part ended (response complete, or failed)
@@ -153,10 +155,12 @@ func (x *exchange) begin() {
 	x.http11 = h.IsHTTP11()
 	x.peer = peerAddr(x.ctx)
 	x.fwd.trusted = x.peer.IsValid() && x.srv.Trusted(x.peer)
-	if !originForm(&x.ctx.Request) {
+	var ok bool
+	if x.badTarget = !originForm(&x.ctx.Request); x.badTarget {
 		return // x.rt stays nil; serve answers 400
 	}
-	x.rt = x.st.match(x.ctx)
+	x.rt, ok = x.st.match(x.ctx)
+	x.badTarget = !ok
 }
 
 func (x *exchange) serve() {
@@ -166,7 +170,7 @@ func (x *exchange) serve() {
 	if testHookServe != nil {
 		testHookServe(ctx)
 	}
-	if !checkRawHeaders(h) || !originForm(&ctx.Request) {
+	if !checkRawHeaders(h) || x.badTarget {
 		x.p.m.badReqs.Inc()
 		x.fail(ErrBadRequest)
 		ctx.SetConnectionClose()
@@ -207,6 +211,18 @@ func (x *exchange) serve() {
 			switch {
 			case err == io.EOF || (err == nil && n == 0):
 				x.firstEOF = true
+				if len(h.Peek(fasthttp.HeaderTrailer)) > 0 {
+					// The body ended at once, with a trailer section that
+					// fasthttp parsed into the head's trailer store: it would
+					// reach the upstream as head fields, past every check
+					// above. Request trailers are never forwarded (RFC 9110
+					// §6.5 lets a proxy drop them); with no body to stream
+					// ahead of them, refusing is the safe answer.
+					x.p.m.badReqs.Inc()
+					x.fail(ErrBadRequest)
+					ctx.SetConnectionClose()
+					return
+				}
 			case err != nil:
 				x.fail(fmt.Errorf("%w: %w", ErrClientBody, err))
 				ctx.SetConnectionClose()
@@ -245,7 +261,7 @@ func (x *exchange) forward(upgrade []byte) {
 			break
 		}
 		x.up.m.errorInc(err)
-		clientSide := errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge)
+		clientSide := errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge) || errors.Is(err, ErrClientGone)
 		upstreamFault := !clientSide && !errors.Is(err, ErrUpstreamBusy) // a full pool is not the upstream's fault
 		if upstreamFault {
 			x.up.outcome(x.ep, true, time.Now(), x.p.log.Warn)
@@ -393,7 +409,7 @@ func (x *exchange) roundTrip() error {
 		x.resp.StreamBody = true
 		x.resp.SkipBody = string(x.method) == "HEAD"
 		x.resp.Header.SetNoDefaultContentType(true)
-		err = x.resp.Read(c.br)
+		err = x.readResponse(c.br)
 		x.awaiting.Store(false)
 		if x.pumpDone != nil {
 			c.readDeadline = time.Time{} // the pump may have moved it
@@ -410,6 +426,11 @@ func (x *exchange) roundTrip() error {
 				return x.pumpErr
 			}
 		}
+		if errors.Is(err, ErrClientGone) {
+			x.abortPump()
+			x.abandonConn()
+			return err
+		}
 		retry := c.reused && x.body == nil && attempt == 0 && errors.Is(err, io.EOF)
 		x.abandonConn()
 		if retry {
@@ -417,6 +438,75 @@ func (x *exchange) roundTrip() error {
 		}
 		return classifyReadErr(err)
 	}
+}
+
+// maxInterim bounds the interim responses read before the final one.
+const maxInterim = 16
+
+var errTooManyInterim = errors.New("more than 16 interim (1xx) responses")
+
+// readResponse reads the upstream's response head into x.resp and sets up
+// its body stream. Interim responses are relayed to the client as they
+// come, in order (RFC 9110 §15.2: a proxy MUST forward 1xx responses),
+// except 100 Continue, which the sidecar's own server answered when the
+// client asked for it (Expect is not forwarded), and 101, which is the
+// final response of an upgrade. HTTP/1.0 clients get none (RFC 9110
+// §15.2: a server must not send them a 1xx).
+func (x *exchange) readResponse(br *bufio.Reader) error {
+	r := &x.resp
+	r.ResetBody()
+	for n := 0; ; n++ {
+		if err := r.Header.Read(br); err != nil {
+			return err
+		}
+		status := r.Header.StatusCode()
+		if status < 100 || status > 199 || status == fasthttp.StatusSwitchingProtocols {
+			break
+		}
+		if n >= maxInterim {
+			return errTooManyInterim
+		}
+		if status != fasthttp.StatusContinue && x.http11 {
+			if err := x.relayInterim(); err != nil {
+				return fmt.Errorf("%w: %w", ErrClientGone, err)
+			}
+		}
+	}
+	status := r.Header.StatusCode()
+	if r.SkipBody || status < 200 || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified {
+		return nil
+	}
+	return r.ReadBody(br, 0) // StreamBody: only sets up the stream
+}
+
+// relayInterim writes the interim response in x.resp.Header to the client,
+// without its hop-by-hop fields. fasthttp has no interim-response writer
+// beyond Early Hints' Link fields, so this writes to the connection the
+// way its EarlyHints does: nothing of this request's response is buffered
+// yet.
+func (x *exchange) relayInterim() error {
+	h := &x.resp.Header
+	x.scratch = stripResponseHop(h, x.scratch)
+	b := append(x.scratch[:0], "HTTP/1.1 "...)
+	b = strconv.AppendInt(b, int64(h.StatusCode()), 10)
+	b = append(b, ' ')
+	if msg := h.StatusMessage(); len(msg) > 0 {
+		b = append(b, msg...)
+	} else {
+		b = append(b, fasthttp.StatusMessage(h.StatusCode())...)
+	}
+	b = append(b, crlf...)
+	for k, v := range h.All() {
+		if string(k) == fasthttp.HeaderContentLength {
+			continue // an interim response has no content (RFC 9110 §15.2)
+		}
+		b = append(append(append(append(b, k...), ": "...), v...), crlf...)
+	}
+	b = append(b, crlf...)
+	x.scratch = b
+	_ = x.ctx.Conn().SetWriteDeadline(time.Now().Add(x.srv.IdleTimeout))
+	_, err := x.ctx.Conn().Write(b)
+	return err
 }
 
 // abandonConn closes the upstream connection and frees its slot.
@@ -874,7 +964,7 @@ func (x *exchange) release() {
 	x.status, x.upErr, x.done = 0, nil, false
 	x.rl = decision{}
 	x.tier = ""
-	x.peer = netip.Addr{}
+	x.peer, x.badTarget = netip.Addr{}, false
 	x.creds = policy.Credentials{APIKeys: x.creds.APIKeys[:0], Authorization: x.creds.Authorization[:0], ForwardedFor: x.creds.ForwardedFor[:0]}
 	x.fwd.reset()
 	x.up, x.ticket, x.pumped, x.fallback = nil, breaker.Ticket{}, false, ""

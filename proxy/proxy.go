@@ -13,6 +13,7 @@
 package proxy
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -257,12 +258,28 @@ func (p *Proxy) reapIdle() {
 // match routes by the Host field as it will go upstream (originForm made
 // it the absolute-form target's authority), not by fasthttp's URI host,
 // which percent-decodes it: the route and the upstream see one authority.
-func (st *state) match(ctx *fasthttp.RequestCtx) *routeRuntime {
-	r := st.snap.Match(ctx.Request.Header.Host(), ctx.Path(), ctx.Method())
-	if r == nil {
-		return nil
+//
+// Routes match fasthttp's path, which is percent-decoded and has its dot
+// segments resolved, while the target goes upstream byte for byte. Where
+// the two differ ("/api/..%2Fhealthz", "/healthz/../api"), a backend may
+// read either, so a request whose raw path would match another route is
+// refused (ok false): it could otherwise pick the route (and its limits)
+// of one path and be served another.
+func (st *state) match(ctx *fasthttp.RequestCtx) (rt *routeRuntime, ok bool) {
+	h := &ctx.Request.Header
+	path := ctx.Path()
+	r := st.snap.Match(h.Host(), path, ctx.Method())
+	raw := h.RequestURI()
+	if i := bytes.IndexByte(raw, '?'); i >= 0 {
+		raw = raw[:i]
 	}
-	return &st.routes[r.Index]
+	if !bytes.Equal(raw, path) && st.snap.Match(h.Host(), raw, ctx.Method()) != r {
+		return nil, false
+	}
+	if r == nil {
+		return nil, true
+	}
+	return &st.routes[r.Index], true
 }
 
 // NewServer returns the fasthttp server for the proxy listener, configured

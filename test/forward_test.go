@@ -334,19 +334,42 @@ upstream = "app"
 	}
 }
 
+// Interim responses are relayed to HTTP/1.1 clients in order, before the
+// final one (RFC 9110 §15.2), without hop-by-hop fields; an upstream's 100
+// Continue is not (the sidecar answered Expect itself); HTTP/1.0 clients
+// get none.
 func TestInterimResponsesRelayedOrDropped(t *testing.T) {
 	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Link", "</style.css>; rel=preload")
 		w.WriteHeader(http.StatusEarlyHints)
-		w.WriteHeader(http.StatusProcessing)
 		w.Header().Del("Link")
+		w.WriteHeader(http.StatusProcessing)
+		w.WriteHeader(http.StatusEarlyHints)
 		io.WriteString(w, "final")
 	})
 	sc := startSidecar(t, routeTo(be.url(), ""))
 	out := rawRequest(t, sc.Addr, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5*time.Second)
-	// Interim responses are dropped; the final response always follows.
-	if !strings.HasPrefix(out, "HTTP/1.1 200 OK\r\n") || !strings.HasSuffix(out, "final") {
-		t.Errorf("got %q", out)
+	want := "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" +
+		"HTTP/1.1 102 Processing\r\n\r\n" + "HTTP/1.1 103 Early Hints\r\n\r\n" + "HTTP/1.1 200 OK\r\n"
+	if !strings.HasPrefix(out, want) || !strings.HasSuffix(out, "final") {
+		t.Errorf("got %q, want it to start with %q", out, want)
+	}
+	if out := rawRequest(t, sc.Addr, "GET / HTTP/1.0\r\nHost: x\r\n\r\n", 5*time.Second); !strings.HasPrefix(out, "HTTP/1.0 200") && !strings.HasPrefix(out, "HTTP/1.1 200") {
+		t.Errorf("HTTP/1.0 client got %q, want the final response only", out)
+	}
+
+	raw := rawBackend(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		if _, err := readRequestHead(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.js>; rel=preload\r\nConnection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\r\n"+
+			"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	})
+	sc2 := startSidecar(t, routeTo(raw, ""))
+	out = rawRequest(t, sc2.Addr, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5*time.Second)
+	if want := "HTTP/1.1 103 Early Hints\r\nLink: </a.js>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\n"; !strings.HasPrefix(out, want) || !strings.HasSuffix(out, "ok") {
+		t.Errorf("upstream 100 then 103: got %q, want it to start with %q", out, want)
 	}
 }
 

@@ -614,3 +614,78 @@ func TestURLPasswordsAreMasked(t *testing.T) {
 		}
 	}
 }
+
+// A trailer section cannot smuggle fields into the head: a chunked body
+// that ends at once with trailer fields is refused, and the trailers of a
+// body with data are never forwarded.
+func TestRequestTrailersCannotAddFields(t *testing.T) {
+	wsgi := startWSGI(t)
+	dir := t.TempDir()
+	writeKeys(t, dir)
+	cfg := strings.Replace(tiersConfig, "[tiers.anonymous]\nlimit = 3", "[tiers.anonymous]\nlimit = 100", 1)
+	sc := startSidecarIn(t, dir, cfg+routeTo(wsgi, ""))
+	const trailer = "X_Sidecar_Tier: premium\r\nX-Sidecar-Client: key:acme\r\nX_Real_IP: 6.6.6.6\r\nX-API-Key: forged\r\nUpgrade: websocket\r\n\r\n"
+	before, _ := startCount(sc)
+	resp := rawRequest(t, sc.Addr, "POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n"+trailer, 5*time.Second)
+	if !strings.HasPrefix(resp, "HTTP/1.1 400") {
+		t.Errorf("an empty chunked body with a trailer answered %q, want 400", resp)
+	}
+	if after, _ := startCount(sc); after != before {
+		t.Errorf("the request reached the backend")
+	}
+	resp = rawRequest(t, sc.Addr, "POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n"+trailer, 5*time.Second)
+	r, err := http.ReadResponse(bufio.NewReader(strings.NewReader(resp)), nil)
+	if err != nil || r.StatusCode != 200 {
+		t.Fatalf("a chunked body with data and a trailer: %v %q", err, resp)
+	}
+	var env map[string]string
+	if err := json.NewDecoder(r.Body).Decode(&env); err != nil {
+		t.Fatal(err)
+	}
+	if env["HTTP_X_SIDECAR_TIER"] != "anonymous" || env["HTTP_X_SIDECAR_CLIENT"] != "ip:127.0.0.1" || env["HTTP_X_REAL_IP"] != "" || env["HTTP_X_API_KEY"] != "" {
+		t.Errorf("trailer fields reached the backend: %v", env)
+	}
+}
+
+// Routes match the decoded, dot-resolved path while the target goes
+// upstream as sent: a target whose raw form would match another route is
+// refused, so that a request cannot be routed (and limited) by one path
+// and served by another.
+func TestAmbiguousPathsRefused(t *testing.T) {
+	a := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "a "+r.RequestURI) })
+	b := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "b "+r.RequestURI) })
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.a]
+url = %q
+[upstreams.b]
+url = %q
+[[routes]]
+path_prefix = "/a/"
+upstream = "a"
+[[routes]]
+path_prefix = "/b/"
+upstream = "b"
+`, a.url(), b.url()))
+	for _, c := range []struct{ target, want string }{
+		{"/a/..%2Fb/x", "400"},
+		{"/b/../a/x", "400"},
+		{"/a/%2e%2e/b/x", "400"},
+		{"/a/./x", "a /a/./x"},
+		{"/a/%7Ex?q=/b/", "a /a/%7Ex?q=/b/"},
+		{"/a/x/../y", "a /a/x/../y"},
+	} {
+		resp := rawRequest(t, sc.Addr, "GET "+c.target+" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5*time.Second)
+		r, err := http.ReadResponse(bufio.NewReader(strings.NewReader(resp)), nil)
+		if err != nil {
+			t.Fatalf("%s: %v", c.target, err)
+		}
+		body, _ := io.ReadAll(r.Body)
+		got := string(body)
+		if r.StatusCode != 200 {
+			got = strconv.Itoa(r.StatusCode)
+		}
+		if got != c.want {
+			t.Errorf("GET %s: %q, want %q", c.target, got, c.want)
+		}
+	}
+}
