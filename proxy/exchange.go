@@ -342,7 +342,8 @@ func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int, upgrade []b
 		h.Set("Connection", "Upgrade")
 		h.SetBytesV("Upgrade", upgrade)
 	}
-	h.SetProtocol("HTTP/1.1") // keep-alive and chunking upstream, whatever the client spoke
+	h.SetProtocol("HTTP/1.1")       // keep-alive and chunking upstream, whatever the client spoke
+	h.SetNoDefaultContentType(true) // no Content-Type that neither side sent
 	x.scratch = setForwardedHeaders(x.ctx, &x.fwd, x.peer, x.scratch)
 	id := &x.st.snap.Identity
 	h.SetBytesV(id.ClientHeader, x.clientID)
@@ -364,7 +365,7 @@ func (x *exchange) roundTrip() error {
 		if err != nil {
 			return err
 		}
-		if c.reused && x.body != nil && !c.alive() {
+		if c.reused && (x.body != nil || c.probeOnReuse) && !c.alive() {
 			// A body cannot be replayed, so make sure the pooled
 			// connection was not closed by the upstream while idle.
 			x.ep.release(c, false, now)
@@ -675,6 +676,8 @@ func (x *exchange) copyBody(c *upConn) error {
 }
 
 var (
+	http11    = []byte("HTTP/1.1")
+	http10    = []byte("HTTP/1.0")
 	crlf      = []byte("\r\n")
 	lastChunk = []byte("0\r\n\r\n")
 )
@@ -698,6 +701,14 @@ func (x *exchange) respond(upgrade []byte) {
 	}
 	r.Header.CopyTo(&ctx.Response.Header)
 	rh := &ctx.Response.Header
+	// The client gets the version it spoke, not the upstream's: an
+	// HTTP/1.0 upstream's answer goes to an HTTP/1.1 client as HTTP/1.1,
+	// with framing regenerated for it (RFC 9112 §6.1).
+	if x.http11 {
+		rh.SetProtocol(http11)
+	} else {
+		rh.SetProtocol(http10)
+	}
 	x.scratch = stripResponseHop(rh, x.scratch)
 	rh.ResetConnectionClose()
 	rh.SetBytesV(x.srv.RequestIDHeader, x.reqID)
@@ -730,7 +741,7 @@ func (x *exchange) respond(upgrade []byte) {
 		}
 		x.pending, x.pendingEOF = (*x.pendingBuf)[:n], err == io.EOF
 	}
-	if cl >= 0 && cl <= bufferBodyLimit {
+	if cl >= 0 && cl <= bufferBodyLimit && cl <= x.conn.br.Buffered() {
 		x.bufferBody(cl)
 		return
 	}
@@ -878,8 +889,13 @@ func (x *exchange) finish(clientErr error) {
 	x.joinPump()
 	now := time.Now()
 	if x.conn != nil {
+		// Bytes left unread after the response are not the next one's: an
+		// upstream that sent a body after a HEAD, 204 or 304 answer would
+		// desync the connection. Those arriving later are caught by the
+		// probe before reuse (probeOnReuse).
 		reusable := x.bodyEOF && clientErr == nil && x.pumpErr == nil &&
-			!x.resp.ConnectionClose() && x.resp.Header.ContentLength() != -2
+			!x.resp.ConnectionClose() && x.resp.Header.ContentLength() != -2 && x.conn.br.Buffered() == 0
+		x.conn.probeOnReuse = x.stream == nil
 		x.resp.CloseBodyStream() //nolint:errcheck
 		x.ep.release(x.conn, reusable, now)
 		x.conn = nil

@@ -307,8 +307,14 @@ func (p *Proxy) NewServer(srv *policy.Server) *fasthttp.Server {
 		ErrorHandler:                  p.serverError,
 		// fasthttp pre-reads min(8 KiB, limit, Content-Length) body bytes
 		// before calling the handler; the current limit keeps that small.
+		// It also moves the deadline from header_timeout to idle_timeout
+		// once the head is in: only the head is under header_timeout, and
+		// a slow but moving upload is not cut while fasthttp reads ahead.
+		// (That read-ahead, at most 8 KiB, has one deadline; after it the
+		// handler re-arms the idle timeout as the body moves.)
 		HeaderReceived: func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
-			return fasthttp.RequestConfig{MaxRequestBodySize: int(p.state.Load().snap.Server.MaxBodyBytes)}
+			srv := &p.state.Load().snap.Server
+			return fasthttp.RequestConfig{MaxRequestBodySize: int(srv.MaxBodyBytes), ReadTimeout: srv.IdleTimeout}
 		},
 		// A client that asks before sending (Expect: 100-continue) learns
 		// that its body is too large without sending it.

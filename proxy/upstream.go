@@ -298,6 +298,10 @@ type upConn struct {
 
 	raw        syscall.RawConn // nil if the conn has none
 	awaitReply bool            // a request was just flushed: see readAfterWait
+	// probeOnReuse: the last response had no body (HEAD, 204, 304), so a
+	// broken upstream may still send one; check the connection is quiet
+	// before the next request goes on it.
+	probeOnReuse bool
 }
 
 // rearm reports whether a deadline armed at armed with timeout d should be
@@ -376,9 +380,11 @@ func (c *upConn) setReadTimeout(d time.Duration, now time.Time) {
 	_ = c.Conn.SetReadDeadline(c.readDeadline)
 }
 
-// alive reports whether a pooled connection still looks open: a read that
-// would block means yes; EOF or a reset means the upstream closed it while
-// idle. Used before sending a body that could not be replayed.
+// alive reports whether a pooled connection still looks open and quiet:
+// nothing to read yet means yes; EOF, a reset or unsolicited bytes mean the
+// upstream closed it while idle or is out of sync. It peeks (MSG_PEEK,
+// MSG_DONTWAIT) rather than reading under a past deadline, which Go
+// answers with a timeout before looking at the socket at all.
 func (c *upConn) alive() bool {
 	if c.br.Buffered() > 0 {
 		return false // unsolicited bytes: the connection is out of sync
@@ -386,10 +392,14 @@ func (c *upConn) alive() bool {
 	if c.raw == nil {
 		return true // TLS: a timed-out read is not a probe to make on it
 	}
-	c.readDeadline = time.Unix(1, 0)
+	c.readDeadline = time.Time{} // an expired deadline fails raw reads too; Read re-arms
 	_ = c.Conn.SetReadDeadline(c.readDeadline)
-	var b [1]byte
-	_, err := c.Conn.Read(b[:])
-	ne, ok := err.(net.Error)
-	return ok && ne.Timeout()
+	quiet := false
+	err := c.raw.Read(func(fd uintptr) bool {
+		var b [1]byte
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		quiet = err == syscall.EAGAIN
+		return true // one look, never wait
+	})
+	return err == nil && quiet
 }

@@ -1,0 +1,161 @@
+package test
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// A Content-Length body reaches the client as it arrives: the upstream
+// sends piece 2 only once the client has piece 1 (cause and effect, not a
+// timing), so a sidecar that held small bodies back would deadlock here.
+func TestContentLengthBodyStreamsAsItArrives(t *testing.T) {
+	got := make(chan int, 16)
+	upstream := rawBackend(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		if _, err := readRequestHead(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+		for i := range 10 {
+			fmt.Fprintf(c, "piece%04d\n", i)
+			select {
+			case n := <-got:
+				if n < (i+1)*10 {
+					return
+				}
+			case <-time.After(5 * time.Second):
+				return // the client never got it: the sidecar held it back
+			}
+		}
+	})
+	sc := startSidecar(t, routeTo(upstream, ""))
+	resp, err := http.Get(sc.url("/"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	start := time.Now()
+	total := 0
+	buf := make([]byte, 100)
+	for total < 100 {
+		n, err := resp.Body.Read(buf)
+		total += n
+		if n > 0 {
+			got <- total
+		}
+		if err != nil {
+			break
+		}
+	}
+	if total != 100 {
+		t.Fatalf("got %d of 100 bytes: pieces were held back until later ones came", total)
+	}
+	t.Logf("10 pieces, each sent after the previous one reached the client: %v in all", time.Since(start).Round(time.Millisecond))
+}
+
+// Bytes a broken upstream sends after a bodiless response (a body after a
+// HEAD answer) never reach the next request on that pooled connection.
+func TestStrayBytesAfterBodilessResponseCloseTheConnection(t *testing.T) {
+	var conns atomic.Int32
+	upstream := rawBackend(t, func(c net.Conn) {
+		conns.Add(1)
+		br := bufio.NewReader(c)
+		for {
+			head, err := readRequestHead(br)
+			if err != nil {
+				return
+			}
+			if strings.HasPrefix(head, "HEAD") {
+				// Wrongly sends the body after the HEAD answer, in a second write.
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+				time.Sleep(20 * time.Millisecond)
+				io.WriteString(c, "hello")
+				continue
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	sc := startSidecar(t, routeTo(upstream, ""))
+	for i := range 3 {
+		req, _ := http.NewRequest("HEAD", sc.url("/"), nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("HEAD %d: %v %v", i, resp, err)
+		}
+		resp.Body.Close()
+		time.Sleep(50 * time.Millisecond) // the stray body has arrived
+		resp, body := get(t, sc.url("/"), nil)
+		if resp.StatusCode != 200 || body != "ok" {
+			t.Errorf("GET after HEAD %d: %d %q", i, resp.StatusCode, body)
+		}
+	}
+}
+
+// An HTTP/1.0 upstream answer without a length reaches an HTTP/1.1 client
+// as HTTP/1.1, chunked; an HTTP/1.0 client gets HTTP/1.0, ended by close.
+func TestUpstreamVersionDoesNotLeak(t *testing.T) {
+	upstream := rawBackend(t, func(c net.Conn) {
+		if _, err := readRequestHead(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close")
+	})
+	sc := startSidecar(t, routeTo(upstream, ""))
+	out := rawRequest(t, sc.Addr, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5*time.Second)
+	if !strings.HasPrefix(out, "HTTP/1.1 200 OK\r\n") || !strings.Contains(out, "Transfer-Encoding: chunked") || !strings.HasSuffix(out, "b\r\nuntil close\r\n0\r\n\r\n") {
+		t.Errorf("HTTP/1.1 client got %q", out)
+	}
+	out = rawRequest(t, sc.Addr, "GET / HTTP/1.0\r\nHost: x\r\n\r\n", 5*time.Second)
+	if !strings.HasPrefix(out, "HTTP/1.0 200 OK\r\n") || strings.Contains(out, "chunked") || !strings.HasSuffix(out, "\r\n\r\nuntil close") {
+		t.Errorf("HTTP/1.0 client got %q", out)
+	}
+}
+
+// Only the request head is under header_timeout: a body that keeps moving
+// at 500 B/s for three times the head's timeout is not cut.
+func TestSlowMovingUploadIsNotCut(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		fmt.Fprintf(w, "%d", n)
+	})
+	sc := startSidecar(t, "[server]\nheader_timeout = \"1s\"\n"+routeTo(be.url(), ""))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const size = 1500 // 3 s at 500 B/s
+	fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n", size)
+	for i := 0; i < size/50; i++ {
+		if _, err := c.Write([]byte(strings.Repeat("x", 50))); err != nil {
+			t.Fatalf("upload cut after %d bytes: %v", i*50, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	out, _ := io.ReadAll(c)
+	if !strings.HasPrefix(string(out), "HTTP/1.1 200") || !strings.HasSuffix(string(out), "1500") {
+		t.Errorf("slow upload answered %q", out)
+	}
+}
+
+// Nothing adds a Content-Type that neither side sent.
+func TestNoContentTypeAdded(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header()["Content-Type"] = nil // net/http would sniff one
+		fmt.Fprintf(w, "[%s]", r.Header.Get("Content-Type"))
+	})
+	sc := startSidecar(t, routeTo(be.url(), ""))
+	out := rawRequest(t, sc.Addr, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc", 5*time.Second)
+	if !strings.HasSuffix(out, "[]") || strings.Contains(strings.ToLower(out), "content-type") {
+		t.Errorf("a request and response without Content-Type: %q", out)
+	}
+}
