@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"runtime/debug"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -126,7 +127,8 @@ func (p *Proxy) recovered(ctx *fasthttp.RequestCtx, x *exchange, gen uint64, r a
 			p.m.inFlight.Add(-1)
 		}
 	}
-	p.log.Error("panic in request path recovered", "panic", fmt.Sprint(r), "request_id", string(reqID))
+	p.log.Error("panic in request path recovered", "panic", fmt.Sprint(r), "request_id", string(reqID),
+		"stack", string(debug.Stack()))
 	writeError(ctx, fasthttp.StatusInternalServerError, "internal error", reqID, idHeader)
 	ctx.SetConnectionClose()
 }

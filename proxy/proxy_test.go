@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"encoding/json"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -50,6 +52,9 @@ upstream = "app"
 }
 
 func TestPanicIsRecoveredCountedAndServingContinues(t *testing.T) {
+	logs := &lockedBuffer{}
+	defer slog.SetDefault(slog.Default())
+	slog.SetDefault(slog.New(slog.NewTextHandler(logs, nil)))
 	addr, _, set := startProxy(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "fine") }, "")
 	testHookServe = func(ctx *fasthttp.RequestCtx) {
 		if string(ctx.Path()) == "/panic" {
@@ -73,6 +78,10 @@ func TestPanicIsRecoveredCountedAndServingContinues(t *testing.T) {
 	if got := set.GetOrCreateCounter(`sidecar_panics_recovered_total`).Get(); got != 1 {
 		t.Errorf("panics counted %d", got)
 	}
+	if l := logs.String(); !strings.Contains(l, "panic in request path recovered") || !strings.Contains(l, "goroutine ") ||
+		!strings.Contains(l, "(*exchange).serve") {
+		t.Errorf("the recovered panic was logged without its stack: %s", l)
+	}
 	resp, err = http.Get("http://" + addr + "/after")
 	if err != nil {
 		t.Fatal(err)
@@ -82,6 +91,23 @@ func TestPanicIsRecoveredCountedAndServingContinues(t *testing.T) {
 	if string(b) != "fine" {
 		t.Errorf("after a panic: %q", b)
 	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func TestApplyKeepsPoolsOfUnchangedUpstreams(t *testing.T) {

@@ -159,7 +159,9 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 	}
 	x.scratch = b
 	d, src := x.st.rl.lim.Allow(string(b), rule)
-	x.rl = decision{set: true, d: d, tier: tier, limit: d.Limit, window: tier.Window}
+	// q is the limit per window whatever the algorithm (a GCRA decision's
+	// Limit is its bucket depth, the burst).
+	x.rl = decision{set: true, d: d, tier: tier, limit: rule.Limit, window: tier.Window}
 	shadow := tier.Shadow || route.Shadow
 	result := "allowed"
 	switch {
@@ -217,7 +219,7 @@ func failureKey(snap *policy.Snapshot, c *policy.Credentials, scratch []byte) st
 // refuseFailures answers 429 to an address over its failure limit.
 func (x *exchange) refuseFailures(anon *policy.Tier, d limiter.Decision) bool {
 	x.p.m.identity[reasonFailureLimit].Inc()
-	x.rl = decision{set: true, d: d, tier: anon, limit: d.Limit, window: anon.Window}
+	x.rl = decision{set: true, d: d, tier: anon, limit: anon.Limit, window: anon.Window}
 	x.fail(ErrRateLimited)
 	return false
 }
@@ -302,6 +304,10 @@ func (x *exchange) rateLimitHeaders(h *fasthttp.ResponseHeader) {
 	if !d.Allowed {
 		reset = ceilSeconds(d.RetryAfter)
 	}
+	// t never exceeds w: a sliding window's oldest sub-window can keep a
+	// denied client waiting a little past the window (Retry-After says so
+	// exactly), but the policy resets within its window.
+	reset = min(reset, ceilSeconds(x.rl.window))
 	b = append(b[:0], '"')
 	b = append(b, x.rl.tier.Name...)
 	b = append(b, `";r=`...)

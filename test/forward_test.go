@@ -418,3 +418,54 @@ func TestWebSocketUpgradePassesThrough(t *testing.T) {
 		}
 	}
 }
+
+// With Expect: 100-continue the decision is made before the body is sent,
+// and the client it identified is still the request's client afterwards:
+// upstream, in the access log and in sidecar_active_clients.
+func TestExpectContinueKeepsTheClient(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, r.Header.Get("X-Sidecar-Client")+" "+r.Header.Get("X-Sidecar-Tier"))
+	})
+	dir := t.TempDir()
+	writeKeys(t, dir)
+	sc := startSidecarIn(t, dir, "[access_log]\nenabled = true\nfingerprint_secret_env = \"SIDECAR_TEST_FP\"\n"+tiersConfig+routeTo(be.url(), ""),
+		"SIDECAR_TEST_FP=0123456789abcdef0123456789abcdef")
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "POST /up HTTP/1.1\r\nHost: x\r\nX-API-Key: acme-secret-key\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+	br := bufio.NewReader(c)
+	if line, err := br.ReadString('\n'); err != nil || !strings.HasPrefix(line, "HTTP/1.1 100") {
+		t.Fatalf("want 100 Continue, got %q %v", line, err)
+	}
+	br.ReadString('\n')
+	io.WriteString(c, "hello")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if string(b) != "key:acme premium" {
+		t.Errorf("upstream saw %q, want the verified client", b)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) && !strings.Contains(sc.logs.String(), `"method":"POST"`) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	var line string
+	for l := range strings.SplitSeq(sc.logs.String(), "\n") {
+		if strings.Contains(l, `"method":"POST"`) {
+			line = l
+		}
+	}
+	if !strings.Contains(line, `"tier":"premium"`) || strings.Contains(line, `"client":""`) || !strings.Contains(line, `"client":"`) {
+		t.Errorf("access log line lost the client: %s", line)
+	}
+	if v := sc.metric(`sidecar_active_clients{tier="premium",window="1m"}`); v != 1 {
+		t.Errorf("sidecar_active_clients{tier=\"premium\"} = %v, want 1", v)
+	}
+}

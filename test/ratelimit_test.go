@@ -493,3 +493,57 @@ upstream = "app"
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// RateLimit's t never exceeds the policy's w, and a GCRA tier's q is its
+// limit per window, not its burst.
+func TestRateLimitFieldsAgreeWithThePolicy(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	sc := startSidecar(t, `
+[tiers.anonymous]
+limit = 1
+window = "2s"
+[tiers.gcra]
+limit = 10
+window = "10s"
+burst = 3
+algorithm = "gcra"
+`+routeTo(be.url(), ""))
+	field := func(v, name string) int {
+		for part := range strings.SplitSeq(v, ";") {
+			if val, ok := strings.CutPrefix(part, name+"="); ok {
+				n, _ := strconv.Atoi(val)
+				return n
+			}
+		}
+		return -1
+	}
+	for i := range 3 {
+		resp, _ := get(t, sc.url("/"), nil)
+		w, tt := field(resp.Header.Get("RateLimit-Policy"), "w"), field(resp.Header.Get("RateLimit"), "t")
+		if w != 2 || tt < 0 || tt > w {
+			t.Errorf("request %d (%d): RateLimit %q with RateLimit-Policy %q: t must be at most w",
+				i, resp.StatusCode, resp.Header.Get("RateLimit"), resp.Header.Get("RateLimit-Policy"))
+		}
+	}
+	dir := t.TempDir()
+	keys := fmt.Sprintf("[[keys]]\nsha256 = %q\ntier = \"gcra\"\nclient = \"g\"\n", policy.HashKey("gcra-key"))
+	if err := os.WriteFile(filepath.Join(dir, "keys.toml"), []byte(keys), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sc2 := startSidecarIn(t, dir, `
+[identity]
+api_keys_file = "keys.toml"
+[tiers.anonymous]
+limit = 1
+window = "2s"
+[tiers.gcra]
+limit = 10
+window = "10s"
+burst = 3
+algorithm = "gcra"
+`+routeTo(be.url(), ""))
+	resp, _ := get(t, sc2.url("/"), map[string]string{"X-API-Key": "gcra-key"})
+	if p := resp.Header.Get("RateLimit-Policy"); p != `"gcra";q=10;w=10` {
+		t.Errorf("GCRA tier: RateLimit-Policy %q, want q=10 (the limit per window, not the burst)", p)
+	}
+}
