@@ -22,7 +22,6 @@
 package limiter
 
 import (
-	"errors"
 	"time"
 )
 
@@ -56,9 +55,6 @@ type Rule struct {
 	// Burst is GCRA's bucket depth; 0 means Limit.
 	Burst int
 }
-
-// ErrInvalidRule is returned for a rule with a non-positive limit or window.
-var ErrInvalidRule = errors.New("limiter: rule needs a positive limit and window")
 
 func (r Rule) valid() bool { return r.Limit > 0 && r.Window >= time.Millisecond }
 

@@ -406,7 +406,7 @@ func (l *Limiter) returnAll(ctx context.Context) {
 		return
 	}
 	l.m.commands.Inc()
-	_ = l.store.slidingBatch(ctx, calls, 0)
+	l.store.slidingBatch(ctx, calls, 0)
 	for _, c := range calls {
 		l.gaveBack(c)
 	}

@@ -414,7 +414,7 @@ func (s *redisStore) gcraLease(ctx context.Context, key string, rule Rule, n int
 // the side of denying. For that reason a lease return runs again only
 // after NOSCRIPT (it certainly did not run): counted twice, it would
 // free units that were spent.
-func (s *redisStore) slidingBatch(ctx context.Context, calls []*call, nowMs int64) error {
+func (s *redisStore) slidingBatch(ctx context.Context, calls []*call, nowMs int64) {
 	s.slidingRun(ctx, calls, nowMs)
 	var again []*call
 	noScript, lost := false, false
@@ -430,7 +430,7 @@ func (s *redisStore) slidingBatch(ctx context.Context, calls []*call, nowMs int6
 		}
 	}
 	if len(again) == 0 || ctx.Err() != nil {
-		return nil
+		return
 	}
 	switch {
 	case lost:
@@ -441,7 +441,6 @@ func (s *redisStore) slidingBatch(ctx context.Context, calls []*call, nowMs int6
 	if ctx.Err() == nil {
 		s.slidingRun(ctx, again, nowMs)
 	}
-	return nil
 }
 
 // slidingRun sends one pipeline and gives each call its decision or error.

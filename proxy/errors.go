@@ -28,7 +28,6 @@ var (
 	ErrUpstreamTLS     = errors.New("proxy: TLS handshake with the upstream failed")
 	ErrClientBody      = errors.New("proxy: reading the client's request body failed")
 	ErrClientGone      = errors.New("proxy: writing to the client failed")
-	ErrPanic           = errors.New("proxy: internal error")
 	ErrRateLimited     = errors.New("proxy: rate limit exceeded")
 	ErrUpgradeRefused  = errors.New("proxy: protocol upgrade not allowed")
 )
@@ -79,8 +78,6 @@ func statusFor(err error) (int, string) {
 		return fasthttp.StatusServiceUnavailable, "upstream saturated"
 	case errors.Is(err, ErrConnectTimeout), errors.Is(err, ErrResponseTimeout):
 		return fasthttp.StatusGatewayTimeout, "upstream timed out"
-	case errors.Is(err, ErrPanic):
-		return fasthttp.StatusInternalServerError, "internal error"
 	default:
 		return fasthttp.StatusBadGateway, "upstream unavailable"
 	}

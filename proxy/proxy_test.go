@@ -220,7 +220,8 @@ func TestErrorStatuses(t *testing.T) {
 	for err, want := range map[error]int{
 		ErrNoRoute: 404, ErrBadRequest: 400, ErrBodyTooLarge: 413, ErrUpstreamBusy: 503,
 		ErrConnectRefused: 502, ErrConnectTimeout: 504, ErrResponseTimeout: 504, ErrUpstreamReset: 502,
-		ErrUpstreamProto: 502, ErrPanic: 500, ErrClientBody: 400,
+		ErrUpstreamProto: 502, ErrClientBody: 400, ErrRateLimited: 429, ErrUpgradeRefused: 501,
+		policy.ErrUnknownKey: 401, policy.ErrBadToken: 401, policy.ErrAmbiguousCredentials: 400,
 	} {
 		if got, _ := statusFor(err); got != want {
 			t.Errorf("statusFor(%v) = %d, want %d", err, got, want)

@@ -373,13 +373,6 @@ func (c *upConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
-// setReadTimeout switches the progress timeout for reads and arms it now.
-func (c *upConn) setReadTimeout(d time.Duration, now time.Time) {
-	c.readTimeout = d
-	c.readDeadline = now.Add(d)
-	_ = c.Conn.SetReadDeadline(c.readDeadline)
-}
-
 // alive reports whether a pooled connection still looks open and quiet:
 // nothing to read yet means yes; EOF, a reset or unsolicited bytes mean the
 // upstream closed it while idle or is out of sync. It peeks (MSG_PEEK,
