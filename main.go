@@ -170,10 +170,14 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 		limit, source, _ := container.SetMemoryLimit(fs, container.DefaultRatio)
 		log.Info("runtime limits", "gomemlimit", limit, "gomemlimit_source", source, "gomaxprocs", runtime.GOMAXPROCS(0))
 	}
+	// With metadata the library writes "# HELP name" with no text;
+	// health.WritePrometheus fills it in from health/help.go, which needs an
+	// entry for every family registered here.
 	metrics.ExposeMetadata(true)
 	set := metrics.NewSet()
 	metrics.RegisterSet(set)
-	set.GetOrCreateCounter(fmt.Sprintf(`sidecar_build_info{version=%q,goversion=%q}`, version, runtime.Version())).Set(1)
+	// An info metric: a gauge that is always 1, its labels the information.
+	set.GetOrCreateGauge(fmt.Sprintf(`sidecar_build_info{version=%q,goversion=%q}`, version, runtime.Version()), nil).Set(1)
 	reloadOK := set.GetOrCreateCounter(`sidecar_config_reloads_total{result="success"}`)
 	reloadFail := set.GetOrCreateCounter(`sidecar_config_reloads_total{result="failure"}`)
 	lastReload := set.GetOrCreateGauge(`sidecar_config_last_reload_success_timestamp_seconds`, nil)

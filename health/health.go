@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"sync/atomic"
 
-	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
 	"github.com/valyala/fasthttp/pprofhandler"
 )
@@ -85,7 +84,7 @@ func Handler(s *State, pprof bool, status func() any) fasthttp.RequestHandler {
 			ctx.Write(append(b, '\n')) //nolint:errcheck
 		case "/metrics":
 			ctx.SetContentType("text/plain; version=0.0.4; charset=utf-8")
-			metrics.WritePrometheus(ctx, true)
+			WritePrometheus(ctx)
 		default:
 			ctx.Error("not found\n", fasthttp.StatusNotFound)
 		}
