@@ -32,11 +32,22 @@ func (s *State) SetReady() { s.ready.Store(true) }
 // Kubernetes stop sending before the listener closes.
 func (s *State) StartDrain() { s.draining.Store(true) }
 
-// Ready reports whether /readyz succeeds.
-func (s *State) Ready() bool { return s.ready.Load() && !s.draining.Load() }
-
-// Draining reports whether StartDrain was called.
-func (s *State) Draining() bool { return s.draining.Load() }
+// notReady says why /readyz fails, or "" when ready. The check runs once:
+// its verdict and its message are one answer, even if it flips meanwhile.
+func (s *State) notReady() string {
+	switch {
+	case s.draining.Load():
+		return "draining"
+	case !s.ready.Load():
+		return "starting"
+	}
+	if check := s.check.Load(); check != nil {
+		if err := (*check)(); err != nil {
+			return err.Error()
+		}
+	}
+	return ""
+}
 
 // Handler returns the admin request handler. status, if not nil, is
 // served as JSON at /status (read-only). With pprof, Go's profiler is
@@ -57,19 +68,12 @@ func Handler(s *State, pprof bool, status func() any) fasthttp.RequestHandler {
 			ctx.WriteString("ok\n") //nolint:errcheck
 		case "/readyz":
 			ctx.SetContentType("text/plain; charset=utf-8")
-			switch {
-			case s.draining.Load():
+			if msg := s.notReady(); msg != "" {
 				ctx.SetStatusCode(fasthttp.StatusServiceUnavailable)
-				ctx.WriteString("draining\n") //nolint:errcheck
-			case !s.ready.Load():
-				ctx.SetStatusCode(fasthttp.StatusServiceUnavailable)
-				ctx.WriteString("starting\n") //nolint:errcheck
-			case s.check.Load() != nil && (*s.check.Load())() != nil:
-				ctx.SetStatusCode(fasthttp.StatusServiceUnavailable)
-				ctx.WriteString((*s.check.Load())().Error() + "\n") //nolint:errcheck
-			default:
-				ctx.WriteString("ready\n") //nolint:errcheck
+				ctx.WriteString(msg + "\n") //nolint:errcheck
+				return
 			}
+			ctx.WriteString("ready\n") //nolint:errcheck
 		case "/status":
 			if status == nil {
 				ctx.Error("not found\n", fasthttp.StatusNotFound)

@@ -75,6 +75,21 @@ func TestReadiness(t *testing.T) {
 	if status() != 503 {
 		t.Error("ready while a readiness check fails")
 	}
+	// A check that flips between two calls: /readyz asks it once, and
+	// answers with what it said (asked twice, the second answer's nil
+	// error would have been dereferenced).
+	calls := 0
+	s.SetCheck(func() error {
+		calls++
+		if calls%2 == 1 {
+			return failing
+		}
+		return nil
+	})
+	if status() != 503 || calls != 1 {
+		t.Errorf("a flipping check: %d calls per /readyz, want 1", calls)
+	}
+	s.SetCheck(func() error { return err })
 	err = nil
 	if status() != 200 {
 		t.Error("not ready after the check passes")
