@@ -258,7 +258,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 			log.Error("config reload rejected; the previous config keeps serving", "trigger", why, "error", err.Error())
 			return
 		}
-		if restart := needsRestart(px.Snapshot(), next); restart != "" {
+		if restart := strings.Join(px.Snapshot().Server.Restart().Changed(next.Server.Restart()), ", "); restart != "" {
 			log.Warn("config change needs a restart to take effect; the rest is applied", "keys", restart)
 		}
 		px.Apply(next)
@@ -356,34 +356,6 @@ func healthcheck(admin string, stderr io.Writer) int {
 		return 1
 	}
 	return 0
-}
-
-// needsRestart names the changed settings that a reload cannot apply.
-func needsRestart(old, next *policy.Snapshot) string {
-	var keys []string
-	a, b := old.Server, next.Server
-	if a.Listen != b.Listen {
-		keys = append(keys, "server.listen")
-	}
-	if a.AdminListen != b.AdminListen {
-		keys = append(keys, "server.admin_listen")
-	}
-	if a.HeaderTimeout != b.HeaderTimeout {
-		keys = append(keys, "server.header_timeout")
-	}
-	if a.MaxHeaderBytes != b.MaxHeaderBytes {
-		keys = append(keys, "server.max_header_bytes")
-	}
-	if a.MaxConnections != b.MaxConnections {
-		keys = append(keys, "server.max_connections")
-	}
-	if a.MaxConnectionsPerIP != b.MaxConnectionsPerIP {
-		keys = append(keys, "server.max_connections_per_ip")
-	}
-	if (a.TLS == nil) != (b.TLS == nil) || (a.TLS != nil && a.TLS.RedirectListen != b.TLS.RedirectListen) {
-		keys = append(keys, "server.tls (on/off, redirect_listen)")
-	}
-	return strings.Join(keys, ", ")
 }
 
 // fileSum hashes the contents of the files a config was read from (the

@@ -336,3 +336,36 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// Every restart-only setting is named when a reload changes it.
+func TestRestartSettingsNamed(t *testing.T) {
+	parse := func(server string) Restart {
+		s, err := Parse("t.toml", []byte("[server]\n"+server+minimal))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.Server.Restart()
+	}
+	base := parse("")
+	if got := base.Changed(parse("")); len(got) != 0 {
+		t.Errorf("the same settings changed %v", got)
+	}
+	for server, want := range map[string]string{
+		"listen = \"127.0.0.1:7070\"\n":    "server.listen",
+		"idle_timeout = \"5s\"\n":          "server.idle_timeout (as the keep-alive idle time; transfers use the new value)",
+		"reuse_port = true\n":              "server.reuse_port",
+		"admin_pprof = true\n":             "server.admin_pprof",
+		"header_timeout = \"1s\"\n":        "server.header_timeout",
+		"max_connections_per_ip = 5\n":     "server.max_connections_per_ip",
+		"max_header_bytes = 4096\n":        "server.max_header_bytes",
+		"max_connections = 5\n":            "server.max_connections",
+		"admin_listen = \"127.0.0.1:1\"\n": "server.admin_listen",
+	} {
+		if got := base.Changed(parse(server)); len(got) != 1 || got[0] != want {
+			t.Errorf("%s: changed %v, want [%s]", server, got, want)
+		}
+	}
+	if base != parse("trusted_proxies = [\"10.0.0.0/8\"]\ndrain_timeout = \"1s\"\n") {
+		t.Error("reloadable settings counted as restart-only")
+	}
+}

@@ -2,9 +2,12 @@ package policy
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"net/netip"
+	"reflect"
 	"time"
 )
 
@@ -89,6 +92,47 @@ type Server struct {
 	TLS                 *ServerTLS // nil: plain HTTP
 }
 
+// Restart is the part of [server] that takes effect only when the process
+// starts: the listeners, and what the proxy's fasthttp.Server and the admin
+// server fix at start-up. A comparable value: a reload changed one of them
+// when old.Restart() != new.Restart(), and Changed says which.
+type Restart struct {
+	Listen              string        `key:"server.listen"`
+	AdminListen         string        `key:"server.admin_listen"`
+	HeaderTimeout       time.Duration `key:"server.header_timeout"`
+	KeepAliveIdle       time.Duration `key:"server.idle_timeout (as the keep-alive idle time; transfers use the new value)"`
+	MaxHeaderBytes      int           `key:"server.max_header_bytes"`
+	MaxConnections      int           `key:"server.max_connections"`
+	MaxConnectionsPerIP int           `key:"server.max_connections_per_ip"`
+	ReusePort           bool          `key:"server.reuse_port"`
+	AdminPprof          bool          `key:"server.admin_pprof"`
+	TLS                 bool          `key:"server.tls (on or off)"`
+	RedirectListen      string        `key:"server.tls.redirect_listen"`
+}
+
+// Restart returns the restart-only settings of s.
+func (s *Server) Restart() Restart {
+	r := Restart{Listen: s.Listen, AdminListen: s.AdminListen, HeaderTimeout: s.HeaderTimeout,
+		KeepAliveIdle: s.IdleTimeout, MaxHeaderBytes: s.MaxHeaderBytes, MaxConnections: s.MaxConnections,
+		MaxConnectionsPerIP: s.MaxConnectionsPerIP, ReusePort: s.ReusePort, AdminPprof: s.AdminPprof, TLS: s.TLS != nil}
+	if s.TLS != nil {
+		r.RedirectListen = s.TLS.RedirectListen
+	}
+	return r
+}
+
+// Changed names the keys whose values differ between r and next.
+func (r Restart) Changed(next Restart) []string {
+	var keys []string
+	a, b := reflect.ValueOf(r), reflect.ValueOf(next)
+	for i := range a.NumField() {
+		if a.Field(i).Interface() != b.Field(i).Interface() {
+			keys = append(keys, a.Type().Field(i).Tag.Get("key"))
+		}
+	}
+	return keys
+}
+
 // ServerTLS is [server.tls], with the certificate loaded.
 type ServerTLS struct {
 	Cert           *tls.Certificate
@@ -109,8 +153,8 @@ func (s *Server) Trusted(addr netip.Addr) bool {
 }
 
 // Upstream is one named backend with its endpoints and transport settings.
-// Two Upstreams that compare equal (reflect.DeepEqual) can share connection
-// pools across a reload.
+// Two Upstreams with the same Fingerprint can share connection pools,
+// health checkers and circuits across a reload.
 type Upstream struct {
 	Name               string
 	Endpoints          []Endpoint
@@ -129,8 +173,25 @@ type Upstream struct {
 	HealthCheck        *HealthCheck // nil: no active checks
 	RequiredForReady   bool
 	Breaker            *Breaker    // nil: no circuit breaker
-	TLSConfig          *tls.Config // for https endpoints
+	TLSConfig          *tls.Config `json:"-"` // for https endpoints; see TLSSource
 	Fallback           *Fallback   // nil: errors get the core's statuses
+	// TLSSource is what TLSConfig was built from: the server name and the
+	// CA file's path and SHA-256 (a parsed x509.CertPool never compares
+	// equal to another, even of the same file).
+	TLSSource string
+	// Fingerprint is the SHA-256 of every setting above (TLSConfig by its
+	// TLSSource): equal fingerprints, equal upstreams. Set by the loader.
+	Fingerprint [32]byte `json:"-"`
+}
+
+// fingerprint computes u.Fingerprint. JSON follows pointers, where %v
+// would print their addresses.
+func (u *Upstream) fingerprint() {
+	b, err := json.Marshal(u)
+	if err != nil {
+		panic("BUG: upstream settings do not encode: " + err.Error())
+	}
+	u.Fingerprint = sha256.Sum256(b)
 }
 
 // HealthCheck is [upstreams.NAME.health_check] with defaults applied.

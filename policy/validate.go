@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
@@ -125,6 +126,9 @@ func (v *validator) compile(f *File) *Snapshot {
 		if uf.Fallback != nil && s.Upstreams[name] != nil {
 			s.Upstreams[name].Fallback = v.fallback(name, uf.Fallback, f.Upstreams, s)
 		}
+	}
+	for _, u := range s.Upstreams {
+		u.fingerprint() // complete now, fallback included
 	}
 	s.Tiers = v.tiers(f)
 	v.accessLog(&f.AccessLog, &s.AccessLog)
@@ -345,29 +349,32 @@ func (v *validator) upstreamTLS(key string, f *UpstreamFile, u *Upstream) *tls.C
 	if f.ServerName != nil {
 		c.ServerName = *f.ServerName
 	}
+	u.TLSSource = "server_name=" + c.ServerName
 	if f.CAFile != nil {
 		path := relPath(v.file, *f.CAFile)
 		v.files = append(v.files, path)
-		pool, err := loadPool(path)
+		pool, sum, err := loadPool(path)
 		if err != nil {
 			v.addf(key+".ca_file", "%v", err)
 			return c
 		}
 		c.RootCAs = pool
+		u.TLSSource += fmt.Sprintf(" ca_file=%s sha256=%x", path, sum)
 	}
 	return c
 }
 
-func loadPool(path string) (*x509.CertPool, error) {
+// loadPool reads a CA bundle, and returns its contents' SHA-256 too.
+func loadPool(path string) (*x509.CertPool, [32]byte, error) {
 	pem, err := os.ReadFile(path)
 	if err != nil {
-		return nil, err
+		return nil, [32]byte{}, err
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("no PEM certificate in %s", path)
+		return nil, [32]byte{}, fmt.Errorf("no PEM certificate in %s", path)
 	}
-	return pool, nil
+	return pool, sha256.Sum256(pem), nil
 }
 
 func (v *validator) serverTLS(f *TLSFile) *ServerTLS {
@@ -387,7 +394,7 @@ func (v *validator) serverTLS(f *TLSFile) *ServerTLS {
 	if f.ClientCAFile != nil {
 		path := relPath(v.file, *f.ClientCAFile)
 		v.files = append(v.files, path)
-		pool, err := loadPool(path)
+		pool, _, err := loadPool(path)
 		if err != nil {
 			v.addf(key+".client_ca_file", "%v", err)
 		}
@@ -716,7 +723,7 @@ func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
 	if r.TLS && f.TLSCAFile != nil {
 		path := relPath(v.file, *f.TLSCAFile)
 		v.files = append(v.files, path)
-		if _, err := loadPool(path); err != nil {
+		if _, _, err := loadPool(path); err != nil {
 			v.addf("redis.tls_ca_file", "%v", err)
 		} else {
 			r.TLSCA, _ = os.ReadFile(path)

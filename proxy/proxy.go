@@ -19,7 +19,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -125,7 +124,7 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 		filter: newRequestFilter(snap), apiKeyField: newFieldSet(snap.Identity.APIKeyHeader)}
 	for name, spec := range snap.Upstreams {
 		if old != nil {
-			if u, ok := old.upstreams[name]; ok && reflect.DeepEqual(u.spec, spec) &&
+			if u, ok := old.upstreams[name]; ok && u.spec.Fingerprint == spec.Fingerprint &&
 				old.snap.Server.IdleTimeout == snap.Server.IdleTimeout {
 				st.upstreams[name] = u
 				continue

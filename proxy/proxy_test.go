@@ -123,13 +123,19 @@ func TestApplyKeepsPoolsOfUnchangedUpstreams(t *testing.T) {
 	if p.state.Load().upstreams["app"] != before {
 		t.Error("an unchanged upstream lost its pool on reload")
 	}
-	changed := *p.Snapshot()
-	changed.Upstreams = map[string]*policy.Upstream{"app": func() *policy.Upstream {
-		u := *before.spec
-		u.ResponseTimeout = time.Minute
-		return &u
-	}()}
-	p.Apply(&changed)
+	reparse := func(extra string) *policy.Snapshot {
+		snap, err := policy.Parse("test", []byte("[upstreams.app]\nurl = \""+before.spec.Endpoints[0].URL+"\"\n"+extra+
+			"[[routes]]\nname = \"app\"\nupstream = \"app\"\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return snap
+	}
+	p.Apply(reparse(""))
+	if p.state.Load().upstreams["app"] != before {
+		t.Error("an upstream parsed again from the same settings lost its pool on reload")
+	}
+	p.Apply(reparse("response_timeout = \"1m\"\n"))
 	if p.state.Load().upstreams["app"] == before {
 		t.Error("a changed upstream kept its old settings")
 	}

@@ -289,3 +289,22 @@ func TestReloadUnderLoad(t *testing.T) {
 	}
 	t.Logf("reloads under load: %d requests ok, %d client connections (none closed by the sidecar), 0 failed; bodies %v", res.ok.Load(), res.dials.Load(), res.bodies)
 }
+
+// A reload that changes restart-only settings applies the rest and warns,
+// naming each key it could not apply.
+func TestReloadNamesRestartOnlyKeys(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	sc := startSidecar(t, "[server]\n"+routeTo(be.url(), ""))
+	reloads := sc.metric(`sidecar_config_reloads_total{result="success"}`)
+	sc.writeConfig("[server]\nreuse_port = true\nadmin_pprof = true\nidle_timeout = \"30s\"\n" + routeTo(be.url(), ""))
+	deadline := time.Now().Add(5 * time.Second)
+	for sc.metric(`sidecar_config_reloads_total{result="success"}`) == reloads && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	logs := sc.logs.String()
+	for _, key := range []string{"server.reuse_port", "server.admin_pprof", "server.idle_timeout"} {
+		if !strings.Contains(logs, "needs a restart") || !strings.Contains(logs, key) {
+			t.Errorf("reload warning does not name %s:\n%s", key, logs)
+		}
+	}
+}

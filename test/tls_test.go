@@ -17,8 +17,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/sidecar-proxy/sidecar/policy"
 )
 
 // pki makes a CA and certificates it signs, written as PEM files in dir.
@@ -207,5 +210,45 @@ func TestHTTPSUpstream(t *testing.T) {
 	}
 	if v := sc2.metric(`sidecar_upstream_errors_total{upstream="app",kind="tls"}`); v < 1 {
 		t.Errorf("tls errors counted %v", v)
+	}
+}
+
+// A reload that changes nothing of an https upstream (here: only the keys
+// file) keeps its pooled connections: its CA bundle is compared by path
+// and hash, not as a parsed pool (which never compares equal).
+func TestReloadKeepsHTTPSUpstreamConnections(t *testing.T) {
+	var conns atomic.Int32
+	up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, r.Header.Get("X-Sidecar-Client"))
+	}))
+	up.Config.ConnState = func(c net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	up.StartTLS()
+	defer up.Close()
+	dir := t.TempDir()
+	caPath := filepath.Join(dir, "upstream-ca.pem")
+	os.WriteFile(caPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: up.Certificate().Raw}), 0o600)
+	writeKeys(t, dir)
+	sc := startSidecarIn(t, dir, tiersConfig+routeTo(up.URL, fmt.Sprintf("ca_file = %q\nserver_name = \"example.com\"", caPath)))
+	if resp, body := get(t, sc.url("/"), map[string]string{"X-API-Key": "acme-secret-key"}); resp.StatusCode != 200 || body != "key:acme" {
+		t.Fatalf("before the reload: %d %q", resp.StatusCode, body)
+	}
+	reloads := sc.metric(`sidecar_config_reloads_total{result="success"}`)
+	keys := fmt.Sprintf("[[keys]]\nsha256 = %q\ntier = \"premium\"\nclient = \"newcomer\"\n", policy.HashKey("new-key"))
+	if err := os.WriteFile(filepath.Join(dir, "keys.toml"), []byte(keys), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for sc.metric(`sidecar_config_reloads_total{result="success"}`) == reloads && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if resp, body := get(t, sc.url("/"), map[string]string{"X-API-Key": "new-key"}); resp.StatusCode != 200 || body != "key:newcomer" {
+		t.Fatalf("after the keys-only reload: %d %q", resp.StatusCode, body)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("the upstream saw %d connections across a keys-only reload, want 1 (the pool was rebuilt)", n)
 	}
 }
