@@ -30,8 +30,9 @@ func (d *Duration) UnmarshalText(b []byte) error {
 func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
 
 // File is the raw shape of sidecar.toml. Pointer fields distinguish "absent"
-// (take the default) from an explicit zero. Field docs state each default;
-// sidecar.toml in the repository root is the commented reference.
+// (take the default) from an explicit zero. The defaults live in
+// defaults.go; the field docs state them, and so does sidecar.toml in the
+// repository root, the commented reference (defaults_test.go checks both).
 type File struct {
 	Server    ServerFile              `toml:"server"`
 	Upstreams map[string]UpstreamFile `toml:"upstreams"`
@@ -89,14 +90,16 @@ type JWTFile struct {
 	// Algorithm is the only one accepted: "HS256", "RS256" or "ES256".
 	// Required. A token's own "alg" never chooses.
 	Algorithm *string `toml:"algorithm"`
-	// SecretEnv names the environment variable holding the HS256 secret.
+	// SecretEnv names the environment variable holding the HS256 secret
+	// (at least 32 bytes). Required with HS256, refused otherwise.
 	SecretEnv *string `toml:"secret_env"`
-	// PublicKeyFile is the PEM public key for RS256/ES256.
+	// PublicKeyFile is the PEM public key for RS256/ES256 (relative to
+	// the config file). Required with those, refused with HS256.
 	PublicKeyFile *string `toml:"public_key_file"`
 	// TierClaim and ClientClaim name the claims read. Defaults "tier", "sub".
 	TierClaim   *string `toml:"tier_claim"`
 	ClientClaim *string `toml:"client_claim"`
-	// Issuer and Audience, when set, must match.
+	// Issuer and Audience, when set, must match. Default: not checked.
 	Issuer   *string `toml:"issuer"`
 	Audience *string `toml:"audience"`
 	// Leeway tolerates clock skew on exp/nbf. Default 0s.
@@ -120,7 +123,8 @@ type TierFile struct {
 	Window *Duration `toml:"window"`
 	// Burst is the GCRA bucket depth. Default: Limit.
 	Burst *int `toml:"burst"`
-	// Algorithm overrides [rate_limit].algorithm for this tier.
+	// Algorithm overrides [rate_limit].algorithm for this tier. Default:
+	// [rate_limit].algorithm.
 	Algorithm *string `toml:"algorithm"`
 	// Mode is "enforce" (default) or "shadow": decisions are computed,
 	// counted, logged and sent as headers, but nothing is blocked.
@@ -275,13 +279,14 @@ type ServerFile struct {
 type TLSFile struct {
 	CertFile *string `toml:"cert_file"` // PEM certificate chain; required
 	KeyFile  *string `toml:"key_file"`  // PEM private key; required
-	// ClientCAFile verifies client certificates against these CAs.
+	// ClientCAFile verifies client certificates against these CAs. Needed
+	// by client_auth "request" and "require". Default: none.
 	ClientCAFile *string `toml:"client_ca_file"`
 	// ClientAuth is "none" (default), "request" (verify when sent) or
 	// "require".
 	ClientAuth *string `toml:"client_auth"`
 	// RedirectListen, when set, serves plain HTTP there that redirects
-	// every request to HTTPS (308).
+	// every request to HTTPS (308). Default: off.
 	RedirectListen *string `toml:"redirect_listen"`
 }
 
@@ -300,7 +305,9 @@ type UpstreamFile struct {
 	// MaxConnections caps connections (busy and idle) per endpoint; a
 	// request finding none free waits up to ConnWaitTimeout. Default 1024.
 	MaxConnections *int `toml:"max_connections"`
-	// MaxIdleConnections caps pooled idle connections per endpoint. Default 128.
+	// MaxIdleConnections caps pooled idle connections per endpoint, at
+	// most MaxConnections. Default 128, or MaxConnections when that is
+	// smaller.
 	MaxIdleConnections *int `toml:"max_idle_connections"`
 	// ConnWaitTimeout bounds the wait for a free connection slot. Default 100ms.
 	ConnWaitTimeout *Duration `toml:"conn_wait_timeout"`
@@ -379,8 +386,12 @@ type BreakerFile struct {
 type FallbackFile struct {
 	Status      *int    `toml:"status"`       // default 503
 	ContentType *string `toml:"content_type"` // default "application/json"
-	Body        *string `toml:"body"`
-	BodyFile    *string `toml:"body_file"`
+	// Body is the response body. Default
+	// '{"error":"service temporarily unavailable"}' when none of body,
+	// body_file and upstream is set.
+	Body *string `toml:"body"`
+	// BodyFile reads the body from a file (relative to the config file).
+	BodyFile *string `toml:"body_file"`
 	// Upstream sends the request to another upstream instead (only while
 	// no request body bytes went to the failing one).
 	Upstream *string `toml:"upstream"`
@@ -406,7 +417,8 @@ type RouteFile struct {
 	// this route. Default: the tier's mode.
 	RateLimitMode *string `toml:"rate_limit_mode"`
 	// Limits overrides tiers' limits on this route (same window), e.g.
-	// { anonymous = 10 }. Implies a separate count for this route.
+	// { anonymous = 10 }; it implies a separate count for this route.
+	// Default: the tiers' own limits.
 	Limits map[string]int `toml:"limits"`
 	// LimitPerRoute counts this route's requests apart from the client's
 	// others. Default false: one count per client and tier.

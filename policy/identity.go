@@ -443,7 +443,9 @@ func (v *validator) jwt(f *JWTFile, configFile string) *JWT {
 		}
 		return *p
 	}
-	j := &JWT{TierClaim: str(f.TierClaim, "tier"), ClientClaim: str(f.ClientClaim, "sub")}
+	def := &defaults.JWT
+	j := &JWT{TierClaim: str(f.TierClaim, def.TierClaim), ClientClaim: str(f.ClientClaim, def.ClientClaim),
+		RejectUnknownTier: def.RejectUnknownTier}
 	alg := str(f.Algorithm, "")
 	opts := []jwt.ParserOption{jwt.WithValidMethods([]string{alg})}
 	switch alg {
@@ -487,10 +489,12 @@ func (v *validator) jwt(f *JWTFile, configFile string) *JWT {
 	if f.Audience != nil {
 		opts = append(opts, jwt.WithAudience(*f.Audience))
 	}
+	leeway := def.Leeway
 	if f.Leeway != nil {
-		opts = append(opts, jwt.WithLeeway(f.Leeway.Duration))
+		leeway = f.Leeway.Duration
 	}
-	if f.RequireExp == nil || *f.RequireExp {
+	opts = append(opts, jwt.WithLeeway(leeway))
+	if or(f.RequireExp, def.RequireExp) {
 		opts = append(opts, jwt.WithExpirationRequired())
 	}
 	if f.UnknownTier != nil {

@@ -174,7 +174,12 @@ type Upstream struct {
 	RequiredForReady   bool
 	Breaker            *Breaker    // nil: no circuit breaker
 	TLSConfig          *tls.Config `json:"-"` // for https endpoints; see TLSSource
-	Fallback           *Fallback   // nil: errors get the core's statuses
+	// ServerName and CAPEM are what TLSConfig was built from: the name to
+	// verify ("": each URL's host) and the CA bundle's PEM ("": the
+	// system's roots), for clients that build their own.
+	ServerName string
+	CAPEM      string    `json:"-"` // in TLSSource by hash
+	Fallback   *Fallback // nil: errors get the core's statuses
 	// TLSSource is what TLSConfig was built from: the server name and the
 	// CA file's path and SHA-256 (a parsed x509.CertPool never compares
 	// equal to another, even of the same file).

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -18,26 +19,8 @@ import (
 	"github.com/pelletier/go-toml/v2/unstable"
 )
 
-// Defaults, as documented on the File fields and in sidecar.toml.
-const (
-	DefaultListen          = "127.0.0.1:8080"
-	DefaultAdminListen     = "127.0.0.1:9090"
-	DefaultHeaderTimeout   = 10 * time.Second
-	DefaultIdleTimeout     = 60 * time.Second
-	DefaultMaxHeaderBytes  = 16 << 10
-	DefaultMaxBodyBytes    = 100 << 20
-	DefaultDrainTimeout    = 30 * time.Second
-	DefaultMaxConnections  = 10000
-	DefaultRequestIDHeader = "X-Request-Id"
-
-	DefaultConnectTimeout     = time.Second
-	DefaultResponseTimeout    = 15 * time.Second
-	DefaultUpstreamMaxConns   = 1024
-	DefaultUpstreamMaxIdle    = 128
-	DefaultConnWaitTimeout    = 100 * time.Millisecond
-	DefaultIdleConnTimeout    = 30 * time.Second
-	minHeaderBytes, maxHeader = 1 << 10, 1 << 20
-)
+// The bounds of server.max_header_bytes. Defaults are in defaults.go.
+const minHeaderBytes, maxHeader = 1 << 10, 1 << 20
 
 // nameRE bounds names that become metric label values.
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
@@ -153,17 +136,18 @@ func (v *validator) compile(f *File) *Snapshot {
 }
 
 func (v *validator) server(f *ServerFile, s *Server) {
-	s.Listen = v.addr("server.listen", f.Listen, DefaultListen)
-	s.AdminListen = v.addr("server.admin_listen", f.AdminListen, DefaultAdminListen)
+	def := &defaults.Server
+	s.Listen = v.addr("server.listen", f.Listen, def.Listen)
+	s.AdminListen = v.addr("server.admin_listen", f.AdminListen, def.AdminListen)
 	if s.Listen == s.AdminListen {
 		v.addf("server.admin_listen", "must differ from server.listen (%q): the admin port is never the proxy port", s.Listen)
 	}
-	s.HeaderTimeout = v.duration("server.header_timeout", f.HeaderTimeout, DefaultHeaderTimeout, false)
-	s.IdleTimeout = v.duration("server.idle_timeout", f.IdleTimeout, DefaultIdleTimeout, false)
-	s.DrainDelay = v.duration("server.drain_delay", f.DrainDelay, 0, true)
-	s.DrainTimeout = v.duration("server.drain_timeout", f.DrainTimeout, DefaultDrainTimeout, true)
-	s.MaxHeaderBytes = v.intRange("server.max_header_bytes", f.MaxHeaderBytes, DefaultMaxHeaderBytes, minHeaderBytes, maxHeader)
-	s.MaxBodyBytes = DefaultMaxBodyBytes
+	s.HeaderTimeout = v.duration("server.header_timeout", f.HeaderTimeout, def.HeaderTimeout, false)
+	s.IdleTimeout = v.duration("server.idle_timeout", f.IdleTimeout, def.IdleTimeout, false)
+	s.DrainDelay = v.duration("server.drain_delay", f.DrainDelay, def.DrainDelay, true)
+	s.DrainTimeout = v.duration("server.drain_timeout", f.DrainTimeout, def.DrainTimeout, true)
+	s.MaxHeaderBytes = v.intRange("server.max_header_bytes", f.MaxHeaderBytes, def.MaxHeaderBytes, minHeaderBytes, maxHeader)
+	s.MaxBodyBytes = def.MaxBodyBytes
 	if f.MaxBodyBytes != nil {
 		if *f.MaxBodyBytes < 0 {
 			v.addf("server.max_body_bytes", "must be 0 (unlimited) or positive, got %d", *f.MaxBodyBytes)
@@ -171,8 +155,8 @@ func (v *validator) server(f *ServerFile, s *Server) {
 			s.MaxBodyBytes = *f.MaxBodyBytes
 		}
 	}
-	s.MaxConnections = v.intRange("server.max_connections", f.MaxConnections, DefaultMaxConnections, 1, 1<<24)
-	s.MaxConnectionsPerIP = v.intRange("server.max_connections_per_ip", f.MaxConnectionsPerIP, 0, 0, 1<<24)
+	s.MaxConnections = v.intRange("server.max_connections", f.MaxConnections, def.MaxConnections, 1, 1<<24)
+	s.MaxConnectionsPerIP = v.intRange("server.max_connections_per_ip", f.MaxConnectionsPerIP, def.MaxConnectionsPerIP, 0, 1<<24)
 	for i, c := range f.TrustedProxies {
 		p, err := parsePrefix(c)
 		if err != nil {
@@ -181,11 +165,11 @@ func (v *validator) server(f *ServerFile, s *Server) {
 		}
 		s.TrustedProxies = append(s.TrustedProxies, p)
 	}
-	s.TrustedOnlyHeaders = DefaultTrustedOnlyHeaders
+	s.TrustedOnlyHeaders = slices.Clone(def.TrustedOnlyHeaders)
 	if f.TrustedOnlyHeaders != nil {
 		s.TrustedOnlyHeaders = v.headerNames("server.trusted_only_headers", f.TrustedOnlyHeaders)
 	}
-	s.AllowedUpgrades = []string{"websocket"}
+	s.AllowedUpgrades = slices.Clone(def.AllowedUpgrades)
 	if f.AllowedUpgrades != nil {
 		s.AllowedUpgrades = nil
 		for i, u := range f.AllowedUpgrades {
@@ -195,12 +179,12 @@ func (v *validator) server(f *ServerFile, s *Server) {
 			s.AllowedUpgrades = append(s.AllowedUpgrades, strings.ToLower(u))
 		}
 	}
-	s.AdminPprof = f.AdminPprof != nil && *f.AdminPprof
-	s.ReusePort = f.ReusePort != nil && *f.ReusePort
+	s.AdminPprof = or(f.AdminPprof, def.AdminPprof)
+	s.ReusePort = or(f.ReusePort, def.ReusePort)
 	if f.TLS != nil {
 		s.TLS = v.serverTLS(f.TLS)
 	}
-	s.RequestIDHeader = DefaultRequestIDHeader
+	s.RequestIDHeader = def.RequestIDHeader
 	if f.RequestIDHeader != nil {
 		if !tokenRE.MatchString(*f.RequestIDHeader) {
 			v.addf("server.request_id_header", "not a valid header name: %q", *f.RequestIDHeader)
@@ -208,19 +192,6 @@ func (v *validator) server(f *ServerFile, s *Server) {
 			s.RequestIDHeader = *f.RequestIDHeader
 		}
 	}
-}
-
-// DefaultTrustedOnlyHeaders is server.trusted_only_headers' default: the
-// fields that proxies, CDNs and URL-rewriting front ends set and that
-// frameworks believe (Rails, Django, Werkzeug's ProxyFix, Spring, IIS):
-// the client's address, the scheme, port and prefix it used, the URL it
-// asked for.
-var DefaultTrustedOnlyHeaders = []string{
-	"Forwarded", "X-Real-IP", "True-Client-IP", "CF-Connecting-IP", "Fastly-Client-IP",
-	"X-Client-IP", "X-Cluster-Client-IP", "X-Original-Forwarded-For",
-	"X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Server", "X-Forwarded-Scheme",
-	"X-Forwarded-Ssl", "X-Scheme", "X-Url-Scheme", "Front-End-Https",
-	"X-Original-URL", "X-Rewrite-URL", "X-Original-Host",
 }
 
 // headerNames validates a list of field names.
@@ -284,25 +255,27 @@ func (v *validator) upstream(name string, f *UpstreamFile) *Upstream {
 			u.Endpoints = append(u.Endpoints, ep)
 		}
 	}
-	u.ConnectTimeout = v.duration(key+".connect_timeout", f.ConnectTimeout, DefaultConnectTimeout, false)
-	u.ResponseTimeout = v.duration(key+".response_timeout", f.ResponseTimeout, DefaultResponseTimeout, false)
-	u.ConnWaitTimeout = v.duration(key+".conn_wait_timeout", f.ConnWaitTimeout, DefaultConnWaitTimeout, true)
-	u.IdleConnTimeout = v.duration(key+".idle_conn_timeout", f.IdleConnTimeout, DefaultIdleConnTimeout, false)
-	u.MaxConnections = v.intRange(key+".max_connections", f.MaxConnections, DefaultUpstreamMaxConns, 1, 1<<20)
-	u.MaxIdleConnections = v.intRange(key+".max_idle_connections", f.MaxIdleConnections, min(DefaultUpstreamMaxIdle, u.MaxConnections), 0, u.MaxConnections)
-	u.RewriteHost = f.RewriteHost != nil && *f.RewriteHost
+	def := &defaults.Upstream
+	u.ConnectTimeout = v.duration(key+".connect_timeout", f.ConnectTimeout, def.ConnectTimeout, false)
+	u.ResponseTimeout = v.duration(key+".response_timeout", f.ResponseTimeout, def.ResponseTimeout, false)
+	u.ConnWaitTimeout = v.duration(key+".conn_wait_timeout", f.ConnWaitTimeout, def.ConnWaitTimeout, true)
+	u.IdleConnTimeout = v.duration(key+".idle_conn_timeout", f.IdleConnTimeout, def.IdleConnTimeout, false)
+	u.MaxConnections = v.intRange(key+".max_connections", f.MaxConnections, def.MaxConnections, 1, 1<<20)
+	u.MaxIdleConnections = v.intRange(key+".max_idle_connections", f.MaxIdleConnections, min(def.MaxIdleConnections, u.MaxConnections), 0, u.MaxConnections)
+	u.RewriteHost = or(f.RewriteHost, def.RewriteHost)
 	bf := f.Breaker
 	if bf == nil {
 		bf = &BreakerFile{}
 	}
-	if bf.Enabled == nil || *bf.Enabled {
+	if or(bf.Enabled, def.Breaker != nil) {
 		u.Breaker = v.breaker(key+".breaker", bf)
 	}
+	u.LeastConnections = def.LeastConnections
 	if f.Balance != nil {
 		u.LeastConnections = v.oneOf(key+".balance", *f.Balance, "round_robin", "least_connections") == "least_connections"
 	}
-	u.Retries = v.intRange(key+".retries", f.Retries, 0, 0, 10)
-	u.RetryBudget = 0.2
+	u.Retries = v.intRange(key+".retries", f.Retries, def.Retries, 0, 10)
+	u.RetryBudget = def.RetryBudget
 	if f.RetryBudget != nil {
 		if *f.RetryBudget < 0 || *f.RetryBudget > 1 {
 			v.addf(key+".retry_budget", "must be between 0 and 1, got %v", *f.RetryBudget)
@@ -310,24 +283,25 @@ func (v *validator) upstream(name string, f *UpstreamFile) *Upstream {
 			u.RetryBudget = *f.RetryBudget
 		}
 	}
-	u.PassiveFailures = v.intRange(key+".passive_failures", f.PassiveFailures, 5, 0, 1000)
-	u.PassiveEjection = v.duration(key+".passive_ejection", f.PassiveEjection, 10*time.Second, false)
+	u.PassiveFailures = v.intRange(key+".passive_failures", f.PassiveFailures, def.PassiveFailures, 0, 1000)
+	u.PassiveEjection = v.duration(key+".passive_ejection", f.PassiveEjection, def.PassiveEjection, false)
 	if hc := f.HealthCheck; hc != nil {
-		h := &HealthCheck{Path: "/healthz"}
+		hd := &defaults.HealthCheck
+		h := &HealthCheck{Path: hd.Path}
 		if hc.Path != nil {
 			if !strings.HasPrefix(*hc.Path, "/") {
 				v.addf(key+".health_check.path", "must start with '/', got %q", *hc.Path)
 			}
 			h.Path = *hc.Path
 		}
-		h.Interval = v.duration(key+".health_check.interval", hc.Interval, 5*time.Second, false)
-		h.Timeout = v.duration(key+".health_check.timeout", hc.Timeout, time.Second, false)
-		h.ExpectedStatus = v.intRange(key+".health_check.expected_status", hc.ExpectedStatus, 200, 100, 599)
-		h.HealthyThreshold = v.intRange(key+".health_check.healthy_threshold", hc.HealthyThreshold, 2, 1, 100)
-		h.UnhealthyThreshold = v.intRange(key+".health_check.unhealthy_threshold", hc.UnhealthyThreshold, 3, 1, 100)
+		h.Interval = v.duration(key+".health_check.interval", hc.Interval, hd.Interval, false)
+		h.Timeout = v.duration(key+".health_check.timeout", hc.Timeout, hd.Timeout, false)
+		h.ExpectedStatus = v.intRange(key+".health_check.expected_status", hc.ExpectedStatus, hd.ExpectedStatus, 100, 599)
+		h.HealthyThreshold = v.intRange(key+".health_check.healthy_threshold", hc.HealthyThreshold, hd.HealthyThreshold, 1, 100)
+		h.UnhealthyThreshold = v.intRange(key+".health_check.unhealthy_threshold", hc.UnhealthyThreshold, hd.UnhealthyThreshold, 1, 100)
 		u.HealthCheck = h
 	}
-	u.RequiredForReady = f.RequiredForReadiness != nil && *f.RequiredForReadiness
+	u.RequiredForReady = or(f.RequiredForReadiness, def.RequiredForReady)
 	u.TLSConfig = v.upstreamTLS(key, f, u)
 	return u
 }
@@ -350,6 +324,7 @@ func (v *validator) upstreamTLS(key string, f *UpstreamFile, u *Upstream) *tls.C
 		c.ServerName = *f.ServerName
 	}
 	u.TLSSource = "server_name=" + c.ServerName
+	u.ServerName = c.ServerName
 	if f.CAFile != nil {
 		path := relPath(v.file, *f.CAFile)
 		v.files = append(v.files, path)
@@ -360,6 +335,8 @@ func (v *validator) upstreamTLS(key string, f *UpstreamFile, u *Upstream) *tls.C
 		}
 		c.RootCAs = pool
 		u.TLSSource += fmt.Sprintf(" ca_file=%s sha256=%x", path, sum)
+		pem, _ := os.ReadFile(path) // loadPool just read it
+		u.CAPEM = string(pem)
 	}
 	return c
 }
@@ -390,7 +367,7 @@ func (v *validator) serverTLS(f *TLSFile) *ServerTLS {
 		v.addf(key+".cert_file", "%v", err)
 		return nil
 	}
-	t := &ServerTLS{Cert: &cert}
+	t := &ServerTLS{Cert: &cert, ClientAuth: defaults.ServerTLS.ClientAuth}
 	if f.ClientCAFile != nil {
 		path := relPath(v.file, *f.ClientCAFile)
 		v.files = append(v.files, path)
@@ -400,17 +377,17 @@ func (v *validator) serverTLS(f *TLSFile) *ServerTLS {
 		}
 		t.ClientCAs = pool
 	}
-	auth := "none"
 	if f.ClientAuth != nil {
-		auth = v.oneOf(key+".client_auth", *f.ClientAuth, "none", "request", "require")
+		switch v.oneOf(key+".client_auth", *f.ClientAuth, "none", "request", "require") {
+		case "none":
+			t.ClientAuth = tls.NoClientCert
+		case "request":
+			t.ClientAuth = tls.VerifyClientCertIfGiven
+		case "require":
+			t.ClientAuth = tls.RequireAndVerifyClientCert
+		}
 	}
-	switch auth {
-	case "request":
-		t.ClientAuth = tls.VerifyClientCertIfGiven
-	case "require":
-		t.ClientAuth = tls.RequireAndVerifyClientCert
-	}
-	if auth != "none" && t.ClientCAs == nil {
+	if t.ClientAuth != tls.NoClientCert && t.ClientCAs == nil {
 		v.addf(key+".client_auth", "verifying client certificates needs client_ca_file")
 	}
 	if f.RedirectListen != nil {
@@ -420,13 +397,14 @@ func (v *validator) serverTLS(f *TLSFile) *ServerTLS {
 }
 
 func (v *validator) breaker(key string, f *BreakerFile) *Breaker {
+	def := defaults.Upstream.Breaker
 	b := &Breaker{
-		ErrorPercent:        v.intRange(key+".error_percent", f.ErrorPercent, 50, 1, 100),
-		VolumeThreshold:     v.intRange(key+".volume_threshold", f.VolumeThreshold, 20, 1, 1_000_000),
-		SleepWindow:         v.duration(key+".sleep_window", f.SleepWindow, 5*time.Second, false),
-		MaxConcurrent:       v.intRange(key+".max_concurrent", f.MaxConcurrent, 1000, 1, 1_000_000),
-		FailureStatuses:     []int{502, 503, 504},
-		ConsecutiveFailures: v.intRange(key+".consecutive_failures", f.ConsecutiveFailures, 0, 0, 1_000_000),
+		ErrorPercent:        v.intRange(key+".error_percent", f.ErrorPercent, def.ErrorPercent, 1, 100),
+		VolumeThreshold:     v.intRange(key+".volume_threshold", f.VolumeThreshold, def.VolumeThreshold, 1, 1_000_000),
+		SleepWindow:         v.duration(key+".sleep_window", f.SleepWindow, def.SleepWindow, false),
+		MaxConcurrent:       v.intRange(key+".max_concurrent", f.MaxConcurrent, def.MaxConcurrent, 1, 1_000_000),
+		FailureStatuses:     slices.Clone(def.FailureStatuses),
+		ConsecutiveFailures: v.intRange(key+".consecutive_failures", f.ConsecutiveFailures, def.ConsecutiveFailures, 0, 1_000_000),
 	}
 	if f.FailureStatuses != nil {
 		b.FailureStatuses = nil
@@ -443,10 +421,8 @@ func (v *validator) breaker(key string, f *BreakerFile) *Breaker {
 // fallback validates [upstreams.NAME.fallback] once all upstreams are known.
 func (v *validator) fallback(name string, f *FallbackFile, ups map[string]UpstreamFile, s *Snapshot) *Fallback {
 	key := "upstreams." + name + ".fallback"
-	fb := &Fallback{Status: v.intRange(key+".status", f.Status, 503, 100, 599), ContentType: "application/json"}
-	if f.ContentType != nil {
-		fb.ContentType = *f.ContentType
-	}
+	def := &defaults.Fallback
+	fb := &Fallback{Status: v.intRange(key+".status", f.Status, def.Status, 100, 599), ContentType: or(f.ContentType, def.ContentType)}
 	n := 0
 	if f.Body != nil {
 		n++
@@ -473,7 +449,7 @@ func (v *validator) fallback(name string, f *FallbackFile, ups map[string]Upstre
 		v.addf(key, "set one of body, body_file and upstream")
 	}
 	if n == 0 {
-		fb.Body = []byte(`{"error":"service temporarily unavailable"}`)
+		fb.Body = slices.Clone(def.Body)
 	}
 	return fb
 }
@@ -516,7 +492,8 @@ func parseEndpoint(raw string) (Endpoint, string) {
 
 func (v *validator) route(i int, f *RouteFile, ups map[string]UpstreamFile) Route {
 	key := fmt.Sprintf("routes[%d]", i)
-	r := Route{Index: i, Name: fmt.Sprintf("route%d", i), PathPrefix: "/"}
+	r := defaults.Route
+	r.Index, r.Name = i, fmt.Sprintf(defaults.RouteName, i)
 	if f.Name != nil {
 		if !nameRE.MatchString(*f.Name) {
 			v.addf(key+".name", "route names may use letters, digits, '_', '.', '-' (at most 64), got %q", *f.Name)
@@ -568,9 +545,11 @@ func (v *validator) tiers(f *File) map[string]*Tier {
 		if !nameRE.MatchString(name) {
 			v.addf(key, "tier names may use letters, digits, '_', '.', '-' (at most 64), got %q", name)
 		}
-		t := &Tier{Name: name}
-		if tf.Unlimited != nil && *tf.Unlimited {
-			t.Unlimited = true
+		t := new(Tier)
+		*t = defaults.Tier
+		t.Name = name
+		t.Unlimited = or(tf.Unlimited, t.Unlimited)
+		if t.Unlimited {
 			if tf.Limit != nil || tf.Window != nil || tf.Burst != nil || tf.Algorithm != nil || tf.Mode != nil {
 				v.addf(key+".unlimited", "an unlimited tier takes no limit, window, burst, algorithm or mode")
 			}
@@ -615,7 +594,8 @@ func (v *validator) oneOf(key, got string, allowed ...string) string {
 }
 
 func (v *validator) rateLimit(f *RateLimitFile, r *RateLimit) {
-	r.Store, r.Algorithm, r.OnStoreError = "memory", "sliding_window", "local"
+	def := &defaults.RateLimit
+	r.Store, r.Algorithm, r.OnStoreError = def.Store, def.Algorithm, def.OnStoreError
 	if f.Store != nil {
 		r.Store = v.oneOf("rate_limit.store", *f.Store, "memory", "redis")
 	}
@@ -625,19 +605,19 @@ func (v *validator) rateLimit(f *RateLimitFile, r *RateLimit) {
 	if f.OnStoreError != nil {
 		r.OnStoreError = v.oneOf("rate_limit.on_store_error", *f.OnStoreError, "local", "allow", "deny")
 	}
-	r.StoreTimeout = v.duration("rate_limit.store_timeout", f.StoreTimeout, 50*time.Millisecond, false)
-	r.Cooldown = v.duration("rate_limit.cooldown", f.Cooldown, 5*time.Second, false)
-	r.FailureThreshold = v.intRange("rate_limit.failure_threshold", f.FailureThreshold, 3, 1, 1000)
-	r.MaxKeys = v.intRange("rate_limit.max_keys", f.MaxKeys, 200_000, 1000, 100_000_000)
-	r.LegacyHeaders = f.LegacyHeaders == nil || *f.LegacyHeaders
+	r.StoreTimeout = v.duration("rate_limit.store_timeout", f.StoreTimeout, def.StoreTimeout, false)
+	r.Cooldown = v.duration("rate_limit.cooldown", f.Cooldown, def.Cooldown, false)
+	r.FailureThreshold = v.intRange("rate_limit.failure_threshold", f.FailureThreshold, def.FailureThreshold, 1, 1000)
+	r.MaxKeys = v.intRange("rate_limit.max_keys", f.MaxKeys, def.MaxKeys, 1000, 100_000_000)
+	r.LegacyHeaders = or(f.LegacyHeaders, def.LegacyHeaders)
 	// lease = true does nothing without Redis: refused, so that nobody
 	// believes leases are on. lease_overshoot and lease_duration are
 	// accepted with lease = false, so that one line turns leases off.
-	r.Lease = f.Lease != nil && *f.Lease
+	r.Lease = or(f.Lease, def.Lease)
 	if r.Lease && r.Store != "redis" {
 		v.addf("rate_limit.lease", "needs store = \"redis\" (the memory store makes no Redis calls to save)")
 	}
-	r.LeaseOvershoot = 0.01
+	r.LeaseOvershoot = def.LeaseOvershoot
 	if f.LeaseOvershoot != nil {
 		if x := *f.LeaseOvershoot; !(x > 0 && x <= 0.2) {
 			v.addf("rate_limit.lease_overshoot", "must be greater than 0 and at most 0.2, got %v", x)
@@ -645,10 +625,10 @@ func (v *validator) rateLimit(f *RateLimitFile, r *RateLimit) {
 			r.LeaseOvershoot = x
 		}
 	}
-	r.LeaseDuration = v.duration("rate_limit.lease_duration", f.LeaseDuration, time.Second, false)
+	r.LeaseDuration = v.duration("rate_limit.lease_duration", f.LeaseDuration, def.LeaseDuration, false)
 	if d := r.LeaseDuration; d < 10*time.Millisecond || d > time.Minute {
 		v.addf("rate_limit.lease_duration", "must be between 10ms and 1m, got %q", d.String())
-		r.LeaseDuration = time.Second
+		r.LeaseDuration = def.LeaseDuration
 	}
 }
 
@@ -656,7 +636,8 @@ func (v *validator) rateLimit(f *RateLimitFile, r *RateLimit) {
 // then are addresses required and credentials read from the environment
 // required to be set.
 func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
-	r.Mode, r.KeyPrefix = "single", "sidecar"
+	def := &defaults.Redis
+	r.Mode, r.KeyPrefix = def.Mode, def.KeyPrefix
 	if f.Mode != nil {
 		r.Mode = v.oneOf("redis.mode", *f.Mode, "single", "cluster", "sentinel")
 	}
@@ -702,11 +683,11 @@ func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
 	} else {
 		r.SentinelPassword = env("redis.sentinel_password_env", f.SentinelPasswordEnv)
 	}
-	r.DB = v.intRange("redis.db", f.DB, 0, 0, 15)
+	r.DB = v.intRange("redis.db", f.DB, def.DB, 0, 15)
 	if r.Mode == "cluster" && r.DB != 0 {
 		v.addf("redis.db", "Redis Cluster has only db 0, got %d", r.DB)
 	}
-	r.TLS = f.TLS != nil && *f.TLS
+	r.TLS = or(f.TLS, def.TLS)
 	if !r.TLS && (f.TLSCAFile != nil || f.TLSServerName != nil) {
 		key := "redis.tls_ca_file"
 		if f.TLSCAFile == nil {
@@ -714,6 +695,7 @@ func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
 		}
 		v.addf(key, "needs tls = true")
 	}
+	r.TLSServerName = def.TLSServerName
 	if r.TLS && f.TLSServerName != nil {
 		if !validHostname(*f.TLSServerName) && net.ParseIP(*f.TLSServerName) == nil {
 			v.addf("redis.tls_server_name", "want a host name or IP address, got %q", *f.TLSServerName)
@@ -749,13 +731,14 @@ func (v *validator) identity(f *IdentityFile, id *Identity, tiers map[string]*Ti
 		}
 		return *p
 	}
-	id.APIKeyHeader = str("identity.api_key_header", f.APIKeyHeader, "X-API-Key", true)
-	id.ClientHeader = str("identity.client_header", f.ClientHeader, "X-Sidecar-Client", true)
-	id.TierHeader = str("identity.tier_header", f.TierHeader, "X-Sidecar-Tier", true)
-	id.AnonymousTier = str("identity.anonymous_tier", f.AnonymousTier, "anonymous", false)
-	id.AuthenticatedTier = str("identity.authenticated_tier", f.AuthenticatedTier, "authenticated", false)
-	id.ClientCertTier = str("identity.client_cert_tier", f.ClientCertTier, "", false)
-	id.IPv6Prefix = v.intRange("identity.ipv6_prefix", f.IPv6Prefix, 64, 16, 128)
+	def := &defaults.Identity
+	id.APIKeyHeader = str("identity.api_key_header", f.APIKeyHeader, def.APIKeyHeader, true)
+	id.ClientHeader = str("identity.client_header", f.ClientHeader, def.ClientHeader, true)
+	id.TierHeader = str("identity.tier_header", f.TierHeader, def.TierHeader, true)
+	id.AnonymousTier = str("identity.anonymous_tier", f.AnonymousTier, def.AnonymousTier, false)
+	id.AuthenticatedTier = str("identity.authenticated_tier", f.AuthenticatedTier, def.AuthenticatedTier, false)
+	id.ClientCertTier = str("identity.client_cert_tier", f.ClientCertTier, def.ClientCertTier, false)
+	id.IPv6Prefix = v.intRange("identity.ipv6_prefix", f.IPv6Prefix, def.IPv6Prefix, 16, 128)
 	if f.APIKeysFile != nil {
 		path := relPath(v.file, *f.APIKeysFile)
 		s.Files = append(s.Files, path)
@@ -794,7 +777,9 @@ func (v *validator) tierTables(f *IdentityFile, id *Identity, tiers map[string]*
 
 func (v *validator) routeLimits(i int, f *RouteFile, r *Route, tiers map[string]*Tier) {
 	key := fmt.Sprintf("routes[%d]", i)
-	r.RateLimitExempt = f.RateLimitExempt != nil && *f.RateLimitExempt
+	def := &defaults.Route
+	r.RateLimitExempt = or(f.RateLimitExempt, def.RateLimitExempt)
+	r.Shadow = def.Shadow
 	if f.RateLimitMode != nil {
 		r.Shadow = v.oneOf(key+".rate_limit_mode", *f.RateLimitMode, "enforce", "shadow") == "shadow"
 	}
@@ -811,13 +796,14 @@ func (v *validator) routeLimits(i int, f *RouteFile, r *Route, tiers map[string]
 	if len(f.Limits) > 0 {
 		r.Limits = f.Limits
 	}
-	r.LimitPerRoute = (f.LimitPerRoute != nil && *f.LimitPerRoute) || len(f.Limits) > 0
-	r.OwnCircuit = f.OwnCircuit != nil && *f.OwnCircuit
+	r.LimitPerRoute = or(f.LimitPerRoute, def.LimitPerRoute) || len(f.Limits) > 0
+	r.OwnCircuit = or(f.OwnCircuit, def.OwnCircuit)
 }
 
 func (v *validator) accessLog(f *AccessLogFile, a *AccessLog) {
-	a.Enabled = f.Enabled != nil && *f.Enabled
-	a.Sample = 1
+	def := &defaults.AccessLog
+	a.Enabled = or(f.Enabled, def.Enabled)
+	a.Sample = def.Sample
 	if f.Sample != nil {
 		if *f.Sample < 0 || *f.Sample > 1 {
 			v.addf("access_log.sample", "must be between 0 and 1, got %v", *f.Sample)
