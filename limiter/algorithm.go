@@ -43,7 +43,8 @@ func (a Algorithm) String() string {
 }
 
 // Subwindows is the number of buckets a sliding window is counted in; the
-// under-admission it costs is at most 1/Subwindows of the limit.
+// under-admission it costs is at most 1/Subwindows of the limit. The Redis
+// scripts are passed it with every call rather than holding their own copy.
 const Subwindows = 100
 
 // Rule is one limit. The zero value is invalid: Limit and Window must be

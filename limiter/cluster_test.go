@@ -191,7 +191,7 @@ func TestRedisCluster(t *testing.T) {
 			if g.err != nil || g.granted != 4 || g.d.Remaining != 6 {
 				t.Fatalf("%s: granted %d, %+v %v", g.key, g.granted, g.d, g.err)
 			}
-			backs = append(backs, &call{key: g.key, rule: rule, kind: giveBack, cost: 3, idx: g.idx})
+			backs = append(backs, &call{key: g.key, rule: rule, kind: returnUnits, cost: 3, idx: g.idx})
 			checks = append(checks, &call{key: g.key, rule: rule, kind: decide, cost: 1})
 		}
 		store.slidingBatch(ctx, backs, 0)

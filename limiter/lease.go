@@ -56,26 +56,12 @@ package limiter
 
 import (
 	"context"
-	"hash/maphash"
 	"math"
-	"sync"
 	"time"
 )
 
+// leaseShards is the number of shards of the lease table (Limiter.leases).
 const leaseShards = 16
-
-// leaseTable holds one replica's leases and the request rates that size
-// them, for at most maxKeys clients.
-type leaseTable struct {
-	seed     maphash.Seed
-	perShard int
-	shards   [leaseShards]leaseShard
-}
-
-type leaseShard struct {
-	mu sync.Mutex
-	m  map[string]*leaseEntry
-}
 
 // leaseEntry is one client at this replica: its recent requests and its
 // lease, if any. Guarded by its shard's mutex.
@@ -92,30 +78,6 @@ type leaseEntry struct {
 	expiresMs int64 // units are not spent from this instant on (local clock)
 
 	wait chan struct{} // while a request fetches the next lease; closed when it is settled
-}
-
-func newLeaseTable(maxKeys int) *leaseTable {
-	t := &leaseTable{seed: maphash.MakeSeed(), perShard: max(1, maxKeys/leaseShards)}
-	for i := range t.shards {
-		t.shards[i].m = make(map[string]*leaseEntry)
-	}
-	return t
-}
-
-func (t *leaseTable) shard(key string) *leaseShard {
-	return &t.shards[maphash.String(t.seed, key)%leaseShards]
-}
-
-// Len is the number of clients tracked.
-func (t *leaseTable) Len() int {
-	n := 0
-	for i := range t.shards {
-		s := &t.shards[i]
-		s.mu.Lock()
-		n += len(s.m)
-		s.mu.Unlock()
-	}
-	return n
 }
 
 // observe counts one request at nowMs in e's decaying count.
@@ -174,7 +136,7 @@ func (l *Limiter) take(key string, rule Rule, nowMs int64, observe, fetch bool) 
 	defer sh.mu.Unlock()
 	e := sh.m[key]
 	if e == nil {
-		if len(sh.m) >= l.leases.perShard {
+		if l.leases.full(sh) {
 			l.evictLease(sh, nowMs)
 		}
 		e = &leaseEntry{}
@@ -188,7 +150,7 @@ func (l *Limiter) take(key string, rule Rule, nowMs int64, observe, fetch bool) 
 			e.units--
 			return taken{step: leaseSpent, d: e.decision(nowMs)}
 		}
-		l.giveBack(key, e) // expired, or the limit changed under it
+		l.returnUnspent(key, e) // expired, or the limit changed under it
 	}
 	if e.wait != nil {
 		return taken{step: leaseWait, wait: e.wait}
@@ -261,10 +223,10 @@ func (l *Limiter) allowLeased(key string, rule Rule, now time.Time) (d Decision,
 	return d, FromStore, true
 }
 
-// giveBack hands e's unspent units back: queued for the batcher (sliding
-// window), or counted as expired (GCRA, Redis left alone, queue full).
-// Called with e's shard locked.
-func (l *Limiter) giveBack(key string, e *leaseEntry) {
+// returnUnspent gives e's unspent units back: queued for the batcher
+// (sliding window), or counted as expired (GCRA, Redis left alone, queue
+// full). Called with e's shard locked.
+func (l *Limiter) returnUnspent(key string, e *leaseEntry) {
 	n := e.units
 	e.units = 0
 	if n <= 0 {
@@ -275,7 +237,7 @@ func (l *Limiter) giveBack(key string, e *leaseEntry) {
 		return
 	}
 	c := callPool.Get().(*call)
-	c.key, c.rule, c.kind, c.cost, c.idx, c.granted, c.err = key, e.rule, giveBack, n, e.idx, 0, nil
+	c.key, c.rule, c.kind, c.cost, c.idx, c.granted, c.err = key, e.rule, returnUnits, n, e.idx, 0, nil
 	select {
 	case l.calls <- c:
 	default:
@@ -284,8 +246,9 @@ func (l *Limiter) giveBack(key string, e *leaseEntry) {
 	}
 }
 
-// gaveBack accounts for a give-back the batcher sent.
-func (l *Limiter) gaveBack(c *call) {
+// countReturned counts the outcome of a returnUnits call the batcher
+// sent: the units Redis took back, and the rest as expired.
+func (l *Limiter) countReturned(c *call) {
 	if c.err != nil {
 		l.m.storeErrors.Inc()
 		l.m.unitsExpired.Add(c.cost)
@@ -299,7 +262,7 @@ func (l *Limiter) gaveBack(c *call) {
 // random, so this samples), one holding no units if there is one, else
 // the least recently seen; its units go back. Entries being fetched stay:
 // if only those were sampled the shard goes over its share for a while.
-func (l *Limiter) evictLease(sh *leaseShard, nowMs int64) {
+func (l *Limiter) evictLease(sh *mapShard[*leaseEntry], nowMs int64) {
 	var victim string
 	var ve *leaseEntry
 	n := 0
@@ -314,7 +277,7 @@ func (l *Limiter) evictLease(sh *leaseShard, nowMs int64) {
 	if ve == nil {
 		return
 	}
-	l.giveBack(victim, ve)
+	l.returnUnspent(victim, ve)
 	delete(sh.m, victim)
 }
 
@@ -345,22 +308,15 @@ func (l *Limiter) leaseSweeper() {
 
 func (l *Limiter) sweepLeases(nowMs int64) {
 	idle := 10 * l.s.LeaseDuration.Milliseconds()
-	for i := range l.leases.shards {
-		sh := &l.leases.shards[i]
-		sh.mu.Lock()
-		for k, e := range sh.m {
-			if e.wait != nil {
-				continue
-			}
-			if e.units > 0 && nowMs >= e.expiresMs {
-				l.giveBack(k, e)
-			}
-			if e.units == 0 && nowMs-e.seenMs > idle {
-				delete(sh.m, k)
-			}
+	l.leases.sweep(func(k string, e *leaseEntry) bool {
+		if e.wait != nil {
+			return true
 		}
-		sh.mu.Unlock()
-	}
+		if e.units > 0 && nowMs >= e.expiresMs {
+			l.returnUnspent(k, e)
+		}
+		return e.units != 0 || nowMs-e.seenMs <= idle
+	})
 }
 
 // returnAll gives back, once the goroutines have stopped, the units still
@@ -371,7 +327,7 @@ func (l *Limiter) returnAll(ctx context.Context) {
 	for drained := false; !drained; {
 		select {
 		case c := <-l.calls:
-			if c.kind == giveBack {
+			if c.kind == returnUnits {
 				calls = append(calls, c)
 			} else {
 				c.err = errClosed
@@ -382,19 +338,15 @@ func (l *Limiter) returnAll(ctx context.Context) {
 		}
 	}
 	if l.leases != nil {
-		for i := range l.leases.shards {
-			sh := &l.leases.shards[i]
-			sh.mu.Lock()
-			for k, e := range sh.m {
-				if e.units > 0 && e.rule.Algorithm == SlidingWindow {
-					calls = append(calls, &call{key: k, rule: e.rule, kind: giveBack, cost: e.units, idx: e.idx})
-				} else if e.units > 0 {
-					l.m.unitsExpired.Add(e.units)
-				}
-				e.units = 0
+		l.leases.sweep(func(k string, e *leaseEntry) bool {
+			if e.units > 0 && e.rule.Algorithm == SlidingWindow {
+				calls = append(calls, &call{key: k, rule: e.rule, kind: returnUnits, cost: e.units, idx: e.idx})
+			} else if e.units > 0 {
+				l.m.unitsExpired.Add(e.units)
 			}
-			sh.mu.Unlock()
-		}
+			e.units = 0
+			return true // the entries go with the limiter
+		})
 	}
 	if len(calls) == 0 {
 		return
@@ -408,6 +360,6 @@ func (l *Limiter) returnAll(ctx context.Context) {
 	l.m.commands.Inc()
 	l.store.slidingBatch(ctx, calls, 0)
 	for _, c := range calls {
-		l.gaveBack(c)
+		l.countReturned(c)
 	}
 }

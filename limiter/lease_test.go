@@ -74,7 +74,7 @@ func TestLeaseScripts(t *testing.T) {
 		return run(&call{key: key, rule: rule, kind: decide, cost: 1}, now).d
 	}
 	back := func(key string, idx int64, n int, now int64) int {
-		return run(&call{key: key, rule: rule, kind: giveBack, cost: n, idx: idx}, now).granted
+		return run(&call{key: key, rule: rule, kind: returnUnits, cost: n, idx: idx}, now).granted
 	}
 	now := t0.UnixMilli()
 	sub := now / 10
@@ -579,8 +579,8 @@ func leaseBound(t *testing.T, ls []*Limiter, most int, gap time.Duration) {
 func TestLeaseCommands(t *testing.T) {
 	srv := redistest.Start(t)
 	rule := Rule{Limit: 10_000, Window: time.Minute}
-	run := func(lease bool) (calls, admitted, requests int) {
-		ls := replicas(t, srv.Addr, 3, Settings{KeyPrefix: fmt.Sprintf("cmds-%v", lease), Lease: lease})
+	run := func(leased bool) (calls, admitted, requests int) {
+		ls := replicas(t, srv.Addr, 3, Settings{KeyPrefix: fmt.Sprintf("cmds-%v", leased), Lease: leased})
 		if _, err := redistest.Do(srv.Addr, "CONFIG", "RESETSTAT"); err != nil {
 			t.Fatal(err)
 		}

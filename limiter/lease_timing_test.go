@@ -34,10 +34,10 @@ func BenchmarkAllowCold(b *testing.B) {
 	for i := range keys {
 		keys[i] = "client-" + strconv.Itoa(i)
 	}
-	for _, lease := range []bool{false, true} {
-		b.Run("lease="+strconv.FormatBool(lease), func(b *testing.B) {
+	for _, leased := range []bool{false, true} {
+		b.Run("lease="+strconv.FormatBool(leased), func(b *testing.B) {
 			clock := &fakeClock{now: t0}
-			l := New(Settings{Redis: client(b, srv.Addr), KeyPrefix: "cold-" + strconv.FormatBool(lease), Lease: lease,
+			l := New(Settings{Redis: client(b, srv.Addr), KeyPrefix: "cold-" + strconv.FormatBool(leased), Lease: leased,
 				Now: clock.Now, Heartbeat: time.Hour})
 			defer l.Close()
 			rule := Rule{Limit: 1 << 30, Window: time.Minute}

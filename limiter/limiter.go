@@ -114,7 +114,10 @@ type Limiter struct {
 	store  *redisStore
 	calls  chan *call
 	denied denyCache
-	leases *leaseTable // nil unless Settings.Lease and Redis
+	// leases holds this replica's leases and the request rates that size
+	// them, for at most MaxLeaseKeys clients; nil unless Settings.Lease
+	// and Redis.
+	leases *shardedMap[*leaseEntry]
 
 	failures  atomic.Int32
 	openUntil atomic.Int64 // unix ms; while in the future, Redis is not called
@@ -146,21 +149,21 @@ type limiterMetrics struct {
 type callKind uint8
 
 const (
-	decide   callKind = iota // one request's decision
-	lease                    // a lease of up to cost units
-	giveBack                 // cost unspent units of a lease, back into sub-window idx
+	decide      callKind = iota // one request's decision
+	lease                       // a lease of up to cost units
+	returnUnits                 // cost unspent units of a lease, back into sub-window idx
 )
 
 // call is one request to Redis waiting for the batcher. A decision or a
-// lease has a waiter, signalled on done; a giveBack has none: the batcher
+// lease has a waiter, signalled on done; a returnUnits has none: the batcher
 // accounts for it and puts it back in the pool.
 type call struct {
 	key     string
 	rule    Rule
 	kind    callKind
 	cost    int
-	idx     int64 // giveBack: the grant's sub-window; lease: set from the reply
-	granted int   // lease: units granted; giveBack: units Redis took back
+	idx     int64 // returnUnits: the grant's sub-window; lease: set from the reply
+	granted int   // lease: units granted; returnUnits: units Redis took back
 	d       Decision
 	err     error
 	done    chan struct{}
@@ -239,7 +242,7 @@ func New(s Settings) *Limiter {
 		go l.batcher()
 		go l.heartbeat()
 		if s.Lease {
-			l.leases = newLeaseTable(s.MaxLeaseKeys)
+			l.leases = newShardedMap[*leaseEntry](leaseShards, s.MaxLeaseKeys)
 			l.wg.Add(1)
 			go l.leaseSweeper()
 		}
@@ -443,8 +446,8 @@ func (l *Limiter) batcher() {
 		l.store.slidingBatch(ctx, batch, 0) // each call gets its own decision or error
 		cancel()
 		for _, c := range batch {
-			if c.kind == giveBack {
-				l.gaveBack(c)
+			if c.kind == returnUnits {
+				l.countReturned(c)
 				callPool.Put(c)
 				continue
 			}
@@ -582,32 +585,21 @@ func (l *Limiter) sweeper() {
 // denyCache remembers clients Redis denied, until their retry time, so
 // that an abusive client costs one Redis call per retry period instead of
 // one per request. It never over-admits: other replicas can only push the
-// client's state later.
+// client's state later. A full shard takes no new clients (nor new retry
+// times) until its entries expire.
 type denyCache struct {
-	shards [16]struct {
-		mu sync.Mutex
-		m  map[string]int64
-	}
+	m *shardedMap[int64] // key → unix ms until which it is denied
 }
 
-const denyCacheMax = 65536 // per shard
+const (
+	denyShards   = 16
+	denyCacheMax = denyShards * 65536 // 65,536 per shard
+)
 
-func (c *denyCache) init() {
-	for i := range c.shards {
-		c.shards[i].m = make(map[string]int64)
-	}
-}
-
-func (c *denyCache) shard(key string) int {
-	h := uint32(2166136261)
-	for i := 0; i < len(key); i++ {
-		h = (h ^ uint32(key[i])) * 16777619
-	}
-	return int(h % uint32(len(c.shards)))
-}
+func (c *denyCache) init() { c.m = newShardedMap[int64](denyShards, denyCacheMax) }
 
 func (c *denyCache) get(key string, nowMs int64) (int64, bool) {
-	s := &c.shards[c.shard(key)]
+	s := c.m.shard(key)
 	s.mu.Lock()
 	until, ok := s.m[key]
 	if ok && until <= nowMs {
@@ -619,23 +611,14 @@ func (c *denyCache) get(key string, nowMs int64) (int64, bool) {
 }
 
 func (c *denyCache) put(key string, until int64) {
-	s := &c.shards[c.shard(key)]
+	s := c.m.shard(key)
 	s.mu.Lock()
-	if len(s.m) < denyCacheMax {
+	if !c.m.full(s) {
 		s.m[key] = until
 	}
 	s.mu.Unlock()
 }
 
 func (c *denyCache) sweep(nowMs int64) {
-	for i := range c.shards {
-		s := &c.shards[i]
-		s.mu.Lock()
-		for k, until := range s.m {
-			if until <= nowMs {
-				delete(s.m, k)
-			}
-		}
-		s.mu.Unlock()
-	}
+	c.m.sweep(func(_ string, until int64) bool { return until > nowMs })
 }

@@ -1,10 +1,6 @@
 package limiter
 
-import (
-	"hash/maphash"
-	"sync"
-	"time"
-)
+import "time"
 
 // DefaultMaxKeys caps the memory store: at most this many clients' states
 // are held (about 100 bytes to 1.7 KB each, with the heaviest sliding
@@ -22,15 +18,8 @@ const memShards = 64
 // limit. Eviction takes expired entries first, so this only happens with
 // more than MaxKeys clients active within one window.
 type Memory struct {
-	seed     maphash.Seed
-	perShard int
-	shards   [memShards]memShard
-	evicted  func() // called per eviction of a live entry; may be nil
-}
-
-type memShard struct {
-	mu sync.Mutex
-	m  map[string]*memEntry
+	states  *shardedMap[*memEntry]
+	evicted func() // called per eviction of a live entry; may be nil
 }
 
 type memEntry struct {
@@ -46,34 +35,21 @@ func NewMemory(maxKeys int) *Memory {
 	if maxKeys <= 0 {
 		maxKeys = DefaultMaxKeys
 	}
-	m := &Memory{seed: maphash.MakeSeed(), perShard: max(1, maxKeys/memShards)}
-	for i := range m.shards {
-		m.shards[i].m = make(map[string]*memEntry)
-	}
-	return m
+	return &Memory{states: newShardedMap[*memEntry](memShards, maxKeys)}
 }
 
 // Len returns the number of states held.
-func (m *Memory) Len() int {
-	n := 0
-	for i := range m.shards {
-		s := &m.shards[i]
-		s.mu.Lock()
-		n += len(s.m)
-		s.mu.Unlock()
-	}
-	return n
-}
+func (m *Memory) Len() int { return m.states.Len() }
 
 // AllowAt decides for cost requests of key at now.
 func (m *Memory) AllowAt(key string, rule Rule, now time.Time, cost int) Decision {
 	nowMs := now.UnixMilli()
-	s := &m.shards[maphash.String(m.seed, key)%memShards]
+	s := m.states.shard(key)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.m[key]
 	if e == nil {
-		if len(s.m) >= m.perShard {
+		if m.states.full(s) {
 			m.evict(s, nowMs)
 		}
 		e = &memEntry{}
@@ -96,7 +72,7 @@ func (m *Memory) AllowAt(key string, rule Rule, now time.Time, cost int) Decisio
 // evict makes room in a full shard without scanning it: of a few entries
 // (map order is random, so this samples), the expired ones go, or else
 // the least recently seen. Sweep does the bulk clean-up.
-func (m *Memory) evict(s *memShard, nowMs int64) {
+func (m *Memory) evict(s *mapShard[*memEntry], nowMs int64) {
 	var victim string
 	oldest := int64(1<<63 - 1)
 	n, freed := 0, false
@@ -124,14 +100,5 @@ func (m *Memory) evict(s *memShard, nowMs int64) {
 // memory follows the active clients, not all clients ever seen.
 func (m *Memory) Sweep(now time.Time) {
 	nowMs := now.UnixMilli()
-	for i := range m.shards {
-		s := &m.shards[i]
-		s.mu.Lock()
-		for k, e := range s.m {
-			if e.expiresMs <= nowMs {
-				delete(s.m, k)
-			}
-		}
-		s.mu.Unlock()
-	}
+	m.states.sweep(func(_ string, e *memEntry) bool { return e.expiresMs > nowMs })
 }

@@ -15,16 +15,16 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// slidingWindowLua is slide() in Redis: one key, one round trip, time from
-// Redis' TIME unless ARGV[4] passes it. It returns {allowed, remaining,
-// retry_ms, reset_ms}.
+// slidingWindowLua is slide() in Redis: one key, one round trip. ARGV:
+// limit, window_ms, cost, now (ms; empty for Redis' TIME), Subwindows. It
+// returns {allowed, remaining, retry_ms, reset_ms}.
 //
-// With ARGV[5] = "1" it grants a quota lease instead: asked for cost
+// With ARGV[6] = "1" it grants a quota lease instead: asked for cost
 // units, it admits g = min(cost, limit - total) of them at once, recorded
 // in the current sub-window exactly as g single admissions would be, and
 // returns {1, remaining, 0, reset_ms, g, sub-window}; when nothing is left
 // it is the denial of one request, {0, remaining, retry_ms, reset_ms, 0,
-// sub-window}. Without ARGV[5] the decisions are those of slide().
+// sub-window}. Without ARGV[6] the decisions are those of slide().
 //
 // The key is a string: a 24-byte header (newest sub-window written, total
 // admissions in the window, newest sub-window with an admission) and a
@@ -79,7 +79,7 @@ local function flush(ttl)
     redis.call('SETRANGE', key, off, struct.pack('<d', c))
   end
 end
-local lease = ARGV[5] == '1'
+local lease = ARGV[6] == '1'
 if lease then
   -- a partial grant; with nothing left, the denial of one request
   cost = math.max(1, math.min(cost, limit - total))
@@ -115,12 +115,12 @@ return {1, limit - total, 0, reset}
 
 // leaseReturnLua gives back units of a lease that were not spent:
 // KEYS[1] the client's key; ARGV: window_ms, the grant's sub-window,
-// units, now (ms; empty for Redis' TIME). It subtracts them from the
-// sub-window the grant was recorded in, and from the total, only while
-// that sub-window still counts: once it has left the window (or its slot
-// was reused, or the key was created afresh since the grant) the units
-// have expired with it and nothing changes. A count never goes below
-// zero, and the key keeps its TTL (SETRANGE does not touch it). It
+// units, now (ms; empty for Redis' TIME), Subwindows. It subtracts them
+// from the sub-window the grant was recorded in, and from the total, only
+// while that sub-window still counts: once it has left the window (or its
+// slot was reused, or the key was created afresh since the grant) the
+// units have expired with it and nothing changes. A count never goes
+// below zero, and the key keeps its TTL (SETRANGE does not touch it). It
 // returns the units subtracted.
 var leaseReturnLua = redis.NewScript(`
 local key = KEYS[1]
@@ -143,8 +143,9 @@ return r
 
 // luaNowAndGeometry is the start both window scripts share, once `window`
 // (ms) is set: now in ms from ARGV[4], or from Redis' TIME when it is
-// empty, and the sub-window geometry as geometry() computes it — width w,
-// k counted sub-windows, a ring of k+1 slots, the current sub-window cur.
+// empty, and the sub-window geometry as geometry() computes it from
+// ARGV[5] (Subwindows) — width w, k counted sub-windows, a ring of k+1
+// slots, the current sub-window cur.
 const luaNowAndGeometry = `local now
 if ARGV[4] ~= '' then
   now = tonumber(ARGV[4])
@@ -152,7 +153,7 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local w = math.max(1, math.floor(window / 100))
+local w = math.max(1, math.floor(window / tonumber(ARGV[5])))
 local k = math.floor((window + w - 1) / w)
 local ring = k + 1
 local cur = math.floor(now / w)`
@@ -299,9 +300,9 @@ func (s *redisStore) key(k string) string {
 // decisionFromReply converts the sliding-window script's reply; for a
 // lease it also returns the units granted and the sub-window they were
 // recorded in.
-func decisionFromReply(limit int, v any, lease bool) (d Decision, granted int, idx int64, err error) {
+func decisionFromReply(limit int, v any, leased bool) (d Decision, granted int, idx int64, err error) {
 	want := 4
-	if lease {
+	if leased {
 		want = 6
 	}
 	n, err := replyInts(v, want)
@@ -310,7 +311,7 @@ func decisionFromReply(limit int, v any, lease bool) (d Decision, granted int, i
 	}
 	d = Decision{Allowed: n[0] == 1, Limit: limit, Remaining: int(n[1]),
 		RetryAfter: time.Duration(n[2]) * time.Millisecond, ResetAfter: time.Duration(n[3]) * time.Millisecond}
-	if lease {
+	if leased {
 		granted, idx = int(n[4]), n[5]
 	}
 	return d, granted, idx, nil
@@ -424,7 +425,7 @@ func (s *redisStore) slidingBatch(ctx context.Context, calls []*call, nowMs int6
 		case isNoScript(c.err):
 			noScript = true
 			again = append(again, c)
-		case s.cluster != nil && unreachable(c.err) && c.kind != giveBack:
+		case s.cluster != nil && unreachable(c.err) && c.kind != returnUnits:
 			lost = true
 			again = append(again, c)
 		}
@@ -452,13 +453,13 @@ func (s *redisStore) slidingRun(ctx context.Context, calls []*call, nowMs int64)
 		switch c.kind {
 		case decide:
 			cmds[i] = slidingWindowLua.EvalSha(ctx, pipe, keys,
-				c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs))
+				c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs), Subwindows)
 		case lease:
 			cmds[i] = slidingWindowLua.EvalSha(ctx, pipe, keys,
-				c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs), "1")
-		case giveBack:
+				c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs), Subwindows, "1")
+		case returnUnits:
 			cmds[i] = leaseReturnLua.EvalSha(ctx, pipe, keys,
-				c.rule.Window.Milliseconds(), c.idx, c.cost, nowArg(nowMs))
+				c.rule.Window.Milliseconds(), c.idx, c.cost, nowArg(nowMs), Subwindows)
 		}
 	}
 	// Errors are per command, except when no connection could be set up
@@ -475,7 +476,7 @@ func (s *redisStore) slidingRun(ctx context.Context, calls []*call, nowMs int64)
 			continue
 		}
 		switch c.kind {
-		case giveBack:
+		case returnUnits:
 			var n int64
 			n, c.err = cmds[i].Int64()
 			c.granted = int(n)
