@@ -183,7 +183,11 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 	lastReload := set.GetOrCreateGauge(`sidecar_config_last_reload_success_timestamp_seconds`, nil)
 	lastReload.Set(float64(time.Now().Unix()))
 
-	px := proxy.New(snap, proxy.Settings{Logger: log, Metrics: set, AccessLog: stdout})
+	px, err := proxy.New(snap, proxy.Settings{Logger: log, Metrics: set, AccessLog: stdout})
+	if err != nil {
+		fmt.Fprintln(stderr, "sidecar:", err)
+		return 1
+	}
 	defer px.Close()
 	lag := health.StartLagProbe(set, 100*time.Millisecond)
 	defer lag.Stop()
@@ -261,7 +265,11 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 		if restart := strings.Join(px.Snapshot().Server.Restart().Changed(next.Server.Restart()), ", "); restart != "" {
 			log.Warn("config change needs a restart to take effect; the rest is applied", "keys", restart)
 		}
-		px.Apply(next)
+		if err := px.Apply(next); err != nil {
+			reloadFail.Inc()
+			log.Error("config reload rejected; the previous config keeps serving", "trigger", why, "error", err.Error())
+			return
+		}
 		reloadOK.Inc()
 		lastReload.Set(float64(time.Now().Unix()))
 		log.Info("config reloaded", "trigger", why, "summary", summary(next))

@@ -296,7 +296,7 @@ func (x *exchange) accessLine(status int, now time.Time) {
 		}
 	}
 	if x.ep != nil {
-		e.endpoint = x.ep.addr
+		e.endpoint = x.ep.Addr()
 	}
 	if x.up != nil && x.up.brk != nil {
 		b := x.up.brk

@@ -43,7 +43,10 @@ upstream = "app"
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := New(snap, Settings{Metrics: metrics.NewSet(), AccessLog: io.Discard})
+	p, err := New(snap, Settings{Metrics: metrics.NewSet(), AccessLog: io.Discard})
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer p.Close()
 	const raw = "GET /api/v1/items?x=1 HTTP/1.1\r\nHost: a.example.com\r\nConnection: keep-alive\r\nUser-Agent: t\r\n" +
 		"X-Forwarded-For: 1.2.3.4\r\nAccept: */*\r\nX-Sidecar-Tier: premium\r\n\r\n"

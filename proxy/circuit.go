@@ -47,7 +47,7 @@ func (cs *circuits) slot(name string) *atomic.Pointer[breaker.Breaker] {
 }
 
 // newBreaker builds the upstream's circuit (name "upstream:<name>").
-func (p *Proxy) newBreaker(u *upstream) {
+func (p *Proxy) newBreaker(u *upstreamRuntime) {
 	if u.spec.Breaker == nil {
 		return
 	}

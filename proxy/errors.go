@@ -10,6 +10,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/sidecar-proxy/sidecar/policy"
+	"github.com/sidecar-proxy/sidecar/upstream"
 )
 
 // Sentinel errors of the forwarding path. Only this package maps them to
@@ -19,13 +20,13 @@ var (
 	ErrNoRoute         = errors.New("proxy: no route matches the request")
 	ErrBadRequest      = errors.New("proxy: malformed request")
 	ErrBodyTooLarge    = errors.New("proxy: request body too large")
-	ErrConnectRefused  = errors.New("proxy: upstream refused the connection")
-	ErrConnectTimeout  = errors.New("proxy: upstream connect timed out")
-	ErrUpstreamBusy    = errors.New("proxy: no free upstream connection")
+	ErrConnectRefused  = upstream.ErrConnectRefused
+	ErrConnectTimeout  = upstream.ErrConnectTimeout
+	ErrUpstreamBusy    = upstream.ErrBusy
 	ErrResponseTimeout = errors.New("proxy: upstream response timed out")
 	ErrUpstreamReset   = errors.New("proxy: upstream closed the connection")
 	ErrUpstreamProto   = errors.New("proxy: upstream sent a malformed response")
-	ErrUpstreamTLS     = errors.New("proxy: TLS handshake with the upstream failed")
+	ErrUpstreamTLS     = upstream.ErrTLS
 	ErrClientBody      = errors.New("proxy: reading the client's request body failed")
 	ErrClientGone      = errors.New("proxy: writing to the client failed")
 	ErrRateLimited     = errors.New("proxy: rate limit exceeded")
@@ -99,15 +100,6 @@ func writeError(ctx *fasthttp.RequestCtx, status int, msg string, requestID []by
 	b = append(b, requestID...) // validated: visible ASCII without quotes or backslashes
 	b = append(b, "\"}\n"...)
 	ctx.Response.SetBodyRaw(b)
-}
-
-// classifyDialErr maps a dial failure to a sentinel.
-func classifyDialErr(err error) error {
-	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
-		return errors.Join(ErrConnectTimeout, err)
-	}
-	return errors.Join(ErrConnectRefused, err)
 }
 
 // classifyReadErr maps a failure while waiting for response headers.

@@ -16,6 +16,7 @@ import (
 
 	"github.com/sidecar-proxy/sidecar/breaker"
 	"github.com/sidecar-proxy/sidecar/policy"
+	"github.com/sidecar-proxy/sidecar/upstream"
 )
 
 // syncBodyLimit is the largest Content-Length body written on the handler
@@ -41,8 +42,8 @@ type exchange struct {
 	st   *state
 	srv  *policy.Server
 	rt   *routeRuntime
-	ep   *endpoint
-	conn *upConn
+	ep   *upstream.Endpoint
+	conn *upstream.Conn
 	resp fasthttp.Response
 
 	start   time.Time
@@ -71,12 +72,12 @@ type exchange struct {
 	creds     policy.Credentials // the request's credential lines (views into the head)
 	fwd       forwardedIn        // a trusted peer's X-Forwarded-*, copied before stripping
 
-	upStart  time.Time      // the first attempt upstream began
-	upEnd    time.Time      // the upstream's part ended (response complete, or failed)
-	up       *upstream      // where the request goes: the route's, or its fallback
-	ticket   breaker.Ticket // the bulkhead slot and circuit verdict, if the upstream has a breaker
-	pumped   bool           // a pump started: body bytes may have gone upstream
-	fallback string         // X-Sidecar-Fallback of this response, if any
+	upStart  time.Time        // the first attempt upstream began
+	upEnd    time.Time        // the upstream's part ended (response complete, or failed)
+	up       *upstreamRuntime // where the request goes: the route's, or its fallback
+	ticket   breaker.Ticket   // the bulkhead slot and circuit verdict, if the upstream has a breaker
+	pumped   bool             // a pump started: body bytes may have gone upstream
+	fallback string           // X-Sidecar-Fallback of this response, if any
 
 	// Response body.
 	stream     io.Reader
@@ -249,14 +250,14 @@ func (x *exchange) serve() {
 // within the upstream's retry budget.
 func (x *exchange) forward(upgrade []byte) {
 	ctx, h := x.ctx, &x.ctx.Request.Header
-	x.up.earnRetry()
+	x.up.pool.EarnRetry()
 	if x.upStart.IsZero() {
 		x.upStart = time.Now()
 	}
-	x.ep = x.up.pick(nil, time.Now())
+	x.ep = x.up.pool.Pick(nil, time.Now())
 	for attempt := 0; ; attempt++ {
 		if x.up.spec.RewriteHost || len(h.Host()) == 0 {
-			h.SetHost(x.ep.addr) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
+			h.SetHost(x.ep.Addr()) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
 		}
 		err := x.roundTrip()
 		if err == nil {
@@ -269,7 +270,7 @@ func (x *exchange) forward(upgrade []byte) {
 			x.up.outcome(x.ep, true, time.Now(), x.p.log.Warn)
 			if x.retryable(err, attempt) {
 				x.up.m.retries.Inc()
-				x.ep = x.up.pick(x.ep, time.Now())
+				x.ep = x.up.pool.Pick(x.ep, time.Now())
 				continue
 			}
 			x.ticket.Report(true, time.Now())
@@ -305,7 +306,7 @@ func failureStatus(u *policy.Upstream, status int) bool {
 // retryable decides whether a failed attempt may go to another endpoint:
 // nothing may be replayed half-sent, and the budget must allow it.
 func (x *exchange) retryable(err error, attempt int) bool {
-	if len(x.up.endpoints) < 2 {
+	if len(x.up.pool.Endpoints()) < 2 {
 		return false
 	}
 	connect := errors.Is(err, ErrConnectRefused) || errors.Is(err, ErrConnectTimeout)
@@ -316,7 +317,7 @@ func (x *exchange) retryable(err error, attempt int) bool {
 	default:
 		return false
 	}
-	return x.up.retryToken()
+	return x.up.pool.RetryToken()
 }
 
 // idempotent methods (RFC 9110 §9.2.2) may be sent again.
@@ -363,14 +364,17 @@ func (x *exchange) roundTrip() error {
 	up := x.up.spec
 	for attempt := 0; ; attempt++ {
 		now := time.Now()
-		c, err := x.ep.acquire(now)
+		c, err := x.ep.Acquire(now)
 		if err != nil {
 			return err
 		}
-		if c.reused && (x.body != nil || c.probeOnReuse) && !c.alive() {
-			// A body cannot be replayed, so make sure the pooled
-			// connection was not closed by the upstream while idle.
-			x.ep.release(c, false, now)
+		if c.Reused && !c.Alive() {
+			// Every pooled connection is looked at before use (one
+			// non-blocking peek): one the upstream closed while idle
+			// would cost a body that cannot be replayed, and one it wrote
+			// to unasked is out of step — its next "response" would be
+			// another client's (RFC 9112 §9.3).
+			x.ep.Release(c, false, now)
 			if attempt < 3 {
 				continue
 			}
@@ -378,14 +382,14 @@ func (x *exchange) roundTrip() error {
 		}
 		x.conn = c
 		// Both take effect lazily, at the next network read or write.
-		c.writeTimeout, c.readTimeout = x.srv.IdleTimeout, up.ResponseTimeout
+		c.WriteTimeout, c.ReadTimeout = x.srv.IdleTimeout, up.ResponseTimeout
 
-		err = x.ctx.Request.Header.Write(c.bw)
+		err = x.ctx.Request.Header.Write(c.W)
 		started := false
 		if err == nil {
 			switch {
 			case x.body == nil:
-				err = c.bw.Flush()
+				err = c.W.Flush()
 			case x.bodyLen >= 0 && x.bodyLen <= syncBodyLimit:
 				started = true
 				err = x.copyBody(c)
@@ -400,7 +404,7 @@ func (x *exchange) roundTrip() error {
 			}
 		}
 		if err != nil {
-			if c.reused && !started && attempt == 0 {
+			if c.Reused && !started && attempt == 0 {
 				x.abandonConn()
 				continue // stale keep-alive connection: nothing was sent yet
 			}
@@ -408,14 +412,14 @@ func (x *exchange) roundTrip() error {
 			return classifyReadErr(err)
 		}
 
-		c.awaitReply = x.pumpDone == nil && c.br.Buffered() == 0
+		c.AwaitReply = x.pumpDone == nil && c.R.Buffered() == 0
 		x.resp.StreamBody = true
 		x.resp.SkipBody = string(x.method) == "HEAD"
 		x.resp.Header.SetNoDefaultContentType(true)
-		err = x.readResponse(c.br)
+		err = x.readResponse(c.R)
 		x.awaiting.Store(false)
 		if x.pumpDone != nil {
-			c.readDeadline = time.Time{} // the pump may have moved it
+			c.ForgetReadDeadline() // the pump may have moved it
 		}
 		if err == nil {
 			return nil
@@ -434,7 +438,7 @@ func (x *exchange) roundTrip() error {
 			x.abandonConn()
 			return err
 		}
-		retry := c.reused && x.body == nil && attempt == 0 && errors.Is(err, io.EOF)
+		retry := c.Reused && x.body == nil && attempt == 0 && errors.Is(err, io.EOF)
 		x.abandonConn()
 		if retry {
 			continue
@@ -516,12 +520,12 @@ func (x *exchange) relayInterim() error {
 func (x *exchange) abandonConn() {
 	if x.conn != nil {
 		x.resp.CloseBodyStream() //nolint:errcheck // releases fasthttp's stream before its reader goes
-		x.ep.release(x.conn, false, time.Now())
+		x.ep.Release(x.conn, false, time.Now())
 		x.conn = nil
 	}
 }
 
-func (x *exchange) startPump(c *upConn) {
+func (x *exchange) startPump(c *upstream.Conn) {
 	x.pumped = true
 	go func() {
 		err := x.copyBody(c)
@@ -569,7 +573,7 @@ func (x *exchange) abortPump() {
 // copyBody streams the client's body upstream: Content-Length bodies as
 // they are, others re-chunked. Client-side failures are wrapped in
 // ErrClientBody, so callers can tell them from upstream ones.
-func (x *exchange) copyBody(c *upConn) error {
+func (x *exchange) copyBody(c *upstream.Conn) error {
 	bufp := x.firstBuf
 	if bufp == nil {
 		bufp = copyBufPool.Get().(*[]byte)
@@ -587,19 +591,19 @@ func (x *exchange) copyBody(c *upConn) error {
 			var hdr [18]byte
 			h := strconv.AppendUint(hdr[:0], uint64(len(p)), 16)
 			h = append(h, '\r', '\n')
-			if _, err := c.bw.Write(h); err != nil {
+			if _, err := c.W.Write(h); err != nil {
 				return err
 			}
 		}
-		if _, err := c.bw.Write(p); err != nil {
+		if _, err := c.W.Write(p); err != nil {
 			return err
 		}
 		if chunked {
-			if _, err := c.bw.Write(crlf); err != nil {
+			if _, err := c.W.Write(crlf); err != nil {
 				return err
 			}
 		}
-		return c.bw.Flush()
+		return c.W.Flush()
 	}
 
 	// Each read is sent with one write: a chunk is framed in place, its
@@ -621,8 +625,8 @@ func (x *exchange) copyBody(c *upConn) error {
 			buf[sizeLineRoom+n], buf[sizeLineRoom+n+1] = '\r', '\n'
 			frame = buf[start : sizeLineRoom+n+2]
 		}
-		if c.bw.Buffered() > 0 {
-			if err := c.bw.Flush(); err != nil {
+		if c.W.Buffered() > 0 {
+			if err := c.W.Flush(); err != nil {
 				return err
 			}
 		}
@@ -670,11 +674,11 @@ func (x *exchange) copyBody(c *upConn) error {
 	}
 	x.clientEOF.Store(true)
 	if chunked {
-		if _, err := c.bw.Write(lastChunk); err != nil {
+		if _, err := c.W.Write(lastChunk); err != nil {
 			return err
 		}
 	}
-	return c.bw.Flush()
+	return c.W.Flush()
 }
 
 var (
@@ -727,7 +731,7 @@ func (x *exchange) respond(upgrade []byte) {
 	}
 	x.stream = stream
 	cl := r.Header.ContentLength()
-	if cl == -1 && x.conn.br.Buffered() > 0 {
+	if cl == -1 && x.conn.R.Buffered() > 0 {
 		// The first chunk came with the head: decode it now, so that a
 		// response with broken chunking becomes a 502 instead of a 200
 		// cut short. (Later chunks can only be cut: the head is out.)
@@ -743,7 +747,7 @@ func (x *exchange) respond(upgrade []byte) {
 		}
 		x.pending, x.pendingEOF = (*x.pendingBuf)[:n], err == io.EOF
 	}
-	if cl >= 0 && cl <= bufferBodyLimit && cl <= x.conn.br.Buffered() {
+	if cl >= 0 && cl <= bufferBodyLimit && cl <= x.conn.R.Buffered() {
 		x.bufferBody(cl)
 		return
 	}
@@ -819,7 +823,7 @@ func (x *exchange) Read(p []byte) (int, error) {
 		x.bodyEOF = true
 		return 0, io.EOF
 	}
-	x.conn.readTimeout = x.srv.IdleTimeout // the body streams under the idle timeout
+	x.conn.ReadTimeout = x.srv.IdleTimeout // the body streams under the idle timeout
 	n, err := x.stream.Read(p)
 	x.bytesOut += int64(n)
 	switch {
@@ -892,14 +896,13 @@ func (x *exchange) finish(clientErr error) {
 	now := time.Now()
 	if x.conn != nil {
 		// Bytes left unread after the response are not the next one's: an
-		// upstream that sent a body after a HEAD, 204 or 304 answer would
-		// desync the connection. Those arriving later are caught by the
-		// probe before reuse (probeOnReuse).
+		// upstream that sent more than it framed (a body after a HEAD, 204
+		// or 304 answer, a second response) would desync the connection.
+		// Those arriving later are caught by the probe before reuse.
 		reusable := x.bodyEOF && clientErr == nil && x.pumpErr == nil &&
-			!x.resp.ConnectionClose() && x.resp.Header.ContentLength() != -2 && x.conn.br.Buffered() == 0
-		x.conn.probeOnReuse = x.stream == nil
+			!x.resp.ConnectionClose() && x.resp.Header.ContentLength() != -2 && x.conn.R.Buffered() == 0
 		x.resp.CloseBodyStream() //nolint:errcheck
-		x.ep.release(x.conn, reusable, now)
+		x.ep.Release(x.conn, reusable, now)
 		x.conn = nil
 	}
 	if x.upErr != nil {

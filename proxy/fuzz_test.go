@@ -57,7 +57,10 @@ upstream = "app"
 	if err != nil {
 		f.Fatal(err)
 	}
-	p := New(snap, Settings{Metrics: metrics.NewSet(), AccessLog: io.Discard})
+	p, err := New(snap, Settings{Metrics: metrics.NewSet(), AccessLog: io.Discard})
+	if err != nil {
+		f.Fatal(err)
+	}
 	f.Cleanup(p.Close)
 	peer := &net.TCPAddr{IP: net.IPv4(192, 0, 2, 7), Port: 5555}
 	written := newFieldSet("X-Sidecar-Client", "X-Sidecar-Tier", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id")

@@ -68,7 +68,7 @@ type Proxy struct {
 // state is everything the handler needs, built from one snapshot.
 type state struct {
 	snap      *policy.Snapshot
-	upstreams map[string]*upstream
+	upstreams map[string]*upstreamRuntime
 	routes    []routeRuntime // parallel to snap.Routes
 	noRoute   *routeMetrics
 	rl        *rateLimiting
@@ -80,14 +80,14 @@ type state struct {
 
 type routeRuntime struct {
 	route *policy.Route
-	up    *upstream
+	up    *upstreamRuntime
 	m     *routeMetrics
 	rl    *tierCounters
 	brk   *breaker.Breaker // the route's own circuit (own_circuit), or nil
 }
 
 // New builds a Proxy serving snap.
-func New(snap *policy.Snapshot, s Settings) *Proxy {
+func New(snap *policy.Snapshot, s Settings) (*Proxy, error) {
 	if s.Logger == nil {
 		s.Logger = slog.Default()
 	}
@@ -103,10 +103,13 @@ func New(snap *policy.Snapshot, s Settings) *Proxy {
 		s.AccessLog = os.Stdout
 	}
 	p.access = newAccessLog(s.AccessLog, s.Metrics, func() []byte { return p.state.Load().snap.AccessLog.Secret })
-	p.Apply(snap)
+	if err := p.Apply(snap); err != nil {
+		p.access.close()
+		return nil, err
+	}
 	p.wg.Add(1)
 	go p.reapIdle()
-	return p
+	return p, nil
 }
 
 // Snapshot returns the policy currently served.
@@ -116,11 +119,14 @@ func (p *Proxy) Snapshot() *policy.Snapshot { return p.state.Load().snap }
 // change keep their connection pools; the pools of removed or changed
 // upstreams are closed once idle. Route and upstream counters continue
 // (they are looked up by name).
-func (p *Proxy) Apply(snap *policy.Snapshot) {
+//
+// An error (an upstream's client could not be built) leaves the served
+// policy as it was.
+func (p *Proxy) Apply(snap *policy.Snapshot) error {
 	p.applyMu.Lock()
 	defer p.applyMu.Unlock()
 	old := p.state.Load()
-	st := &state{snap: snap, upstreams: make(map[string]*upstream, len(snap.Upstreams)),
+	st := &state{snap: snap, upstreams: make(map[string]*upstreamRuntime, len(snap.Upstreams)),
 		filter: newRequestFilter(snap), apiKeyField: newFieldSet(snap.Identity.APIKeyHeader)}
 	for name, spec := range snap.Upstreams {
 		if old != nil {
@@ -130,13 +136,21 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 				continue
 			}
 		}
-		u := newUpstream(spec, newUpstreamMetrics(p.set, name), snap.Server.IdleTimeout)
+		u, err := newUpstreamRuntime(spec, newUpstreamMetrics(p.set, name), snap.Server.IdleTimeout)
+		if err != nil {
+			for name, u := range st.upstreams {
+				if old == nil || old.upstreams[name] != u {
+					u.closeIdle()
+				}
+			}
+			return fmt.Errorf("proxy: upstream %s: %w", name, err)
+		}
 		p.newBreaker(u)
 		p.startChecks(u)
 		st.upstreams[name] = u
 		p.set.GetOrCreateGauge(fmt.Sprintf(`sidecar_upstream_healthy_endpoints{upstream=%q}`, name), func() float64 {
 			if u := p.state.Load().upstreams[name]; u != nil {
-				return float64(u.usableCount(time.Now()))
+				return float64(u.pool.UsableCount(time.Now()))
 			}
 			return 0
 		})
@@ -167,6 +181,7 @@ func (p *Proxy) Apply(snap *policy.Snapshot) {
 			old.rl.shutdown() // requests still deciding with it fall back
 		}
 	}
+	return nil
 }
 
 // tierLabels are the tier label values a request can carry: the
@@ -180,20 +195,21 @@ func tierLabels(snap *policy.Snapshot) []string {
 }
 
 // startChecks runs the upstream's active health checks, if configured.
-func (p *Proxy) startChecks(u *upstream) {
+func (p *Proxy) startChecks(u *upstreamRuntime) {
 	hc := u.spec.HealthCheck
 	if hc == nil {
 		return
 	}
-	checks := make([]health.Check, len(u.endpoints))
-	for i, ep := range u.endpoints {
-		checks[i] = health.Check{Addr: ep.addr, Path: hc.Path, Interval: hc.Interval, Timeout: hc.Timeout,
+	endpoints := u.pool.Endpoints()
+	checks := make([]health.Check, len(endpoints))
+	for i, ep := range endpoints {
+		checks[i] = health.Check{Addr: ep.Addr(), Path: hc.Path, Interval: hc.Interval, Timeout: hc.Timeout,
 			ExpectedStatus: hc.ExpectedStatus, HealthyThreshold: hc.HealthyThreshold, UnhealthyThreshold: hc.UnhealthyThreshold,
-			TLS: ep.tls}
+			TLS: ep.TLS()}
 	}
 	u.checker = health.StartChecks(checks, func(i int, healthy bool) {
-		u.endpoints[i].healthy.Store(healthy)
-		p.log.Warn("endpoint health changed", "upstream", u.spec.Name, "endpoint", u.endpoints[i].addr, "healthy", healthy)
+		endpoints[i].SetHealthy(healthy)
+		p.log.Warn("endpoint health changed", "upstream", u.spec.Name, "endpoint", endpoints[i].Addr(), "healthy", healthy)
 	}, func(i int, pass bool) {
 		if pass {
 			u.m.checkPass.Inc()
@@ -211,7 +227,7 @@ func (p *Proxy) Ready() error {
 	var down []string
 	for _, name := range st.snap.UpstreamNames {
 		u := st.upstreams[name]
-		if u.spec.RequiredForReady && u.usableCount(now) == 0 {
+		if u.spec.RequiredForReady && u.pool.UsableCount(now) == 0 {
 			down = append(down, name)
 		}
 	}
@@ -245,10 +261,7 @@ func (p *Proxy) reapIdle() {
 			return
 		case now := <-t.C:
 			for _, u := range p.state.Load().upstreams {
-				for _, ep := range u.endpoints {
-					ep.closeIdle(now.Add(-u.spec.IdleConnTimeout))
-					// closeIdle with a non-zero cutoff never retires the endpoint
-				}
+				u.pool.ReapIdle(now)
 			}
 		}
 	}
@@ -275,10 +288,41 @@ func (st *state) match(ctx *fasthttp.RequestCtx) (rt *routeRuntime, ok bool) {
 	if !bytes.Equal(raw, path) && st.snap.Match(h.Host(), raw, ctx.Method()) != r {
 		return nil, false
 	}
+	if alt := backslashesAsSlashes(raw); alt != nil {
+		// fasthttp treats '\' as a path separator only on Windows, WHATWG
+		// URL parsers (Node, browsers) and IIS always: "/healthz/..\api"
+		// is /healthz here and /api there. Read that way, it must pick
+		// the same route too.
+		var u fasthttp.URI
+		u.SetPathBytes(alt)
+		if st.snap.Match(h.Host(), alt, ctx.Method()) != r || st.snap.Match(h.Host(), u.Path(), ctx.Method()) != r {
+			return nil, false
+		}
+	}
 	if r == nil {
 		return nil, true
 	}
 	return &st.routes[r.Index], true
+}
+
+// backslashesAsSlashes returns path with every '\\' and "%5C" as '/', or
+// nil when it has none (the common case, without allocating).
+func backslashesAsSlashes(path []byte) []byte {
+	has := bytes.IndexByte(path, '\\') >= 0
+	for i := bytes.IndexByte(path, '%'); !has && i >= 0 && i+2 < len(path); {
+		has = path[i+1] == '5' && (path[i+2] == 'c' || path[i+2] == 'C')
+		j := bytes.IndexByte(path[i+1:], '%')
+		if j < 0 {
+			break
+		}
+		i += 1 + j
+	}
+	if !has {
+		return nil
+	}
+	alt := bytes.ReplaceAll(path, []byte{'\\'}, []byte{'/'})
+	alt = bytes.ReplaceAll(alt, []byte("%5c"), []byte{'/'})
+	return bytes.ReplaceAll(alt, []byte("%5C"), []byte{'/'})
 }
 
 // NewServer returns the fasthttp server for the proxy listener, configured
@@ -306,14 +350,15 @@ func (p *Proxy) NewServer(srv *policy.Server) *fasthttp.Server {
 		ErrorHandler:                  p.serverError,
 		// fasthttp pre-reads min(8 KiB, limit, Content-Length) body bytes
 		// before calling the handler; the current limit keeps that small.
-		// It also moves the deadline from header_timeout to idle_timeout
-		// once the head is in: only the head is under header_timeout, and
-		// a slow but moving upload is not cut while fasthttp reads ahead.
-		// (That read-ahead, at most 8 KiB, has one deadline; after it the
-		// handler re-arms the idle timeout as the body moves.)
+		// Once the head is in, the read deadline moves from header_timeout
+		// to idle_timeout, and fasthttp's body read-ahead (min(8 KiB,
+		// this limit, Content-Length) under one deadline) is cut to one
+		// byte: the handler streams the rest under progress deadlines, so
+		// a slow but moving upload is never cut. The limit only sizes the
+		// read-ahead: a larger body still streams (fasthttp hands it over
+		// as a stream), and the handler enforces max_body_bytes itself.
 		HeaderReceived: func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
-			srv := &p.state.Load().snap.Server
-			return fasthttp.RequestConfig{MaxRequestBodySize: int(srv.MaxBodyBytes), ReadTimeout: srv.IdleTimeout}
+			return fasthttp.RequestConfig{MaxRequestBodySize: 1, ReadTimeout: p.state.Load().snap.Server.IdleTimeout}
 		},
 		// A client that asks before sending (Expect: 100-continue) learns
 		// that its body is too large without sending it.

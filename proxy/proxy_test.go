@@ -40,7 +40,10 @@ upstream = "app"
 		t.Fatal(err)
 	}
 	set = metrics.NewSet()
-	p = New(snap, Settings{Metrics: set})
+	p, err = New(snap, Settings{Metrics: set})
+	if err != nil {
+		t.Fatal(err)
+	}
 	srv := p.NewServer(&snap.Server)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -119,7 +122,9 @@ func TestApplyKeepsPoolsOfUnchangedUpstreams(t *testing.T) {
 	resp.Body.Close()
 	before := p.state.Load().upstreams["app"]
 	same := *p.Snapshot()
-	p.Apply(&same)
+	if err := p.Apply(&same); err != nil {
+		t.Fatal(err)
+	}
 	if p.state.Load().upstreams["app"] != before {
 		t.Error("an unchanged upstream lost its pool on reload")
 	}
@@ -131,11 +136,15 @@ func TestApplyKeepsPoolsOfUnchangedUpstreams(t *testing.T) {
 		}
 		return snap
 	}
-	p.Apply(reparse(""))
+	if err := p.Apply(reparse("")); err != nil {
+		t.Fatal(err)
+	}
 	if p.state.Load().upstreams["app"] != before {
 		t.Error("an upstream parsed again from the same settings lost its pool on reload")
 	}
-	p.Apply(reparse("response_timeout = \"1m\"\n"))
+	if err := p.Apply(reparse("response_timeout = \"1m\"\n")); err != nil {
+		t.Fatal(err)
+	}
 	if p.state.Load().upstreams["app"] == before {
 		t.Error("a changed upstream kept its old settings")
 	}

@@ -61,13 +61,10 @@ func (p *Proxy) Status() Status {
 	for _, name := range names {
 		u := st.upstreams[name]
 		us := UpstreamStatus{Name: name}
-		for _, ep := range u.endpoints {
-			ep.mu.Lock()
-			idle := len(ep.idle)
-			ep.mu.Unlock()
-			us.Endpoints = append(us.Endpoints, EndpointStatus{Addr: ep.addr, Busy: len(ep.busy), Idle: idle,
+		for _, ep := range u.pool.Endpoints() {
+			us.Endpoints = append(us.Endpoints, EndpointStatus{Addr: ep.Addr(), Busy: ep.Busy(), Idle: ep.Idle(),
 				MaxInUse: u.spec.MaxConnections, IdleLimit: u.spec.MaxIdleConnections,
-				Healthy: ep.healthy.Load(), Ejected: ep.ejectedUntil.Load() > now.UnixNano()})
+				Healthy: ep.Healthy(), Ejected: ep.Ejected(now)})
 		}
 		s.Upstreams = append(s.Upstreams, us)
 		if u.brk != nil {

@@ -19,11 +19,11 @@ func (x *exchange) tunnel() {
 	c := x.conn
 	x.conn = nil
 	idle := x.srv.IdleTimeout
-	c.readTimeout = idle
+	c.ReadTimeout = idle
 	x.ctx.HijackSetNoResponse(true)
 	x.ctx.Hijack(func(client net.Conn) {
 		defer x.finish(nil)
-		defer x.ep.release(c, false, time.Now())
+		defer x.ep.Release(c, false, time.Now())
 		if _, err := writeWithDeadline(client, head, idle); err != nil {
 			return
 		}
@@ -35,7 +35,7 @@ func (x *exchange) tunnel() {
 			x.sent += n
 			closeWrite(c.Conn)
 		}()
-		n, _ := copyIdle(client, c.br, idle) // upstream → client; c.br holds bytes read past the head
+		n, _ := copyIdle(client, c.R, idle) // upstream → client; c.R holds bytes read past the head
 		x.bytesOut += n
 		closeWrite(client)
 		wg.Wait()
@@ -58,8 +58,29 @@ func (x *exchange) closeDelimited() {
 		if err == nil {
 			_, err = copyIdle(client, x, idle)
 		}
+		if err != nil {
+			// Closing is what ends the body, so a FIN would say it is
+			// complete: a body cut upstream (or a failed write) ends with
+			// a reset instead, which the client sees as an error.
+			resetConn(client)
+		}
 		x.finish(err)
 	})
+}
+
+// resetConn closes c with a TCP reset (SO_LINGER 0) rather than a FIN.
+func resetConn(c net.Conn) {
+	raw := c
+	if h, ok := raw.(interface{ UnsafeConn() net.Conn }); ok { // fasthttp's hijacked connection
+		raw = h.UnsafeConn()
+	}
+	if t, ok := raw.(interface{ NetConn() net.Conn }); ok { // TLS
+		raw = t.NetConn()
+	}
+	if tc, ok := raw.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = c.Close()
 }
 
 func writeWithDeadline(c net.Conn, b []byte, d time.Duration) (int, error) {

@@ -159,3 +159,87 @@ func TestNoContentTypeAdded(t *testing.T) {
 		t.Errorf("a request and response without Content-Type: %q", out)
 	}
 }
+
+// Bytes a broken upstream sends after a complete response, later, on the
+// same connection (a second, unasked response) never become the next
+// client's response: every pooled connection is looked at before reuse.
+func TestLaterStrayBytesNeverReachTheNextClient(t *testing.T) {
+	upstream := rawBackend(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		for {
+			head, err := readRequestHead(br)
+			if err != nil {
+				return
+			}
+			path := strings.Fields(head)[1]
+			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(path), path)
+			if path == "/poison" {
+				time.Sleep(50 * time.Millisecond)
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON")
+			}
+		}
+	})
+	sc := startSidecar(t, routeTo(upstream, "[upstreams.app.breaker]\nenabled = false"))
+	if _, body := get(t, sc.url("/poison"), nil); body != "/poison" {
+		t.Fatalf("first request: %q", body)
+	}
+	time.Sleep(150 * time.Millisecond) // the unasked response is on the pooled connection
+	for _, p := range []string{"/victim", "/third"} {
+		if resp, body := get(t, sc.url(p), nil); resp.StatusCode != 200 || body != p {
+			t.Errorf("GET %s answered %d %q: another request's response", p, resp.StatusCode, body)
+		}
+	}
+}
+
+// An HTTP/1.0 client's body ends when the connection closes, so a body the
+// upstream cut ends with a reset, never with a FIN that says "complete".
+func TestCutBodyToHTTP10ClientIsAReset(t *testing.T) {
+	upstream := rawBackend(t, func(c net.Conn) {
+		if _, err := readRequestHead(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n10\r\nabc")
+		c.(*net.TCPConn).SetLinger(0)
+	})
+	sc := startSidecar(t, routeTo(upstream, "[upstreams.app.breaker]\nenabled = false"))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	out, err := io.ReadAll(c)
+	if err == nil {
+		t.Errorf("the cut body ended like a complete one (FIN), after %q", out)
+	}
+}
+
+// A small Content-Length upload that keeps moving, slower than the whole
+// body could arrive within idle_timeout, is not cut: only fasthttp's
+// one-byte read-ahead is under a single deadline.
+func TestSlowSmallUploadLongerThanIdleTimeout(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		fmt.Fprintf(w, "%d", n)
+	})
+	sc := startSidecar(t, "[server]\nheader_timeout = \"500ms\"\nidle_timeout = \"1s\"\n"+routeTo(be.url(), ""))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const size = 1250 // 2.5 s at 500 B/s: 2.5 idle timeouts, one body
+	fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n", size)
+	for i := 0; i < size/50; i++ {
+		if _, err := c.Write([]byte(strings.Repeat("x", 50))); err != nil {
+			t.Fatalf("upload cut after %d bytes: %v", i*50, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	out, _ := io.ReadAll(c)
+	if !strings.HasPrefix(string(out), "HTTP/1.1 200") || !strings.HasSuffix(string(out), "1250") {
+		t.Errorf("slow small upload answered %q", out)
+	}
+}

@@ -689,3 +689,46 @@ upstream = "b"
 		}
 	}
 }
+
+// Backslashes are path separators to WHATWG URL parsers (Node, browsers)
+// and IIS, not to fasthttp on Linux: a target that picks another route
+// when read that way is refused too.
+func TestBackslashPathsRefused(t *testing.T) {
+	a := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "a "+r.RequestURI) })
+	b := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "b "+r.RequestURI) })
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.a]
+url = %q
+[upstreams.b]
+url = %q
+[[routes]]
+path_prefix = "/healthz"
+rate_limit_exempt = true
+upstream = "a"
+[[routes]]
+path_prefix = "/"
+upstream = "b"
+`, a.url(), b.url()))
+	for _, c := range []struct{ target, want string }{
+		{`/healthz/..\api/secret`, "400"},
+		{`/healthz\..\api\secret`, "400"},
+		{`/healthz/%2e%2e\api/x`, "400"},
+		{`/healthz/..%5capi/x`, "400"},
+		{`/healthz\x`, `a /healthz\x`},
+		{`/api\x`, `b /api\x`},
+	} {
+		resp := rawRequest(t, sc.Addr, "GET "+c.target+" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5*time.Second)
+		r, err := http.ReadResponse(bufio.NewReader(strings.NewReader(resp)), nil)
+		if err != nil {
+			t.Fatalf("%s: %v", c.target, err)
+		}
+		body, _ := io.ReadAll(r.Body)
+		got := string(body)
+		if r.StatusCode != 200 {
+			got = strconv.Itoa(r.StatusCode)
+		}
+		if got != c.want {
+			t.Errorf("GET %s: %q, want %q", c.target, got, c.want)
+		}
+	}
+}

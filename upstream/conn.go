@@ -1,0 +1,133 @@
+package upstream
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"time"
+)
+
+// Conn is one upstream connection, held by one request between Acquire
+// and Release. Its Read and Write keep a deadline ahead of them, which turns fasthttp-style absolute timeouts into progress
+// timeouts: a transfer that keeps moving is never cut, a stalled one is cut
+// after ReadTimeout/WriteTimeout.
+type Conn struct {
+	net.Conn
+	// R and W buffer the connection (16 KiB each; R's size is also the
+	// largest response head accepted).
+	R *bufio.Reader
+	W *bufio.Writer
+	// Reused says the connection came from the pool (it served a request
+	// before), so the upstream may have closed it meanwhile.
+	Reused bool
+
+	// ReadTimeout and WriteTimeout are the progress timeouts of the next
+	// reads and writes (default Settings.IOTimeout): the proxy sets the
+	// response timeout while it waits for a head, the I/O timeout while a
+	// body streams. Only the goroutine that reads sets ReadTimeout; a change
+	// takes effect at the next network read.
+	ReadTimeout  time.Duration
+	WriteTimeout time.Duration
+	// AwaitReply: a request was just flushed and the reply cannot be there
+	// yet, so the next read parks before it reads (see readAfterWait).
+	AwaitReply bool
+
+	lastUsed      time.Time
+	readDeadline  time.Time // as last set on the socket; zero: unknown
+	writeDeadline time.Time
+	raw           syscall.RawConn // nil if the conn has none
+}
+
+// drifted reports whether the deadline on the socket (cur) is more than
+// d/8 away from the one wanted, either way. Setting a deadline costs a
+// timer update under a lock; on a busy connection this keeps it to one
+// every d/8 instead of one per read, at the price of stall detection
+// within 1/8 of the timeout.
+func drifted(cur, want time.Time, d time.Duration) bool {
+	diff := want.Sub(cur)
+	return diff > d>>3 || diff < -(d>>3)
+}
+
+func (c *Conn) Read(p []byte) (int, error) {
+	if now := time.Now(); drifted(c.readDeadline, now.Add(c.ReadTimeout), c.ReadTimeout) {
+		c.readDeadline = now.Add(c.ReadTimeout)
+		_ = c.Conn.SetReadDeadline(c.readDeadline)
+	}
+	if c.AwaitReply && c.raw != nil {
+		c.AwaitReply = false
+		return c.readAfterWait(p)
+	}
+	return c.Conn.Read(p)
+}
+
+// readAfterWait reads the first bytes of a reply. Right after a request
+// was written the reply cannot be there yet, so a plain read would cost a
+// syscall that only says EAGAIN before the goroutine parks; instead, park
+// first (the runtime's poller wakes us when the socket is readable, or at
+// the read deadline), then read once.
+func (c *Conn) readAfterWait(p []byte) (n int, err error) {
+	waited := false
+	rerr := c.raw.Read(func(fd uintptr) bool {
+		if !waited {
+			waited = true
+			return false // not ready: wait for readability
+		}
+		n, err = syscall.Read(int(fd), p)
+		if err == syscall.EAGAIN {
+			return false
+		}
+		if err == syscall.EINTR {
+			return false
+		}
+		return true
+	})
+	switch {
+	case rerr != nil:
+		return 0, rerr
+	case err != nil:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", err)}
+	case n == 0 && len(p) > 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+func (c *Conn) Write(p []byte) (int, error) {
+	if now := time.Now(); drifted(c.writeDeadline, now.Add(c.WriteTimeout), c.WriteTimeout) {
+		c.writeDeadline = now.Add(c.WriteTimeout)
+		_ = c.Conn.SetWriteDeadline(c.writeDeadline)
+	}
+	return c.Conn.Write(p)
+}
+
+// Alive reports whether a pooled connection still looks open and quiet:
+// nothing to read yet means yes; EOF, a reset or unsolicited bytes mean the
+// upstream closed it while idle or is out of sync. It peeks (MSG_PEEK,
+// MSG_DONTWAIT) rather than reading under a past deadline, which Go
+// answers with a timeout before looking at the socket at all.
+func (c *Conn) Alive() bool {
+	if c.R.Buffered() > 0 {
+		return false // unsolicited bytes: the connection is out of sync
+	}
+	if c.raw == nil {
+		return true // TLS: a timed-out read is not a probe to make on it
+	}
+	if now := time.Now(); !c.readDeadline.After(now) { // unknown or expired: it would fail raw reads too
+		c.readDeadline = time.Time{} // Read re-arms
+		_ = c.Conn.SetReadDeadline(c.readDeadline)
+	}
+	quiet := false
+	err := c.raw.Read(func(fd uintptr) bool {
+		var b [1]byte
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		quiet = err == syscall.EAGAIN
+		return true // one look, never wait
+	})
+	return err == nil && quiet
+}
+
+// ForgetReadDeadline makes the next Read set the socket's deadline anew:
+// for when something else (a pump writing the request) may have moved it.
+func (c *Conn) ForgetReadDeadline() { c.readDeadline = time.Time{} }

@@ -1,0 +1,234 @@
+package upstream
+
+import (
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+)
+
+func settings(endpoints string) Settings {
+	return Settings{Name: "t", Endpoints: endpoints, ConnectTimeout: time.Second, IOTimeout: time.Second,
+		MaxConnections: 2, MaxIdleConnections: 2, IdleConnTimeout: time.Minute, RetryBudget: 0.2,
+		PassiveFailures: 2, PassiveEjection: time.Minute}
+}
+
+// listen accepts connections on a loopback port and hands each to handle.
+func listen(t *testing.T, handle func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go handle(c)
+		}
+	}()
+	return "http://" + ln.Addr().String()
+}
+
+func TestNewValidates(t *testing.T) {
+	for name, mutate := range map[string]func(*Settings){
+		"no name":       func(s *Settings) { s.Name = "" },
+		"bad URL":       func(s *Settings) { s.Endpoints = "ftp://x:1" },
+		"bad port":      func(s *Settings) { s.Endpoints = "http://x:99999" },
+		"no timeout":    func(s *Settings) { s.ConnectTimeout = 0 },
+		"idle > max":    func(s *Settings) { s.MaxIdleConnections = 3 },
+		"budget":        func(s *Settings) { s.RetryBudget = 2 },
+		"not a CA":      func(s *Settings) { s.CAPEM = "nope" },
+		"no connection": func(s *Settings) { s.MaxConnections = 0 },
+	} {
+		s := settings("http://127.0.0.1:1")
+		mutate(&s)
+		if _, err := New(s); err == nil {
+			t.Errorf("%s: no error", name)
+		}
+	}
+	u, err := New(settings("http://127.0.0.1:1, https://example.com"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	eps := u.Endpoints()
+	if len(eps) != 2 || eps[0].Addr() != "127.0.0.1:1" || eps[0].TLS() != nil || eps[1].Addr() != "example.com:443" ||
+		eps[1].TLS() == nil || eps[1].TLS().ServerName != "example.com" {
+		t.Errorf("endpoints %v %v", eps[0], eps[1])
+	}
+	if u.Settings() != settings("http://127.0.0.1:1, https://example.com") {
+		t.Error("settings built twice from the same values differ")
+	}
+}
+
+func TestPickSkipsEjectedAndBalances(t *testing.T) {
+	u, err := New(settings("http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	seen := map[string]int{}
+	for range 6 {
+		seen[u.Pick(nil, now).Addr()]++
+	}
+	if len(seen) != 3 || seen["127.0.0.1:1"] != 2 {
+		t.Errorf("round robin over 6 picks: %v", seen)
+	}
+	a := u.Endpoints()[0]
+	if u.Outcome(a, true, now) || !u.Outcome(a, true, now) {
+		t.Fatal("two failures in a row (PassiveFailures 2) must eject, the first alone not")
+	}
+	for range 6 {
+		if ep := u.Pick(nil, now); ep == a {
+			t.Fatal("an ejected endpoint was picked")
+		}
+	}
+	if u.UsableCount(now) != 2 || u.UsableCount(now.Add(2*time.Minute)) != 3 {
+		t.Errorf("usable %d now, %d after the ejection", u.UsableCount(now), u.UsableCount(now.Add(2*time.Minute)))
+	}
+	if ep := u.Pick(u.Endpoints()[1], now); ep == u.Endpoints()[1] || ep == a {
+		t.Errorf("avoid ignored: %s", ep.Addr())
+	}
+}
+
+func TestRetryBudget(t *testing.T) {
+	u, err := New(settings("http://127.0.0.1:1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for u.RetryToken() {
+		n++
+	}
+	if n != 3 {
+		t.Errorf("start allowance %d retries, want 3", n)
+	}
+	for range 10 {
+		u.EarnRetry() // 10 requests at 0.2: two retries
+	}
+	if !u.RetryToken() || !u.RetryToken() || u.RetryToken() {
+		t.Error("10 requests at a 0.2 budget must earn exactly 2 retries")
+	}
+}
+
+// Connections are pooled and reused; a full endpoint answers ErrBusy; a
+// refused connect is ErrConnectRefused.
+func TestAcquireReleaseAndErrors(t *testing.T) {
+	addr := listen(t, func(c net.Conn) { io.Copy(io.Discard, c) })
+	s := settings(addr)
+	s.MaxConnections, s.MaxIdleConnections = 1, 1
+	u, err := New(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := u.Endpoints()[0]
+	now := time.Now()
+	c, err := ep.Acquire(now)
+	if err != nil || c.Reused {
+		t.Fatalf("first acquire: %v reused=%v", err, c != nil && c.Reused)
+	}
+	if _, err := ep.Acquire(now); !errors.Is(err, ErrBusy) {
+		t.Errorf("acquire on a full endpoint: %v, want ErrBusy", err)
+	}
+	ep.Release(c, true, now)
+	if ep.Busy() != 0 || ep.Idle() != 1 {
+		t.Errorf("after release: busy %d idle %d", ep.Busy(), ep.Idle())
+	}
+	c2, err := ep.Acquire(now)
+	if err != nil || c2 != c || !c2.Reused {
+		t.Errorf("the pooled connection was not reused: %v", err)
+	}
+	ep.Release(c2, false, now)
+	if ep.Idle() != 0 {
+		t.Error("a connection released as not reusable was pooled")
+	}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := ln.Addr().String()
+	ln.Close()
+	u2, _ := New(settings("http://" + dead))
+	if _, err := u2.Endpoints()[0].Acquire(now); !errors.Is(err, ErrConnectRefused) {
+		t.Errorf("dial to a closed port: %v, want ErrConnectRefused", err)
+	}
+}
+
+// Alive tells a quiet pooled connection from one the upstream closed or
+// wrote to while it was idle: it looks at the socket, without a read that
+// a past deadline would turn into a timeout before looking.
+func TestAliveSeesCloseAndStrayBytes(t *testing.T) {
+	mode := make(chan string, 3)
+	addr := listen(t, func(c net.Conn) {
+		defer c.Close()
+		switch <-mode {
+		case "quiet":
+			time.Sleep(time.Second)
+		case "stray":
+			io.WriteString(c, "hello")
+			time.Sleep(time.Second)
+		case "close":
+		}
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := u.Endpoints()[0]
+	for _, m := range []string{"quiet", "stray", "close"} {
+		mode <- m
+		c, err := ep.Acquire(time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond) // the upstream has written or closed
+		if got, want := c.Alive(), m == "quiet"; got != want {
+			t.Errorf("%s connection: Alive %v, want %v", m, got, want)
+		}
+		ep.Release(c, false, time.Now())
+	}
+}
+
+// A stalled read fails after ReadTimeout; one that keeps moving does not.
+func TestProgressDeadlines(t *testing.T) {
+	addr := listen(t, func(c net.Conn) {
+		defer c.Close()
+		for range 6 {
+			io.WriteString(c, "x")
+			time.Sleep(50 * time.Millisecond)
+		}
+		time.Sleep(time.Second) // then stall
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := u.Endpoints()[0].Acquire(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Endpoints()[0].Release(c, false, time.Now())
+	c.ReadTimeout = 200 * time.Millisecond // longer than each gap, shorter than their sum
+	var got strings.Builder
+	buf := make([]byte, 1)
+	for {
+		n, err := c.R.Read(buf)
+		got.Write(buf[:n])
+		if err != nil {
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() {
+				t.Errorf("stall ended with %v, want a timeout", err)
+			}
+			break
+		}
+	}
+	if got.String() != "xxxxxx" {
+		t.Errorf("read %q before the stall, want all 6 bytes", got.String())
+	}
+}
