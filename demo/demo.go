@@ -5,6 +5,7 @@
 package demo
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -16,12 +17,24 @@ import (
 // Endpoints lists what the demo upstream serves, for the start-up log.
 const Endpoints = "/ (hello), /slow?ms=500, /stream?n=5&every=200ms, /fail, /echo (POST), /bytes?n=65536"
 
+// hello is the body of the demo upstream's "/" answer.
+type hello struct {
+	Hello     string `json:"hello"`
+	Path      string `json:"path"`
+	RequestID string `json:"request_id"`
+}
+
 // Handler returns the demo upstream's handler.
 func Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		fmt.Fprintf(w, "{\"hello\":\"from the demo upstream\",\"path\":%q,\"request_id\":%q}\n", r.URL.Path, r.Header.Get("X-Request-Id"))
+		// encoding/json, not %q: Go quoting is not JSON quoting (a control
+		// byte or invalid UTF-8 in the path became \x.., which no JSON
+		// parser accepts).
+		enc := json.NewEncoder(w)
+		enc.SetEscapeHTML(false) // a JSON body, not HTML: "&" stays "&"
+		_ = enc.Encode(hello{Hello: "from the demo upstream", Path: r.URL.Path, RequestID: r.Header.Get("X-Request-Id")})
 	})
 	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
 		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))

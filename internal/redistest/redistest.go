@@ -7,17 +7,19 @@
 package redistest
 
 import (
-	"bufio"
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os/exec"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // Server is one redis-server process.
@@ -180,85 +182,60 @@ func (s *Server) Freeze() { _ = s.cmd.Process.Signal(syscall.SIGSTOP) }
 // Thaw resumes a frozen server.
 func (s *Server) Thaw() { _ = s.cmd.Process.Signal(syscall.SIGCONT) }
 
-// Do sends one command to addr over a fresh connection (RESP2, 2 s
-// deadline) and returns the reply: a string (simple or bulk), an int64,
-// nil, or []any for arrays. An error reply is returned as an error.
+// Do sends one command to addr through a go-redis client of its own
+// (RESP2, one fresh connection, 200 ms to connect, 2 s for the command,
+// no retries) and returns the reply as go-redis gives it: a string
+// (simple or bulk), an int64, nil, or []any for arrays. An error reply is
+// returned as an error whose text is Redis' own ("NOAUTH ...").
 func Do(addr string, args ...string) (any, error) {
 	return DoAs(addr, "", "", args...)
 }
 
-// DoAs is Do as an ACL user (AUTH user password first, on the same
-// connection); an empty user is Do.
+// DoAs is Do as an ACL user (the client authenticates before the
+// command); an empty user is Do.
 func DoAs(addr, user, password string, args ...string) (any, error) {
-	c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+	// The connection is dialled here, not by go-redis, so that a server
+	// not yet (or no longer) listening is one quiet error: go-redis's pool
+	// would retry the dial and log every failure, and start polls PING
+	// until the server answers.
+	nc, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
 	if err != nil {
 		return nil, err
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-	var b strings.Builder
-	command := func(args ...string) {
-		fmt.Fprintf(&b, "*%d\r\n", len(args))
-		for _, a := range args {
-			fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
-		}
-	}
-	if user != "" {
-		command("AUTH", user, password)
-	}
-	command(args...)
-	if _, err := io.WriteString(c, b.String()); err != nil {
-		return nil, err
-	}
-	br := bufio.NewReader(c)
-	if user != "" {
-		if _, err := readReply(br); err != nil {
-			return nil, fmt.Errorf("AUTH: %w", err)
-		}
-	}
-	return readReply(br)
-}
-
-func readReply(r *bufio.Reader) (any, error) {
-	line, err := r.ReadString('\n')
-	if err != nil {
-		return nil, err
-	}
-	line = strings.TrimSuffix(line, "\r\n")
-	if line == "" {
-		return nil, fmt.Errorf("redistest: empty reply line")
-	}
-	switch line[0] {
-	case '+':
-		return line[1:], nil
-	case '-':
-		return nil, fmt.Errorf("%s", line[1:])
-	case ':':
-		return strconv.ParseInt(line[1:], 10, 64)
-	case '$':
-		n, err := strconv.Atoi(line[1:])
-		if err != nil || n < 0 {
-			return nil, err
-		}
-		buf := make([]byte, n+2)
-		if _, err := io.ReadFull(r, buf); err != nil {
-			return nil, err
-		}
-		return string(buf[:n]), nil
-	case '*':
-		n, err := strconv.Atoi(line[1:])
-		if err != nil || n < 0 {
-			return nil, err
-		}
-		arr := make([]any, n)
-		for i := range arr {
-			if arr[i], err = readReply(r); err != nil {
-				return nil, err
+	defer nc.Close() // go-redis closes it too, unless it never took it
+	var dialled atomic.Bool
+	rdb := redis.NewClient(&redis.Options{
+		Addr: addr,
+		Dialer: func(context.Context, string, string) (net.Conn, error) {
+			if dialled.Swap(true) {
+				return nil, errors.New("redistest: one connection per command")
 			}
-		}
-		return arr, nil
+			return nc, nil
+		},
+		// RESP2 keeps the shapes callers read: INFO as a string, SENTINEL
+		// MASTER as a flat array (RESP3 would make them verbatim strings
+		// and maps).
+		Protocol:        2,
+		Username:        user,
+		Password:        password,
+		PoolSize:        1,
+		MaxRetries:      -1,
+		DisableIdentity: true, // no CLIENT SETINFO in the commandstats tests read
+		ReadTimeout:     2 * time.Second,
+		WriteTimeout:    2 * time.Second,
+	})
+	defer rdb.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	cmd := make([]any, len(args))
+	for i, a := range args {
+		cmd[i] = a
 	}
-	return nil, fmt.Errorf("redistest: unexpected reply %q", line)
+	v, err := rdb.Do(ctx, cmd...).Result()
+	if errors.Is(err, redis.Nil) {
+		return nil, nil
+	}
+	return v, err
 }
 
 // doString is Do for commands that answer with text (INFO, CLUSTER INFO,
