@@ -2,7 +2,7 @@
 #              then format check, vet, unit and end-to-end tests with -race, deploy/ checks
 # make bench - throughput and latency, direct vs through the sidecar (needs wrk; installed if missing)
 # make run   - the sidecar on the embedded demo config
-# make fuzz  - the fuzz targets (config loader, identity, request heads), FUZZTIME each
+# make fuzz  - the fuzz targets (config loader, identity, request heads, access-log lines), FUZZTIME each
 # make chaos - the chaos suite at full length (Redis frozen 10 s, 30 s of SIGHUPs, ...)
 # make soak  - 2 million requests from 1 million clients per store; prints a table
 
@@ -72,3 +72,4 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./policy
 	$(GO) test -run '^$$' -fuzz FuzzIdentify -fuzztime $(FUZZTIME) ./policy
 	$(GO) test -run '^$$' -fuzz FuzzRequestHead -fuzztime $(FUZZTIME) ./proxy
+	$(GO) test -run '^$$' -fuzz FuzzAccessLogLine -fuzztime $(FUZZTIME) ./proxy
