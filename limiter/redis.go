@@ -158,10 +158,22 @@ local k = math.floor((window + w - 1) / w)
 local ring = k + 1
 local cur = math.floor(now / w)`
 
-// RedisOptions says how to reach Redis. Zero values are the defaults.
+// RedisMode is how Redis is deployed.
+type RedisMode uint8
+
+const (
+	RedisSingle   RedisMode = iota // one server
+	RedisCluster                   // Redis Cluster
+	RedisSentinel                  // a primary and replicas watched by Redis Sentinel
+)
+
+// RedisOptions says how to reach Redis. Zero values are the defaults. The
+// caller validates them (policy does: addresses present, one for single,
+// db 0 on a cluster, a master name exactly for sentinel); this package
+// does not check them a second time.
 type RedisOptions struct {
-	// Mode is "single" (default), "cluster" or "sentinel".
-	Mode string
+	// Mode is RedisSingle (default), RedisCluster or RedisSentinel.
+	Mode RedisMode
 	// Addrs are, by mode: the server (single, exactly one); seed nodes
 	// (cluster: any one that answers tells the whole topology); the
 	// sentinels (sentinel). Required.
@@ -188,9 +200,6 @@ type RedisOptions struct {
 	Timeout time.Duration
 }
 
-// ErrRedisOptions is wrapped by NewRedisClient's errors.
-var ErrRedisOptions = errors.New("limiter: invalid redis options")
-
 // NewRedisClient returns a go-redis client for o.Mode, tuned to fail fast:
 // go-redis' defaults take ~2 s per call to fail while Redis is down (dial
 // retries and command retries), which would add seconds to every request.
@@ -209,19 +218,7 @@ var ErrRedisOptions = errors.New("limiter: invalid redis options")
 //   - sentinel: redis.NewFailoverClient. Each new connection asks a
 //     sentinel for the primary, and a +switch-master event closes the
 //     connections to the old one.
-func NewRedisClient(o RedisOptions) (redis.UniversalClient, error) {
-	if len(o.Addrs) == 0 {
-		return nil, fmt.Errorf("%w: at least one address is needed", ErrRedisOptions)
-	}
-	if o.Mode == "" {
-		o.Mode = "single"
-	}
-	if o.Mode != "sentinel" && o.MasterName != "" {
-		return nil, fmt.Errorf("%w: master name %q is for mode sentinel, not %s", ErrRedisOptions, o.MasterName, o.Mode)
-	}
-	if o.Mode != "sentinel" && o.SentinelPassword != "" {
-		return nil, fmt.Errorf("%w: a sentinel password is for mode sentinel, not %s", ErrRedisOptions, o.Mode)
-	}
+func NewRedisClient(o RedisOptions) redis.UniversalClient {
 	if o.Timeout <= 0 {
 		o.Timeout = 50 * time.Millisecond
 	}
@@ -230,23 +227,7 @@ func NewRedisClient(o RedisOptions) (redis.UniversalClient, error) {
 		minIdleConns = 4
 	)
 	switch o.Mode {
-	case "single":
-		if len(o.Addrs) != 1 {
-			return nil, fmt.Errorf("%w: mode single takes one address, got %d", ErrRedisOptions, len(o.Addrs))
-		}
-		return redis.NewClient(&redis.Options{
-			Addr:     o.Addrs[0],
-			Username: o.Username, Password: o.Password, DB: o.DB, TLSConfig: o.TLS,
-			DialTimeout: o.Timeout, ReadTimeout: o.Timeout, WriteTimeout: o.Timeout, PoolTimeout: o.Timeout,
-			ContextTimeoutEnabled: true,
-			MaxRetries:            -1, // a retry is the caller's decision: we fall back instead
-			DialerRetries:         1,
-			PoolSize:              poolSize, MinIdleConns: minIdleConns,
-		}), nil
-	case "cluster":
-		if o.DB != 0 {
-			return nil, fmt.Errorf("%w: Redis Cluster has only db 0, got db %d", ErrRedisOptions, o.DB)
-		}
+	case RedisCluster:
 		return redis.NewClusterClient(&redis.ClusterOptions{
 			Addrs:    o.Addrs,
 			Username: o.Username, Password: o.Password, TLSConfig: o.TLS,
@@ -257,11 +238,8 @@ func NewRedisClient(o RedisOptions) (redis.UniversalClient, error) {
 			MinRetryBackoff:       -1,
 			DialerRetries:         1,
 			PoolSize:              poolSize, MinIdleConns: minIdleConns, // per node
-		}), nil
-	case "sentinel":
-		if o.MasterName == "" {
-			return nil, fmt.Errorf("%w: mode sentinel needs the master name", ErrRedisOptions)
-		}
+		})
+	case RedisSentinel:
 		return redis.NewFailoverClient(&redis.FailoverOptions{
 			MasterName: o.MasterName, SentinelAddrs: o.Addrs, SentinelPassword: o.SentinelPassword,
 			Username: o.Username, Password: o.Password, DB: o.DB, TLSConfig: o.TLS,
@@ -270,9 +248,18 @@ func NewRedisClient(o RedisOptions) (redis.UniversalClient, error) {
 			MaxRetries:            -1,
 			DialerRetries:         1,
 			PoolSize:              poolSize, MinIdleConns: minIdleConns,
-		}), nil
+		})
+	default:
+		return redis.NewClient(&redis.Options{
+			Addr:     o.Addrs[0],
+			Username: o.Username, Password: o.Password, DB: o.DB, TLSConfig: o.TLS,
+			DialTimeout: o.Timeout, ReadTimeout: o.Timeout, WriteTimeout: o.Timeout, PoolTimeout: o.Timeout,
+			ContextTimeoutEnabled: true,
+			MaxRetries:            -1, // a retry is the caller's decision: we fall back instead
+			DialerRetries:         1,
+			PoolSize:              poolSize, MinIdleConns: minIdleConns,
+		})
 	}
-	return nil, fmt.Errorf("%w: unknown mode %q (want single, cluster or sentinel)", ErrRedisOptions, o.Mode)
 }
 
 // redisStore runs decisions against Redis.

@@ -18,10 +18,7 @@ import (
 
 func client(t testing.TB, addr string) redis.UniversalClient {
 	t.Helper()
-	rdb, err := NewRedisClient(RedisOptions{Addrs: []string{addr}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	rdb := NewRedisClient(RedisOptions{Addrs: []string{addr}})
 	t.Cleanup(func() { rdb.Close() })
 	return rdb
 }
@@ -248,10 +245,7 @@ func TestLocalFallbackSharesTheLimit(t *testing.T) {
 // puzzle about the script's reply.
 func TestRedisRefusedCredentialsAreTheError(t *testing.T) {
 	srv := redistest.StartProtected(t, redistest.Protected{User: "sidecar", UserPassword: "right"})
-	rdb, err := NewRedisClient(RedisOptions{Addrs: []string{srv.Addr}, Username: "sidecar", Password: "wrong"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	rdb := NewRedisClient(RedisOptions{Addrs: []string{srv.Addr}, Username: "sidecar", Password: "wrong"})
 	defer rdb.Close()
 	store := newRedisStore(rdb, "test")
 	c := &call{key: "k", rule: Rule{Limit: 5, Window: time.Second}, cost: 1}
@@ -259,10 +253,7 @@ func TestRedisRefusedCredentialsAreTheError(t *testing.T) {
 	if c.err == nil || !strings.Contains(c.err.Error(), "WRONGPASS") {
 		t.Fatalf("decision error %v, want Redis' WRONGPASS", c.err)
 	}
-	rdb2, err := NewRedisClient(RedisOptions{Addrs: []string{srv.Addr}, Username: "sidecar", Password: "right"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	rdb2 := NewRedisClient(RedisOptions{Addrs: []string{srv.Addr}, Username: "sidecar", Password: "right"})
 	defer rdb2.Close()
 	c = &call{key: "k", rule: Rule{Limit: 5, Window: time.Second}, cost: 1}
 	if newRedisStore(rdb2, "test").slidingBatch(context.Background(), []*call{c}, t0.UnixMilli()); c.err != nil || !c.d.Allowed {

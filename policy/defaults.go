@@ -68,8 +68,8 @@ var defaults = struct {
 	Route     Route
 	RouteName string
 	// Tier is a [tiers.NAME] table's values besides limit and window:
-	// Burst 0 means the limit, Algorithm "" means rate_limit.algorithm,
-	// and Shadow false leaves the route's mode in charge.
+	// Burst 0 means the limit, and Shadow false leaves the route's mode
+	// in charge; a tier without an algorithm gets rate_limit.algorithm.
 	Tier     Tier
 	Identity Identity
 	// JWT is [identity.jwt] with only algorithm and its key set.
@@ -151,9 +151,9 @@ var defaults = struct {
 		RejectUnknownTier: false, // unknown_tier = "authenticated"
 	},
 	RateLimit: RateLimit{
-		Store:            "memory",
-		Algorithm:        "sliding_window",
-		OnStoreError:     "local",
+		Store:            StoreMemory,
+		Algorithm:        SlidingWindow,
+		OnStoreError:     FailLocal,
 		StoreTimeout:     50 * time.Millisecond,
 		FailureThreshold: 3,
 		Cooldown:         5 * time.Second,
@@ -164,7 +164,7 @@ var defaults = struct {
 		LeaseDuration:    time.Second,
 	},
 	Redis: Redis{
-		Mode:      "single",
+		Mode:      RedisSingle,
 		DB:        0,
 		TLS:       false,
 		KeyPrefix: "sidecar",

@@ -427,9 +427,6 @@ func (m *shipped) same(t *testing.T, where string, k *shippedKey, set string) {
 			if tier.Burst == 0 {
 				tier.Burst = tier.Limit
 			}
-			if tier.Algorithm == "" {
-				tier.Algorithm = s.RateLimit.Algorithm
-			}
 		}
 		return s
 	}

@@ -64,8 +64,8 @@ type Tier struct {
 	Name      string
 	Limit     int
 	Window    time.Duration
-	Burst     int    // 0: Limit
-	Algorithm string // "sliding_window" or "gcra"
+	Burst     int       // 0: Limit
+	Algorithm Algorithm // the tier's own, else rate_limit.algorithm
 	Shadow    bool
 	// Unlimited tiers (unlimited = true) are never rate limited.
 	Unlimited bool

@@ -51,7 +51,7 @@ func TestDefaults(t *testing.T) {
 		t.Errorf("route defaults: %+v", r)
 	}
 	rl := s.RateLimit
-	if rl.Store != "memory" || rl.Lease || rl.LeaseOvershoot != 0.01 || rl.LeaseDuration != time.Second {
+	if rl.Store != StoreMemory || rl.Lease || rl.LeaseOvershoot != 0.01 || rl.LeaseDuration != time.Second {
 		t.Errorf("rate_limit defaults: %+v", rl)
 	}
 	if b := u.Breaker; b == nil || b.ErrorPercent != 50 || b.VolumeThreshold != 20 || b.ConsecutiveFailures != 0 {
@@ -196,13 +196,13 @@ func TestRedisModes(t *testing.T) {
 		}
 	}
 	f("addrs = [\"10.0.0.1:6379\"]\n",
-		Redis{Mode: "single", Addrs: []string{"10.0.0.1:6379"}, KeyPrefix: "sidecar"})
+		Redis{Mode: RedisSingle, Addrs: []string{"10.0.0.1:6379"}, KeyPrefix: "sidecar"})
 	f("mode = \"cluster\"\naddrs = [\"10.0.0.1:6379\", \"10.0.0.2:6379\"]\nusername_env = \"SIDECAR_TEST_REDIS_USER\"\npassword_env = \"SIDECAR_TEST_REDIS_PASS\"\n",
-		Redis{Mode: "cluster", Addrs: []string{"10.0.0.1:6379", "10.0.0.2:6379"}, Username: "limiter", Password: "s3cret", KeyPrefix: "sidecar"})
+		Redis{Mode: RedisCluster, Addrs: []string{"10.0.0.1:6379", "10.0.0.2:6379"}, Username: "limiter", Password: "s3cret", KeyPrefix: "sidecar"})
 	f("mode = \"sentinel\"\naddrs = [\"10.0.0.1:26379\", \"10.0.0.2:26379\", \"10.0.0.3:26379\"]\nmaster_name = \"mymaster\"\n"+
 		"password_env = \"SIDECAR_TEST_REDIS_PASS\"\nsentinel_password_env = \"SIDECAR_TEST_SENTINEL_PASS\"\ndb = 3\n"+
 		"tls = true\ntls_ca_file = \"redis-ca.pem\"\ntls_server_name = \"redis.internal\"\nkey_prefix = \"edge\"\n",
-		Redis{Mode: "sentinel", Addrs: []string{"10.0.0.1:26379", "10.0.0.2:26379", "10.0.0.3:26379"}, MasterName: "mymaster",
+		Redis{Mode: RedisSentinel, Addrs: []string{"10.0.0.1:26379", "10.0.0.2:26379", "10.0.0.3:26379"}, MasterName: "mymaster",
 			Password: "s3cret", SentinelPassword: "watch", DB: 3, TLS: true, TLSCA: ca, TLSServerName: "redis.internal", KeyPrefix: "edge"})
 
 	// The CA file is watched like the config: a change reloads.

@@ -40,9 +40,9 @@ type AccessLog struct {
 
 // RateLimit is [rate_limit] with defaults applied.
 type RateLimit struct {
-	Store            string // "memory" or "redis"
-	Algorithm        string // default for tiers
-	OnStoreError     string // "local", "allow" or "deny"
+	Store            Store
+	Algorithm        Algorithm // tiers without their own
+	OnStoreError     FailMode
 	StoreTimeout     time.Duration
 	FailureThreshold int
 	Cooldown         time.Duration
@@ -58,7 +58,7 @@ type RateLimit struct {
 // Redis values compare equal (reflect.DeepEqual) when a reload keeps the
 // store as it was.
 type Redis struct {
-	Mode             string // "single", "cluster" or "sentinel"
+	Mode             RedisMode
 	Addrs            []string
 	MasterName       string // sentinel only
 	Username         string

@@ -116,7 +116,12 @@ func (v *validator) compile(f *File) *Snapshot {
 	s.Tiers = v.tiers(f)
 	v.accessLog(&f.AccessLog, &s.AccessLog)
 	v.rateLimit(&f.RateLimit, &s.RateLimit)
-	v.redis(&f.Redis, &s.Redis, s.RateLimit.Store == "redis")
+	v.redis(&f.Redis, &s.Redis, s.RateLimit.Store == StoreRedis)
+	for name, t := range s.Tiers {
+		if tf := f.Tiers[name]; tf.Algorithm == nil {
+			t.Algorithm = s.RateLimit.Algorithm
+		}
+	}
 	s.Files = append(s.Files, v.files...) // certificates and CA bundles
 	v.identity(&f.Identity, &s.Identity, s.Tiers, s)
 	if len(f.Routes) == 0 {
@@ -573,7 +578,7 @@ func (v *validator) tiers(f *File) map[string]*Tier {
 			t.Burst = *tf.Burst
 		}
 		if tf.Algorithm != nil {
-			t.Algorithm = v.oneOf(key+".algorithm", *tf.Algorithm, "sliding_window", "gcra")
+			t.Algorithm = enum[Algorithm](v, key+".algorithm", *tf.Algorithm, algorithmNames)
 		}
 		if tf.Mode != nil {
 			t.Shadow = v.oneOf(key+".mode", *tf.Mode, "enforce", "shadow") == "shadow"
@@ -597,13 +602,13 @@ func (v *validator) rateLimit(f *RateLimitFile, r *RateLimit) {
 	def := &defaults.RateLimit
 	r.Store, r.Algorithm, r.OnStoreError = def.Store, def.Algorithm, def.OnStoreError
 	if f.Store != nil {
-		r.Store = v.oneOf("rate_limit.store", *f.Store, "memory", "redis")
+		r.Store = enum[Store](v, "rate_limit.store", *f.Store, storeNames)
 	}
 	if f.Algorithm != nil {
-		r.Algorithm = v.oneOf("rate_limit.algorithm", *f.Algorithm, "sliding_window", "gcra")
+		r.Algorithm = enum[Algorithm](v, "rate_limit.algorithm", *f.Algorithm, algorithmNames)
 	}
 	if f.OnStoreError != nil {
-		r.OnStoreError = v.oneOf("rate_limit.on_store_error", *f.OnStoreError, "local", "allow", "deny")
+		r.OnStoreError = enum[FailMode](v, "rate_limit.on_store_error", *f.OnStoreError, failModeNames)
 	}
 	r.StoreTimeout = v.duration("rate_limit.store_timeout", f.StoreTimeout, def.StoreTimeout, false)
 	r.Cooldown = v.duration("rate_limit.cooldown", f.Cooldown, def.Cooldown, false)
@@ -614,7 +619,7 @@ func (v *validator) rateLimit(f *RateLimitFile, r *RateLimit) {
 	// believes leases are on. lease_overshoot and lease_duration are
 	// accepted with lease = false, so that one line turns leases off.
 	r.Lease = or(f.Lease, def.Lease)
-	if r.Lease && r.Store != "redis" {
+	if r.Lease && r.Store != StoreRedis {
 		v.addf("rate_limit.lease", "needs store = \"redis\" (the memory store makes no Redis calls to save)")
 	}
 	r.LeaseOvershoot = def.LeaseOvershoot
@@ -639,7 +644,7 @@ func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
 	def := &defaults.Redis
 	r.Mode, r.KeyPrefix = def.Mode, def.KeyPrefix
 	if f.Mode != nil {
-		r.Mode = v.oneOf("redis.mode", *f.Mode, "single", "cluster", "sentinel")
+		r.Mode = enum[RedisMode](v, "redis.mode", *f.Mode, redisModeNames)
 	}
 	for i, a := range f.Addrs {
 		if _, _, err := net.SplitHostPort(a); err != nil {
@@ -649,21 +654,21 @@ func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
 	r.Addrs = f.Addrs
 	if needed && len(r.Addrs) == 0 {
 		what := map[string]string{"single": "the server's address", "cluster": "one or more seed nodes",
-			"sentinel": "the sentinels' addresses"}[r.Mode]
+			"sentinel": "the sentinels' addresses"}[r.Mode.String()]
 		v.addf("redis.addrs", "rate_limit.store = \"redis\" needs %s", what)
 	}
-	if r.Mode == "single" && len(r.Addrs) > 1 {
+	if r.Mode == RedisSingle && len(r.Addrs) > 1 {
 		v.addf("redis.addrs", "mode \"single\" takes one address (use mode \"cluster\" or \"sentinel\" for several)")
 	}
 	switch {
-	case f.MasterName != nil && r.Mode != "sentinel":
-		v.addf("redis.master_name", "only for mode = \"sentinel\" (mode is %q)", r.Mode)
+	case f.MasterName != nil && r.Mode != RedisSentinel:
+		v.addf("redis.master_name", "only for mode = \"sentinel\" (mode is %q)", r.Mode.String())
 	case f.MasterName != nil:
 		if *f.MasterName == "" || strings.ContainsAny(*f.MasterName, " \t\r\n") {
 			v.addf("redis.master_name", "want the name the sentinels monitor, got %q", *f.MasterName)
 		}
 		r.MasterName = *f.MasterName
-	case r.Mode == "sentinel":
+	case r.Mode == RedisSentinel:
 		v.addf("redis", "mode \"sentinel\" needs master_name (the name in the sentinels' \"sentinel monitor\" line)")
 	}
 	env := func(key string, name *string) string {
@@ -678,13 +683,13 @@ func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
 	}
 	r.Username = env("redis.username_env", f.UsernameEnv)
 	r.Password = env("redis.password_env", f.PasswordEnv)
-	if f.SentinelPasswordEnv != nil && r.Mode != "sentinel" {
-		v.addf("redis.sentinel_password_env", "only for mode = \"sentinel\" (mode is %q)", r.Mode)
+	if f.SentinelPasswordEnv != nil && r.Mode != RedisSentinel {
+		v.addf("redis.sentinel_password_env", "only for mode = \"sentinel\" (mode is %q)", r.Mode.String())
 	} else {
 		r.SentinelPassword = env("redis.sentinel_password_env", f.SentinelPasswordEnv)
 	}
 	r.DB = v.intRange("redis.db", f.DB, def.DB, 0, 15)
-	if r.Mode == "cluster" && r.DB != 0 {
+	if r.Mode == RedisCluster && r.DB != 0 {
 		v.addf("redis.db", "Redis Cluster has only db 0, got %d", r.DB)
 	}
 	r.TLS = or(f.TLS, def.TLS)

@@ -31,15 +31,14 @@ type rateLimiting struct {
 
 func (p *Proxy) newRateLimiting(snap *policy.Snapshot) *rateLimiting {
 	r := &rateLimiting{rl: snap.RateLimit, redis: snap.Redis}
-	mode := map[string]limiter.FailMode{"local": limiter.FailLocal, "allow": limiter.FailAllow, "deny": limiter.FailDeny}[snap.RateLimit.OnStoreError]
 	s := limiter.Settings{
-		OnStoreError: mode, StoreTimeout: snap.RateLimit.StoreTimeout, FailureThreshold: snap.RateLimit.FailureThreshold,
+		OnStoreError: limiterFailMode[snap.RateLimit.OnStoreError], StoreTimeout: snap.RateLimit.StoreTimeout, FailureThreshold: snap.RateLimit.FailureThreshold,
 		Cooldown: snap.RateLimit.Cooldown, MaxKeys: snap.RateLimit.MaxKeys, KeyPrefix: snap.Redis.KeyPrefix,
 		Logger: p.log, Metrics: p.set,
 		Lease: snap.RateLimit.Lease, LeaseOvershoot: snap.RateLimit.LeaseOvershoot, LeaseDuration: snap.RateLimit.LeaseDuration,
 	}
 	r.close = func() {}
-	if snap.RateLimit.Store == "redis" {
+	if snap.RateLimit.Store == policy.StoreRedis {
 		var tlsConf *tls.Config
 		if snap.Redis.TLS {
 			tlsConf = &tls.Config{MinVersion: tls.VersionTLS12, ServerName: snap.Redis.TLSServerName}
@@ -48,19 +47,25 @@ func (p *Proxy) newRateLimiting(snap *policy.Snapshot) *rateLimiting {
 				tlsConf.RootCAs.AppendCertsFromPEM(snap.Redis.TLSCA) // policy parsed it
 			}
 		}
-		rdb, err := limiter.NewRedisClient(limiter.RedisOptions{Mode: snap.Redis.Mode, Addrs: snap.Redis.Addrs,
+		rdb := limiter.NewRedisClient(limiter.RedisOptions{Mode: limiterRedisMode[snap.Redis.Mode], Addrs: snap.Redis.Addrs,
 			MasterName: snap.Redis.MasterName, Username: snap.Redis.Username, Password: snap.Redis.Password,
 			SentinelPassword: snap.Redis.SentinelPassword, DB: snap.Redis.DB, TLS: tlsConf,
-			Timeout: snap.RateLimit.StoreTimeout})
-		if err != nil { // policy validated the settings: this is a bug
-			panic("BUG: " + err.Error())
-		}
+			Timeout: snap.RateLimit.StoreTimeout}) // policy validated them
 		s.Redis = rdb
 		r.close = func() { _ = rdb.Close() }
 	}
 	r.lim = limiter.New(s)
 	return r
 }
+
+// The limiter's names for policy's enums (limiter imports nothing of ours).
+var (
+	limiterFailMode = [...]limiter.FailMode{policy.FailLocal: limiter.FailLocal, policy.FailAllow: limiter.FailAllow,
+		policy.FailDeny: limiter.FailDeny}
+	limiterRedisMode = [...]limiter.RedisMode{policy.RedisSingle: limiter.RedisSingle, policy.RedisCluster: limiter.RedisCluster,
+		policy.RedisSentinel: limiter.RedisSentinel}
+	limiterAlgorithm = [...]limiter.Algorithm{policy.SlidingWindow: limiter.SlidingWindow, policy.GCRA: limiter.GCRA}
+)
 
 func (r *rateLimiting) sameConfig(snap *policy.Snapshot) bool {
 	return r.rl == snap.RateLimit && reflect.DeepEqual(r.redis, snap.Redis)
@@ -113,7 +118,7 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 	anon := snap.Tiers[snap.Identity.AnonymousTier]
 	if anon != nil && !anon.Unlimited && !anon.Shadow && snap.Verifies(c) {
 		failKey = failureKey(snap, c, x.scratch)
-		if d, denied := x.st.rl.lim.Denied(failKey, tierRule(snap, anon, nil)); denied {
+		if d, denied := x.st.rl.lim.Denied(failKey, tierRule(anon, nil)); denied {
 			return x.refuseFailures(anon, d)
 		}
 	}
@@ -124,7 +129,7 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 		x.tier = ""
 		x.p.m.identity[identityReason(err)].Inc()
 		if failKey != "" {
-			rule := tierRule(snap, anon, nil)
+			rule := tierRule(anon, nil)
 			d, _ := x.st.rl.lim.Allow(failKey, rule)
 			if !d.Allowed {
 				x.st.rl.lim.Remember(failKey, d)
@@ -152,7 +157,7 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 	if tier == nil || tier.Unlimited || route.RateLimitExempt {
 		return true
 	}
-	rule := tierRule(snap, tier, route)
+	rule := tierRule(tier, route)
 	b := appendLimitKey(x.scratch[:0], tier.Name, x.clientID)
 	if route.LimitPerRoute {
 		b = appendKeyPart(b, route.Name)
@@ -235,11 +240,8 @@ func identityReason(err error) int {
 }
 
 // tierRule is the limiter rule of tier, with route's override if any.
-func tierRule(snap *policy.Snapshot, tier *policy.Tier, route *policy.Route) limiter.Rule {
-	rule := limiter.Rule{Limit: tier.Limit, Window: tier.Window, Burst: tier.Burst}
-	if tier.Algorithm == "gcra" || (tier.Algorithm == "" && snap.RateLimit.Algorithm == "gcra") {
-		rule.Algorithm = limiter.GCRA
-	}
+func tierRule(tier *policy.Tier, route *policy.Route) limiter.Rule {
+	rule := limiter.Rule{Limit: tier.Limit, Window: tier.Window, Burst: tier.Burst, Algorithm: limiterAlgorithm[tier.Algorithm]}
 	if route == nil {
 		return rule
 	}

@@ -76,6 +76,6 @@ func (p *Proxy) Status() Status {
 			s.Circuits = append(s.Circuits, circuitStatus("route:"+rr.route.Name, rr.brk, now))
 		}
 	}
-	s.Limiter = LimiterStatus{Store: st.snap.RateLimit.Store, CoolingDown: st.rl.lim.CoolingDown()}
+	s.Limiter = LimiterStatus{Store: st.snap.RateLimit.Store.String(), CoolingDown: st.rl.lim.CoolingDown()}
 	return s
 }
