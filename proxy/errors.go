@@ -9,6 +9,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/sidecar-proxy/sidecar/admission"
 	"github.com/sidecar-proxy/sidecar/policy"
 	"github.com/sidecar-proxy/sidecar/upstream"
 )
@@ -17,7 +18,7 @@ import (
 // HTTP statuses (statusFor); the text sent to clients is the fixed message
 // below, never err.Error(), which may quote upstream bytes.
 var (
-	ErrNoRoute         = errors.New("proxy: no route matches the request")
+	ErrNoRoute         = admission.ErrNoRoute
 	ErrBadRequest      = errors.New("proxy: malformed request")
 	ErrBodyTooLarge    = errors.New("proxy: request body too large")
 	ErrConnectRefused  = upstream.ErrConnectRefused
@@ -29,7 +30,7 @@ var (
 	ErrUpstreamTLS     = upstream.ErrTLS
 	ErrClientBody      = errors.New("proxy: reading the client's request body failed")
 	ErrClientGone      = errors.New("proxy: writing to the client failed")
-	ErrRateLimited     = errors.New("proxy: rate limit exceeded")
+	ErrRateLimited     = admission.ErrRateLimited
 	ErrUpgradeRefused  = errors.New("proxy: protocol upgrade not allowed")
 )
 
@@ -59,6 +60,8 @@ func statusFor(err error) (int, string) {
 	switch {
 	case errors.Is(err, ErrNoRoute):
 		return fasthttp.StatusNotFound, "no route for this request"
+	case errors.Is(err, admission.ErrFailureLimited):
+		return fasthttp.StatusTooManyRequests, "rate limit exceeded"
 	case errors.Is(err, policy.ErrUnknownKey):
 		return fasthttp.StatusUnauthorized, "unknown or revoked API key"
 	case errors.Is(err, policy.ErrBadToken):

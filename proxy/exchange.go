@@ -14,6 +14,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/sidecar-proxy/sidecar/admission"
 	"github.com/sidecar-proxy/sidecar/breaker"
 	"github.com/sidecar-proxy/sidecar/policy"
 	"github.com/sidecar-proxy/sidecar/upstream"
@@ -69,7 +70,8 @@ type exchange struct {
 	tier      string // the client's tier, once identified (from config or a verified token)
 	peer      netip.Addr
 	badTarget bool               // a request target that cannot be honoured (400): see originForm, state.match
-	creds     policy.Credentials // the request's credential lines (views into the head)
+	req       admission.Request  // the view admission decides on (views into the head)
+	dec       admission.Decision // what it decided
 	fwd       forwardedIn        // a trusted peer's X-Forwarded-*, copied before stripping
 
 	upStart  time.Time        // the first attempt upstream began
@@ -158,12 +160,12 @@ func (x *exchange) begin() {
 	x.http11 = h.IsHTTP11()
 	x.peer = peerAddr(x.ctx)
 	x.fwd.trusted = x.peer.IsValid() && x.srv.Trusted(x.peer)
-	var ok bool
 	if x.badTarget = !originForm(&x.ctx.Request); x.badTarget {
 		return // x.rt stays nil; serve answers 400
 	}
-	x.rt, ok = x.st.match(x.ctx)
-	x.badTarget = !ok
+	var err error
+	x.rt, err = x.st.match(x.ctx, &x.req)
+	x.badTarget = errors.Is(err, admission.ErrAmbiguousPath)
 }
 
 func (x *exchange) serve() {
@@ -986,7 +988,9 @@ func (x *exchange) release() {
 	x.rl = decision{}
 	x.tier = ""
 	x.peer, x.badTarget = netip.Addr{}, false
-	x.creds = policy.Credentials{APIKeys: x.creds.APIKeys[:0], Authorization: x.creds.Authorization[:0], ForwardedFor: x.creds.ForwardedFor[:0]}
+	c := &x.req.Credentials
+	x.req = admission.Request{Paths: x.req.Paths[:0], Credentials: policy.Credentials{
+		APIKeys: c.APIKeys[:0], Authorization: c.Authorization[:0], ForwardedFor: c.ForwardedFor[:0]}}
 	x.fwd.reset()
 	x.up, x.ticket, x.pumped, x.fallback = nil, breaker.Ticket{}, false, ""
 	x.upStart, x.upEnd = time.Time{}, time.Time{}

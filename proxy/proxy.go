@@ -27,6 +27,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
 
+	"github.com/sidecar-proxy/sidecar/admission"
 	"github.com/sidecar-proxy/sidecar/breaker"
 	"github.com/sidecar-proxy/sidecar/health"
 	"github.com/sidecar-proxy/sidecar/policy"
@@ -76,6 +77,7 @@ type state struct {
 	// apiKeyField matches identity.api_key_header in any spelling.
 	filter      *requestFilter
 	apiKeyField *fieldSet
+	adm         *admission.Admitter // route, identity, limits
 }
 
 type routeRuntime struct {
@@ -170,6 +172,7 @@ func (p *Proxy) Apply(snap *policy.Snapshot) error {
 	} else {
 		st.rl = p.newRateLimiting(snap)
 	}
+	st.adm = admission.New(snap, st.rl.lim)
 	p.state.Store(st)
 	if old != nil {
 		for name, u := range old.upstreams {
@@ -267,42 +270,32 @@ func (p *Proxy) reapIdle() {
 	}
 }
 
-// match routes by the Host field as it will go upstream (originForm made
-// it the absolute-form target's authority), not by fasthttp's URI host,
-// which percent-decodes it: the route and the upstream see one authority.
-//
-// Routes match fasthttp's path, which is percent-decoded and has its dot
-// segments resolved, while the target goes upstream byte for byte. Where
-// the two differ ("/api/..%2Fhealthz", "/healthz/../api"), a backend may
-// read either, so a request whose raw path would match another route is
-// refused (ok false): it could otherwise pick the route (and its limits)
-// of one path and be served another.
-func (st *state) match(ctx *fasthttp.RequestCtx) (rt *routeRuntime, ok bool) {
+// match routes the request (see admission.Admitter.Route). It routes by
+// the Host field as it will go upstream (originForm made it the absolute
+// target's authority), not by fasthttp's URI host, which percent-decodes
+// it: the route and the upstream see one authority. The paths it offers:
+// fasthttp's (percent-decoded, dot segments resolved), which routes match,
+// and the readings a backend may make instead: the raw target, and, when
+// it has backslashes, the same with '\\' as '/' (a path separator to WHATWG
+// URL parsers, Node and browsers, and to IIS, not to fasthttp on Linux).
+func (st *state) match(ctx *fasthttp.RequestCtx, req *admission.Request) (*routeRuntime, error) {
 	h := &ctx.Request.Header
-	path := ctx.Path()
-	r := st.snap.Match(h.Host(), path, ctx.Method())
 	raw := h.RequestURI()
 	if i := bytes.IndexByte(raw, '?'); i >= 0 {
 		raw = raw[:i]
 	}
-	if !bytes.Equal(raw, path) && st.snap.Match(h.Host(), raw, ctx.Method()) != r {
-		return nil, false
-	}
+	req.Method, req.Host = h.Method(), h.Host()
+	req.Paths = append(req.Paths[:0], ctx.Path(), raw)
 	if alt := backslashesAsSlashes(raw); alt != nil {
-		// fasthttp treats '\' as a path separator only on Windows, WHATWG
-		// URL parsers (Node, browsers) and IIS always: "/healthz/..\api"
-		// is /healthz here and /api there. Read that way, it must pick
-		// the same route too.
 		var u fasthttp.URI
 		u.SetPathBytes(alt)
-		if st.snap.Match(h.Host(), alt, ctx.Method()) != r || st.snap.Match(h.Host(), u.Path(), ctx.Method()) != r {
-			return nil, false
-		}
+		req.Paths = append(req.Paths, alt, u.Path())
 	}
-	if r == nil {
-		return nil, true
+	r, err := st.adm.Route(req)
+	if err != nil {
+		return nil, err
 	}
-	return &st.routes[r.Index], true
+	return &st.routes[r.Index], nil
 }
 
 // backslashesAsSlashes returns path with every '\\' and "%5C" as '/', or

@@ -15,6 +15,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
 
+	"github.com/sidecar-proxy/sidecar/admission"
 	"github.com/sidecar-proxy/sidecar/limiter"
 	"github.com/sidecar-proxy/sidecar/policy"
 )
@@ -64,7 +65,6 @@ var (
 		policy.FailDeny: limiter.FailDeny}
 	limiterRedisMode = [...]limiter.RedisMode{policy.RedisSingle: limiter.RedisSingle, policy.RedisCluster: limiter.RedisCluster,
 		policy.RedisSentinel: limiter.RedisSentinel}
-	limiterAlgorithm = [...]limiter.Algorithm{policy.SlidingWindow: limiter.SlidingWindow, policy.GCRA: limiter.GCRA}
 )
 
 func (r *rateLimiting) sameConfig(snap *policy.Snapshot) bool {
@@ -97,9 +97,10 @@ type expectVerdict struct {
 
 var decisionKey = "sidecar.decision"
 
-// limit identifies the client and applies its tier's limit. It returns
-// false when it has answered the request itself (400, 401 or 429). The
-// identity goes upstream in prepareRequest, after stripping.
+// limit identifies the client and applies its tier's limit (admission's
+// Limit), then counts and answers what it decided. It returns false when
+// it has answered the request itself (400, 401 or 429). The identity goes
+// upstream in prepareRequest, after stripping.
 func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 	ctx := x.ctx
 	if ctx.Request.MayContinue() {
@@ -110,75 +111,40 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 			return true
 		}
 	}
-	snap := x.st.snap
-	c := x.credentials(h)
-	// A client that keeps failing identification is refused by address,
-	// before its next key lookup or signature check (see failureKey).
-	var failKey string
-	anon := snap.Tiers[snap.Identity.AnonymousTier]
-	if anon != nil && !anon.Unlimited && !anon.Shadow && snap.Verifies(c) {
-		failKey = failureKey(snap, c, x.scratch)
-		if d, denied := x.st.rl.lim.Denied(failKey, tierRule(anon, nil)); denied {
-			return x.refuseFailures(anon, d)
-		}
+	d := &x.dec
+	err := x.st.adm.Limit(x.credentials(h), x.rt.route, d)
+	x.clientID, x.tier = append(x.clientID[:0], d.ClientID...), d.Tier
+	if d.Limited {
+		// q is the limit per window whatever the algorithm (a GCRA
+		// decision's Limit is its bucket depth, the burst).
+		x.rl = decision{set: true, d: d.Limit, tier: d.TierTable, limit: d.Rule.Limit, window: d.TierTable.Window,
+			shadowed: d.Result == "shadow_denied"}
 	}
-	clientID, v, err := snap.AppendIdentity(x.clientID[:0], c)
-	x.clientID = clientID
-	x.tier = v.Tier
-	if err != nil {
-		x.tier = ""
-		x.p.m.identity[identityReason(err)].Inc()
-		if failKey != "" {
-			rule := tierRule(anon, nil)
-			d, _ := x.st.rl.lim.Allow(failKey, rule)
-			if !d.Allowed {
-				x.st.rl.lim.Remember(failKey, d)
-				return x.refuseFailures(anon, d)
-			}
-			if d.Remaining == 0 {
-				// That was the last failure the limit allows: learn when
-				// the next would be, so that it is refused before its
-				// check (a denied decision charges nothing).
-				if d, _ := x.st.rl.lim.Allow(failKey, rule); !d.Allowed {
-					x.st.rl.lim.Remember(failKey, d)
-				}
-			}
+	switch {
+	case errors.Is(err, admission.ErrFailureLimited):
+		if errors.Is(err, policy.ErrUnknownKey) || errors.Is(err, policy.ErrBadToken) || errors.Is(err, policy.ErrAmbiguousCredentials) {
+			x.p.m.identity[identityReason(err)].Inc() // this failure took the address over
 		}
+		x.p.m.identity[reasonFailureLimit].Inc()
+		x.fail(admission.ErrFailureLimited)
+		return false
+	case err != nil && !errors.Is(err, admission.ErrRateLimited):
+		x.p.m.identity[identityReason(err)].Inc()
 		x.fail(err)
 		return false
 	}
-	if v.UnknownTierClaim != "" {
+	if d.UnknownTierClaim != "" {
 		x.p.m.identity[reasonUnknownTier].Inc()
-		x.p.unknownTierLog(v.UnknownTierClaim, v.Tier)
+		x.p.unknownTierLog(d.UnknownTierClaim, d.Tier)
 	}
-
-	tier := snap.Tiers[x.tier]
-	route := x.rt.route
-	if tier == nil || tier.Unlimited || route.RateLimitExempt {
+	if !d.Limited {
 		return true
 	}
-	rule := tierRule(tier, route)
-	b := appendLimitKey(x.scratch[:0], tier.Name, x.clientID)
-	if route.LimitPerRoute {
-		b = appendKeyPart(b, route.Name)
+	x.rt.rl.counter(d.Tier, d.Result, d.Source).Inc()
+	if d.Result == "shadow_denied" {
+		x.p.shadowLog(x.rt.route.Name, d.Tier, d.Limit)
 	}
-	x.scratch = b
-	d, src := x.st.rl.lim.Allow(string(b), rule)
-	// q is the limit per window whatever the algorithm (a GCRA decision's
-	// Limit is its bucket depth, the burst).
-	x.rl = decision{set: true, d: d, tier: tier, limit: rule.Limit, window: tier.Window}
-	shadow := tier.Shadow || route.Shadow
-	result := "allowed"
-	switch {
-	case d.Allowed:
-	case shadow:
-		result, x.rl.shadowed = "shadow_denied", true
-		x.p.shadowLog(route.Name, tier.Name, d)
-	default:
-		result = "denied"
-	}
-	x.rt.rl.counter(tier.Name, result, src).Inc()
-	if !d.Allowed && !shadow {
+	if err != nil {
 		x.fail(ErrRateLimited)
 		return false
 	}
@@ -190,8 +156,8 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 // Authorization field, the verified client certificate's CN, and the
 // X-Forwarded-For lines when the peer is a trusted proxy. The slices are
 // views into the head, valid until it is modified.
-func (x *exchange) credentials(h *fasthttp.RequestHeader) *policy.Credentials {
-	c := &x.creds
+func (x *exchange) credentials(h *fasthttp.RequestHeader) *admission.Request {
+	c := &x.req.Credentials
 	c.APIKeys, c.Authorization, c.ForwardedFor = c.APIKeys[:0], c.Authorization[:0], c.ForwardedFor[:0]
 	c.CertCN, c.Peer = nil, x.peer
 	keyName := x.st.apiKeyField
@@ -210,23 +176,7 @@ func (x *exchange) credentials(h *fasthttp.RequestHeader) *policy.Credentials {
 			c.CertCN = []byte(st.PeerCertificates[0].Subject.CommonName)
 		}
 	}
-	return c
-}
-
-// failureKey is the limiter key that counts an address's failed
-// identifications, under the anonymous tier's limit: "fail:" and the
-// address id, a client id no credential can produce.
-func failureKey(snap *policy.Snapshot, c *policy.Credentials, scratch []byte) string {
-	addr := snap.AppendAddress(append(scratch[:0], "fail:"...), c)
-	return string(appendLimitKey(addr[len(addr):], snap.Identity.AnonymousTier, addr))
-}
-
-// refuseFailures answers 429 to an address over its failure limit.
-func (x *exchange) refuseFailures(anon *policy.Tier, d limiter.Decision) bool {
-	x.p.m.identity[reasonFailureLimit].Inc()
-	x.rl = decision{set: true, d: d, tier: anon, limit: anon.Limit, window: anon.Window}
-	x.fail(ErrRateLimited)
-	return false
+	return &x.req
 }
 
 func identityReason(err error) int {
@@ -237,38 +187,6 @@ func identityReason(err error) int {
 		return reasonAmbiguous
 	}
 	return reasonBadToken
-}
-
-// tierRule is the limiter rule of tier, with route's override if any.
-func tierRule(tier *policy.Tier, route *policy.Route) limiter.Rule {
-	rule := limiter.Rule{Limit: tier.Limit, Window: tier.Window, Burst: tier.Burst, Algorithm: limiterAlgorithm[tier.Algorithm]}
-	if route == nil {
-		return rule
-	}
-	if l, ok := route.Limits[tier.Name]; ok {
-		rule.Limit = l
-		if rule.Burst > l {
-			rule.Burst = l
-		}
-	}
-	return rule
-}
-
-// appendLimitKey appends the limiter key of a tier and client: each part
-// with its length in front ("9:anonymous13:ip:127.0.0.1"), so that no
-// client id, whatever it contains, can spell another client's key or
-// another route's count. appendKeyPart adds the route of a per-route count.
-func appendLimitKey(dst []byte, tier string, client []byte) []byte {
-	dst = appendKeyPart(dst, tier)
-	dst = strconv.AppendInt(dst, int64(len(client)), 10)
-	dst = append(dst, ':')
-	return append(dst, client...)
-}
-
-func appendKeyPart(dst []byte, part string) []byte {
-	dst = strconv.AppendInt(dst, int64(len(part)), 10)
-	dst = append(dst, ':')
-	return append(dst, part...)
 }
 
 // unknownTierLog reports a token tier claim that names no tier, at most
