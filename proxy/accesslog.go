@@ -303,7 +303,7 @@ func (x *exchange) accessLine(status int, now time.Time) {
 		if x.rt != nil && x.rt.brk != nil {
 			b = x.rt.brk
 		}
-		e.breaker = [...]string{"closed", "open", "half_open"}[b.State(now)]
+		e.breaker = b.State(now).String()
 	}
 	if !x.upStart.IsZero() {
 		end := x.upEnd

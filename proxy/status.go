@@ -45,7 +45,7 @@ type LimiterStatus struct {
 }
 
 func circuitStatus(name string, b *breaker.Breaker, now time.Time) CircuitStatus {
-	return CircuitStatus{Name: name, State: [...]string{"closed", "open", "half_open"}[b.State(now)], InFlight: b.InFlight()}
+	return CircuitStatus{Name: name, State: b.State(now).String(), InFlight: b.InFlight()}
 }
 
 // Status reports circuits, pools and the limiter store.
