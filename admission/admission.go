@@ -1,6 +1,7 @@
 // Package admission decides whether a request may go upstream, whatever
-// the transport it came by: its route, its verified client and tier, and
-// its tier's rate limit (with the limit on failed identification), run on
+// the transport it came by: its route, its verified client and tier, its
+// tier's rate limit (with the limit on failed identification), and its
+// place in the circuit and bulkhead, run on
 // a small view of the request (Request). It imports no HTTP server: the
 // fasthttp front-end adapts its RequestCtx to a Request, and an HTTP/2
 // front-end will be a second adapter calling the same code.
@@ -13,7 +14,9 @@ import (
 	"bytes"
 	"errors"
 	"strconv"
+	"time"
 
+	"github.com/sidecar-proxy/sidecar/breaker"
 	"github.com/sidecar-proxy/sidecar/limiter"
 	"github.com/sidecar-proxy/sidecar/policy"
 )
@@ -46,13 +49,31 @@ type Request struct {
 
 // Admitter decides for one policy snapshot and limiter.
 type Admitter struct {
-	snap *policy.Snapshot
-	lim  *limiter.Limiter
+	snap    *policy.Snapshot
+	lim     *limiter.Limiter
+	circuit func(*policy.Route) *breaker.Breaker
 }
 
-// New returns the Admitter of snap, limiting with lim.
-func New(snap *policy.Snapshot, lim *limiter.Limiter) *Admitter {
-	return &Admitter{snap: snap, lim: lim}
+// New returns the Admitter of snap, limiting with lim. circuit returns the
+// circuit a route's requests go through (the route's own, or its
+// upstream's), nil for none; a nil circuit func means no circuits.
+func New(snap *policy.Snapshot, lim *limiter.Limiter, circuit func(*policy.Route) *breaker.Breaker) *Admitter {
+	return &Admitter{snap: snap, lim: lim, circuit: circuit}
+}
+
+// Circuit takes a place in the route's circuit and bulkhead: a Ticket to
+// report the outcome on and end with Done, or breaker.ErrOpen (with the
+// time until the next probe) or breaker.ErrSaturated, which the front-end
+// answers with the upstream's fallback at once.
+func (a *Admitter) Circuit(route *policy.Route, now time.Time) (breaker.Ticket, time.Duration, error) {
+	if a.circuit == nil {
+		return breaker.Ticket{}, 0, nil
+	}
+	b := a.circuit(route)
+	if b == nil {
+		return breaker.Ticket{}, 0, nil
+	}
+	return b.Allow(now)
 }
 
 // Route returns the first route matching r, ErrNoRoute, or

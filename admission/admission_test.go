@@ -54,7 +54,7 @@ upstream = "app"
 	}
 	lim := limiter.New(limiter.Settings{})
 	t.Cleanup(lim.Close)
-	return New(snap, lim)
+	return New(snap, lim, nil)
 }
 
 func request(path string, extra ...[]byte) *Request {

@@ -91,17 +91,11 @@ func fallbackReason(err error) string {
 	return "error"
 }
 
-// admit takes the upstream's circuit and bulkhead; when either says no, it
-// answers with the fallback at once (no upstream contact, no queueing).
+// admit takes the route's place in its circuit and bulkhead (admission's
+// Circuit); when either says no, it answers with the fallback at once (no
+// upstream contact, no queueing).
 func (x *exchange) admit() bool {
-	b := x.up.brk
-	if x.rt.brk != nil {
-		b = x.rt.brk // the route's own circuit
-	}
-	if b == nil {
-		return true
-	}
-	t, retry, err := b.Allow(time.Now())
+	t, retry, err := x.st.adm.Circuit(x.rt.route, time.Now())
 	if err != nil {
 		if errors.Is(err, breaker.ErrSaturated) {
 			x.up.rejected.Inc()

@@ -172,7 +172,12 @@ func (p *Proxy) Apply(snap *policy.Snapshot) error {
 	} else {
 		st.rl = p.newRateLimiting(snap)
 	}
-	st.adm = admission.New(snap, st.rl.lim)
+	st.adm = admission.New(snap, st.rl.lim, func(r *policy.Route) *breaker.Breaker {
+		if rr := &st.routes[r.Index]; rr.brk != nil {
+			return rr.brk // the route's own circuit
+		}
+		return st.routes[r.Index].up.brk
+	})
 	p.state.Store(st)
 	if old != nil {
 		for name, u := range old.upstreams {
