@@ -269,7 +269,7 @@ func appendJSONString(b []byte, s string) []byte {
 // accessLine hands the exchange's line to the access log, if enabled and
 // sampled in; errors and denials are always logged.
 func (x *exchange) accessLine(status int, now time.Time) {
-	cfg := &x.st.snap.AccessLog
+	cfg := &x.r.st.snap.AccessLog
 	if !cfg.Enabled {
 		return
 	}
@@ -279,38 +279,38 @@ func (x *exchange) accessLine(status int, now time.Time) {
 	// One allocation for the three strings copied out of the exchange.
 	all := string(x.reqID) + string(x.clientID) + string(x.method)
 	nID, nClient := len(x.reqID), len(x.clientID)
-	e := accessEntry{at: x.start, requestID: all[:nID], client: all[nID : nID+nClient], method: all[nID+nClient:],
-		status: status, fallback: x.fallback, duration: now.Sub(x.start), bytesIn: x.sent, bytesOut: x.bytesOut}
-	if x.rt != nil {
-		e.route = x.rt.route.Name
+	e := accessEntry{at: x.r.start, requestID: all[:nID], client: all[nID : nID+nClient], method: all[nID+nClient:],
+		status: status, fallback: x.r.fallback, duration: now.Sub(x.r.start), bytesIn: x.r.sent, bytesOut: x.r.bytesOut}
+	if x.r.rt != nil {
+		e.route = x.r.rt.route.Name
 	}
-	e.tier = x.tier
-	if x.rl.tier != nil {
+	e.tier = x.r.tier
+	if x.r.rl.tier != nil {
 		switch {
-		case x.rl.shadowed:
+		case x.r.rl.shadowed:
 			e.limit = "shadow_denied"
-		case x.rl.d.Allowed:
+		case x.r.rl.d.Allowed:
 			e.limit = "allowed"
 		default:
 			e.limit = "denied"
 		}
 	}
-	if x.ep != nil {
-		e.endpoint = x.ep.Addr()
+	if x.r.ep != nil {
+		e.endpoint = x.r.ep.Addr()
 	}
-	if x.up != nil && x.up.brk != nil {
-		b := x.up.brk
-		if x.rt != nil && x.rt.brk != nil {
-			b = x.rt.brk
+	if x.r.up != nil && x.r.up.brk != nil {
+		b := x.r.up.brk
+		if x.r.rt != nil && x.r.rt.brk != nil {
+			b = x.r.rt.brk
 		}
 		e.breaker = b.State(now).String()
 	}
-	if !x.upStart.IsZero() {
-		end := x.upEnd
+	if !x.r.upStart.IsZero() {
+		end := x.r.upEnd
 		if end.IsZero() {
 			end = now
 		}
-		e.upstream = end.Sub(x.upStart)
+		e.upstream = end.Sub(x.r.upStart)
 	}
 	x.p.access.offer(e)
 }

@@ -64,19 +64,19 @@ upstream = "app"
 		}
 		h := &ctx.Request.Header
 		x := exchangePool.Get().(*exchange)
-		x.p, x.ctx = p, &ctx
+		x.p, x.r.ctx = p, &ctx
 		x.begin()
-		if x.rt == nil || !checkRawHeaders(h) {
+		if x.r.rt == nil || !checkRawHeaders(h) {
 			t.Fatal("no match")
 		}
-		if _, ok := x.st.upgrade(h); !ok || !x.limit(h) {
+		if _, ok := x.r.st.upgrade(h); !ok || !x.limit(h) {
 			t.Fatal("refused")
 		}
 		x.prepareRequest(h, 0, nil)
 		if string(h.Peek("X-Sidecar-Client")) != "ip:1.2.3.4" || string(h.Peek("X-Sidecar-Tier")) != "anonymous" {
 			t.Fatalf("identity %q %q", h.Peek("X-Sidecar-Client"), h.Peek("X-Sidecar-Tier"))
 		}
-		x.rt.m.request(x.method, 200, x.tier).Inc()
+		x.r.rt.m.request(x.method, 200, x.r.tier).Inc()
 		x.release()
 	})
 	if allocs > 1 {

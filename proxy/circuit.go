@@ -95,15 +95,15 @@ func fallbackReason(err error) string {
 // Circuit); when either says no, it answers with the fallback at once (no
 // upstream contact, no queueing).
 func (x *exchange) admit() bool {
-	t, retry, err := x.st.adm.Circuit(x.rt.route, time.Now())
+	t, retry, err := x.r.st.adm.Circuit(x.r.rt.route, time.Now())
 	if err != nil {
 		if errors.Is(err, breaker.ErrSaturated) {
-			x.up.rejected.Inc()
+			x.r.up.rejected.Inc()
 		}
 		x.serveFallback(fallbackReason(err), retry)
 		return false
 	}
-	x.ticket = t
+	x.r.ticket = t
 	return true
 }
 
@@ -113,21 +113,21 @@ func (x *exchange) admit() bool {
 // core's status. Every such answer names its reason in X-Sidecar-Fallback
 // and carries Retry-After.
 func (x *exchange) serveFallback(reason string, retry time.Duration) {
-	ctx := x.ctx
-	x.up.m.fallbackInc(reason)
-	first := x.fallback == "" // a fallback upstream's own failure is not rerouted again
-	x.fallback = reason
-	fb := x.up.spec.Fallback
+	ctx := x.r.ctx
+	x.r.up.m.fallbackInc(reason)
+	first := x.r.fallback == "" // a fallback upstream's own failure is not rerouted again
+	x.r.fallback = reason
+	fb := x.r.up.spec.Fallback
 	if retry <= 0 {
 		retry = time.Second
 	}
-	if fb != nil && fb.Upstream != "" && first && x.sent == 0 && !x.pumped {
-		if alt := x.st.upstreams[fb.Upstream]; alt != nil {
-			x.ticket.Done()
-			x.ticket = breaker.Ticket{}
+	if fb != nil && fb.Upstream != "" && first && x.r.sent == 0 && !x.r.pumped {
+		if alt := x.r.st.upstreams[fb.Upstream]; alt != nil {
+			x.r.ticket.Done()
+			x.r.ticket = breaker.Ticket{}
 			x.abandonConn()
 			x.resp.Reset()
-			x.up = alt
+			x.r.up = alt
 			x.forward(nil)
 			return
 		}
@@ -145,19 +145,19 @@ func (x *exchange) serveFallback(reason string, retry time.Duration) {
 			status = fasthttp.StatusBadGateway
 		}
 		writeError(ctx, status, msg, x.reqID, x.idHeader())
-		x.status = status
+		x.r.status = status
 	} else {
 		ctx.Response.Reset()
 		ctx.Response.SetStatusCode(fb.Status)
 		ctx.Response.Header.SetContentType(fb.ContentType)
 		ctx.Response.Header.SetBytesV(x.idHeader(), x.reqID)
 		ctx.Response.SetBodyRaw(fb.Body) // immutable config bytes
-		x.status = fb.Status
+		x.r.status = fb.Status
 	}
 	ctx.Response.Header.Set("X-Sidecar-Fallback", reason)
 	ctx.Response.Header.Set("Retry-After", strconv.Itoa(ceilSeconds(retry)))
 	x.rateLimitHeaders(&ctx.Response.Header)
-	if x.body != nil {
+	if x.r.body != nil {
 		ctx.SetConnectionClose() // the body may be partly read
 	}
 	x.abortPump()

@@ -37,42 +37,56 @@ var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); re
 // is the response body stream fasthttp reads after the handler returns:
 // its CloseWithError ends the exchange (connection back to the pool,
 // metrics recorded). Nothing here is touched by another request.
+//
+// What one request sets is in r, reset by assignment on release; the
+// exchange itself keeps only what outlives a request: buffers whose
+// storage is reused, the response object (fasthttp.Response must not be
+// copied), the pump's channel and flags (atomics), and gen.
 type exchange struct {
 	p    *Proxy
-	ctx  *fasthttp.RequestCtx
-	st   *state
-	srv  *policy.Server
-	rt   *routeRuntime
-	ep   *upstream.Endpoint
-	conn *upstream.Conn
+	r    request
 	resp fasthttp.Response
 
-	start   time.Time
-	reqID   []byte
-	scratch []byte
-	method  []byte
-	http11  bool
+	// Buffers reused from request to request (reset to length 0).
+	reqID    []byte
+	scratch  []byte
+	method   []byte
+	clientID []byte
+	req      admission.Request  // the view admission decides on (views into the head)
+	dec      admission.Decision // what it decided
+	fwd      forwardedIn        // a trusted peer's X-Forwarded-*, copied before stripping
 
-	// Request body.
-	body      io.Reader // the client's body stream; nil without a body
-	bodyLen   int       // Content-Length, or -1 for chunked
-	first     []byte    // chunked bodies: the first read, taken before dialing
-	firstEOF  bool
-	firstBuf  *[]byte
-	pumpDone  chan error  // set while a pump goroutine runs
-	pumpErr   error       // its result, once joined
+	pumpDone  chan error  // the pump goroutine's result
 	clientEOF atomic.Bool // the pump read the client's body to its end
 	awaiting  atomic.Bool // waiting for the response head: uploads extend its deadline
-	sent      int64       // body bytes written upstream (pump: read after join)
+	gen       uint64      // incremented on release: tells a stale reference
+}
+
+// request is one request's state in an exchange; its zero value is a
+// fresh request.
+type request struct {
+	ctx    *fasthttp.RequestCtx
+	st     *state
+	srv    *policy.Server
+	rt     *routeRuntime
+	ep     *upstream.Endpoint
+	conn   *upstream.Conn
+	start  time.Time
+	http11 bool
+
+	// Request body.
+	body     io.Reader // the client's body stream; nil without a body
+	bodyLen  int       // Content-Length, or -1 for chunked
+	first    []byte    // chunked bodies: the first read, taken before dialing
+	firstEOF bool
+	firstBuf *[]byte
+	pumpErr  error // the pump's result, once joined
+	sent     int64 // body bytes written upstream (pump: read after join)
 
 	rl        decision // the rate-limit decision, for the response headers
-	clientID  []byte
-	tier      string // the client's tier, once identified (from config or a verified token)
+	tier      string   // the client's tier, once identified (from config or a verified token)
 	peer      netip.Addr
-	badTarget bool               // a request target that cannot be honoured (400): see originForm, state.match
-	req       admission.Request  // the view admission decides on (views into the head)
-	dec       admission.Decision // what it decided
-	fwd       forwardedIn        // a trusted peer's X-Forwarded-*, copied before stripping
+	badTarget bool // a request target that cannot be honoured (400): see originForm, state.match
 
 	upStart  time.Time        // the first attempt upstream began
 	upEnd    time.Time        // the upstream's part ended (response complete, or failed)
@@ -93,7 +107,6 @@ type exchange struct {
 	status     int
 	upErr      error
 	done       bool
-	gen        uint64 // incremented on release: tells a stale reference
 }
 
 var exchangePool = sync.Pool{New: func() any { return &exchange{pumpDone: make(chan error, 1)} }}
@@ -102,7 +115,7 @@ var exchangePool = sync.Pool{New: func() any { return &exchange{pumpDone: make(c
 func (p *Proxy) Handler(ctx *fasthttp.RequestCtx) {
 	p.m.inFlight.Add(1)
 	x := exchangePool.Get().(*exchange)
-	x.p, x.ctx, x.start = p, ctx, ctx.Time() // set by the server as the head arrived
+	x.p, x.r.ctx, x.r.start = p, ctx, ctx.Time() // set by the server as the head arrived
 	gen := x.gen
 	defer func() {
 		if r := recover(); r != nil {
@@ -122,11 +135,11 @@ func (p *Proxy) recovered(ctx *fasthttp.RequestCtx, x *exchange, gen uint64, r a
 	if x.gen == gen { // not yet released: it is ours to clean up
 		reqID = append(reqID, x.reqID...)
 		idHeader = x.idHeader()
-		if x.conn != nil {
-			_ = x.conn.Conn.Close()
+		if x.r.conn != nil {
+			_ = x.r.conn.Conn.Close()
 		}
-		if !x.done {
-			x.done = true
+		if !x.r.done {
+			x.r.done = true
 			p.m.inFlight.Add(-1)
 		}
 	}
@@ -137,10 +150,10 @@ func (p *Proxy) recovered(ctx *fasthttp.RequestCtx, x *exchange, gen uint64, r a
 }
 
 func (x *exchange) idHeader() string {
-	if x.srv == nil {
+	if x.r.srv == nil {
 		return policy.DefaultRequestIDHeader
 	}
-	return x.srv.RequestIDHeader
+	return x.r.srv.RequestIDHeader
 }
 
 // testHookServe, when set by a test, runs at the start of every request.
@@ -148,44 +161,44 @@ var testHookServe func(*fasthttp.RequestCtx)
 
 // begin loads the policy and the request's identity for the exchange.
 func (x *exchange) begin() {
-	x.st = x.p.state.Load()
-	x.srv = &x.st.snap.Server
-	h := &x.ctx.Request.Header
-	if id := h.Peek(x.srv.RequestIDHeader); validRequestID(id) {
+	x.r.st = x.p.state.Load()
+	x.r.srv = &x.r.st.snap.Server
+	h := &x.r.ctx.Request.Header
+	if id := h.Peek(x.r.srv.RequestIDHeader); validRequestID(id) {
 		x.reqID = append(x.reqID[:0], id...)
 	} else {
 		x.reqID = x.p.ids.next(x.reqID[:0])
 	}
 	x.method = append(x.method[:0], h.Method()...)
-	x.http11 = h.IsHTTP11()
-	x.peer = peerAddr(x.ctx)
-	x.fwd.trusted = x.peer.IsValid() && x.srv.Trusted(x.peer)
-	if x.badTarget = !originForm(&x.ctx.Request); x.badTarget {
-		return // x.rt stays nil; serve answers 400
+	x.r.http11 = h.IsHTTP11()
+	x.r.peer = peerAddr(x.r.ctx)
+	x.fwd.trusted = x.r.peer.IsValid() && x.r.srv.Trusted(x.r.peer)
+	if x.r.badTarget = !originForm(&x.r.ctx.Request); x.r.badTarget {
+		return // x.r.rt stays nil; serve answers 400
 	}
 	var err error
-	x.rt, err = x.st.match(x.ctx, &x.req)
-	x.badTarget = errors.Is(err, admission.ErrAmbiguousPath)
+	x.r.rt, err = x.r.st.match(x.r.ctx, &x.req)
+	x.r.badTarget = errors.Is(err, admission.ErrAmbiguousPath)
 }
 
 func (x *exchange) serve() {
-	ctx := x.ctx
+	ctx := x.r.ctx
 	h := &ctx.Request.Header
 	x.begin()
 	if testHookServe != nil {
 		testHookServe(ctx)
 	}
-	if !checkRawHeaders(h) || x.badTarget {
+	if !checkRawHeaders(h) || x.r.badTarget {
 		x.p.m.badReqs.Inc()
 		x.fail(ErrBadRequest)
 		ctx.SetConnectionClose()
 		return
 	}
-	if x.rt == nil {
+	if x.r.rt == nil {
 		x.fail(ErrNoRoute)
 		return
 	}
-	upgrade, ok := x.st.upgrade(h)
+	upgrade, ok := x.r.st.upgrade(h)
 	if !ok {
 		x.fail(ErrUpgradeRefused)
 		return
@@ -193,29 +206,29 @@ func (x *exchange) serve() {
 	if !x.limit(h) {
 		return
 	}
-	x.up = x.rt.up
+	x.r.up = x.r.rt.up
 	if !x.admit() {
 		return
 	}
 	cl := h.ContentLength()
-	if x.srv.MaxBodyBytes > 0 && int64(cl) > x.srv.MaxBodyBytes {
+	if x.r.srv.MaxBodyBytes > 0 && int64(cl) > x.r.srv.MaxBodyBytes {
 		x.fail(ErrBodyTooLarge)
 		return
 	}
 	if cl > 0 || cl == -1 {
-		x.body, x.bodyLen = ctx.RequestBodyStream(), cl
+		x.r.body, x.r.bodyLen = ctx.RequestBodyStream(), cl
 		// The server armed header_timeout for the head; the body is
 		// governed by the idle timeout from here on.
-		_ = ctx.SetReadDeadline(x.start.Add(x.srv.IdleTimeout))
+		_ = ctx.SetReadDeadline(x.r.start.Add(x.r.srv.IdleTimeout))
 		if cl == -1 {
 			// Read the first chunk before anything goes upstream, so a
 			// malformed chunked body is refused with nothing forwarded.
-			x.firstBuf = copyBufPool.Get().(*[]byte)
-			n, err := io.ReadAtLeast(x.body, *x.firstBuf, 1)
-			x.first = (*x.firstBuf)[:n]
+			x.r.firstBuf = copyBufPool.Get().(*[]byte)
+			n, err := io.ReadAtLeast(x.r.body, *x.r.firstBuf, 1)
+			x.r.first = (*x.r.firstBuf)[:n]
 			switch {
 			case err == io.EOF || (err == nil && n == 0):
-				x.firstEOF = true
+				x.r.firstEOF = true
 				if len(h.Peek(fasthttp.HeaderTrailer)) > 0 {
 					// The body ended at once, with a trailer section that
 					// fasthttp parsed into the head's trailer store: it would
@@ -233,7 +246,7 @@ func (x *exchange) serve() {
 				ctx.SetConnectionClose()
 				return
 			}
-			if x.srv.MaxBodyBytes > 0 && int64(n) > x.srv.MaxBodyBytes {
+			if x.r.srv.MaxBodyBytes > 0 && int64(n) > x.r.srv.MaxBodyBytes {
 				x.fail(ErrBodyTooLarge)
 				ctx.SetConnectionClose()
 				return
@@ -245,43 +258,43 @@ func (x *exchange) serve() {
 	x.forward(upgrade)
 }
 
-// forward sends the request to x.up and answers with its response, or
+// forward sends the request to x.r.up and answers with its response, or
 // with the upstream's fallback when it fails. A request that could not
 // connect is retried once on another endpoint, and an idempotent one
 // without a body up to `retries` times after a timeout or reset, all
 // within the upstream's retry budget.
 func (x *exchange) forward(upgrade []byte) {
-	ctx, h := x.ctx, &x.ctx.Request.Header
-	x.up.pool.EarnRetry()
-	if x.upStart.IsZero() {
-		x.upStart = time.Now()
+	ctx, h := x.r.ctx, &x.r.ctx.Request.Header
+	x.r.up.pool.EarnRetry()
+	if x.r.upStart.IsZero() {
+		x.r.upStart = time.Now()
 	}
-	x.ep = x.up.pool.Pick(nil, time.Now())
+	x.r.ep = x.r.up.pool.Pick(nil, time.Now())
 	for attempt := 0; ; attempt++ {
-		if x.up.spec.RewriteHost || len(h.Host()) == 0 {
-			h.SetHost(x.ep.Addr()) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
+		if x.r.up.spec.RewriteHost || len(h.Host()) == 0 {
+			h.SetHost(x.r.ep.Addr()) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
 		}
 		err := x.roundTrip()
 		if err == nil {
 			break
 		}
-		x.up.m.errorInc(err)
+		x.r.up.m.errorInc(err)
 		clientSide := errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge) || errors.Is(err, ErrClientGone)
 		upstreamFault := !clientSide && !errors.Is(err, ErrUpstreamBusy) // a full pool is not the upstream's fault
 		if upstreamFault {
-			x.up.outcome(x.ep, true, time.Now(), x.p.log.Warn)
+			x.r.up.outcome(x.r.ep, true, time.Now(), x.p.log.Warn)
 			if x.retryable(err, attempt) {
-				x.up.m.retries.Inc()
-				x.ep = x.up.pool.Pick(x.ep, time.Now())
+				x.r.up.m.retries.Inc()
+				x.r.ep = x.r.up.pool.Pick(x.r.ep, time.Now())
 				continue
 			}
-			x.ticket.Report(true, time.Now())
+			x.r.ticket.Report(true, time.Now())
 		}
-		if !clientSide && x.up.spec.Fallback != nil {
+		if !clientSide && x.r.up.spec.Fallback != nil {
 			x.serveFallback(fallbackReason(err), 0)
 			return
 		}
-		hadBody := x.body != nil
+		hadBody := x.r.body != nil
 		x.fail(err)
 		if hadBody {
 			ctx.SetConnectionClose() // the body may be partly read
@@ -289,10 +302,10 @@ func (x *exchange) forward(upgrade []byte) {
 		return
 	}
 	status := x.resp.StatusCode()
-	failed := failureStatus(x.up.spec, status)
-	x.up.outcome(x.ep, failed, time.Now(), x.p.log.Warn)
-	if x.up.spec.Breaker != nil {
-		x.ticket.Report(failed, time.Now())
+	failed := failureStatus(x.r.up.spec, status)
+	x.r.up.outcome(x.r.ep, failed, time.Now(), x.p.log.Warn)
+	if x.r.up.spec.Breaker != nil {
+		x.r.ticket.Report(failed, time.Now())
 	}
 	x.respond(upgrade)
 }
@@ -308,18 +321,18 @@ func failureStatus(u *policy.Upstream, status int) bool {
 // retryable decides whether a failed attempt may go to another endpoint:
 // nothing may be replayed half-sent, and the budget must allow it.
 func (x *exchange) retryable(err error, attempt int) bool {
-	if len(x.up.pool.Endpoints()) < 2 {
+	if len(x.r.up.pool.Endpoints()) < 2 {
 		return false
 	}
 	connect := errors.Is(err, ErrConnectRefused) || errors.Is(err, ErrConnectTimeout)
 	switch {
-	case connect && attempt == 0 && x.sent == 0 && !x.pumped:
-	case attempt < x.up.spec.Retries && x.body == nil && idempotent(x.method) &&
+	case connect && attempt == 0 && x.r.sent == 0 && !x.r.pumped:
+	case attempt < x.r.up.spec.Retries && x.r.body == nil && idempotent(x.method) &&
 		(connect || errors.Is(err, ErrResponseTimeout) || errors.Is(err, ErrUpstreamReset)):
 	default:
 		return false
 	}
-	return x.up.pool.RetryToken()
+	return x.r.up.pool.RetryToken()
 }
 
 // idempotent methods (RFC 9110 §9.2.2) may be sent again.
@@ -341,7 +354,7 @@ func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int, upgrade []b
 	if x.fwd.trusted {
 		x.fwd.capture(h)
 	}
-	x.scratch = stripRequest(h, x.st.filter, x.fwd.trusted, x.scratch)
+	x.scratch = stripRequest(h, x.r.st.filter, x.fwd.trusted, x.scratch)
 	h.Del("Expect") // 100-continue was answered by the server already
 	if upgrade != nil {
 		h.Set("Connection", "Upgrade")
@@ -349,11 +362,11 @@ func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int, upgrade []b
 	}
 	h.SetProtocol("HTTP/1.1")       // keep-alive and chunking upstream, whatever the client spoke
 	h.SetNoDefaultContentType(true) // no Content-Type that neither side sent
-	x.scratch = setForwardedHeaders(x.ctx, &x.fwd, x.peer, x.scratch)
-	id := &x.st.snap.Identity
+	x.scratch = setForwardedHeaders(x.r.ctx, &x.fwd, x.r.peer, x.scratch)
+	id := &x.r.st.snap.Identity
 	h.SetBytesV(id.ClientHeader, x.clientID)
-	h.Set(id.TierHeader, x.tier)
-	h.SetBytesV(x.srv.RequestIDHeader, x.reqID)
+	h.Set(id.TierHeader, x.r.tier)
+	h.SetBytesV(x.r.srv.RequestIDHeader, x.reqID)
 	if cl >= -1 {
 		h.SetContentLength(cl) // regenerates framing: Content-Length, or chunked
 	}
@@ -363,10 +376,10 @@ func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int, upgrade []b
 // roundTrip sends the request head (and body, or starts the pump) and
 // reads the response head into x.resp.
 func (x *exchange) roundTrip() error {
-	up := x.up.spec
+	up := x.r.up.spec
 	for attempt := 0; ; attempt++ {
 		now := time.Now()
-		c, err := x.ep.Acquire(now)
+		c, err := x.r.ep.Acquire(now)
 		if err != nil {
 			return err
 		}
@@ -376,23 +389,23 @@ func (x *exchange) roundTrip() error {
 			// would cost a body that cannot be replayed, and one it wrote
 			// to unasked is out of step — its next "response" would be
 			// another client's (RFC 9112 §9.3).
-			x.ep.Release(c, false, now)
+			x.r.ep.Release(c, false, now)
 			if attempt < 3 {
 				continue
 			}
 			return ErrUpstreamReset
 		}
-		x.conn = c
+		x.r.conn = c
 		// Both take effect lazily, at the next network read or write.
-		c.WriteTimeout, c.ReadTimeout = x.srv.IdleTimeout, up.ResponseTimeout
+		c.WriteTimeout, c.ReadTimeout = x.r.srv.IdleTimeout, up.ResponseTimeout
 
-		err = x.ctx.Request.Header.Write(c.W)
+		err = x.r.ctx.Request.Header.Write(c.W)
 		started := false
 		if err == nil {
 			switch {
-			case x.body == nil:
+			case x.r.body == nil:
 				err = c.W.Flush()
-			case x.bodyLen >= 0 && x.bodyLen <= syncBodyLimit:
+			case x.r.bodyLen >= 0 && x.r.bodyLen <= syncBodyLimit:
 				started = true
 				err = x.copyBody(c)
 				if errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge) {
@@ -430,9 +443,9 @@ func (x *exchange) roundTrip() error {
 			// The pump may be what failed (client gone, body too large):
 			// stop it and report its error rather than the symptom.
 			x.abortPump()
-			if errors.Is(x.pumpErr, ErrClientBody) || errors.Is(x.pumpErr, ErrBodyTooLarge) {
+			if errors.Is(x.r.pumpErr, ErrClientBody) || errors.Is(x.r.pumpErr, ErrBodyTooLarge) {
 				x.abandonConn()
-				return x.pumpErr
+				return x.r.pumpErr
 			}
 		}
 		if errors.Is(err, ErrClientGone) {
@@ -440,7 +453,7 @@ func (x *exchange) roundTrip() error {
 			x.abandonConn()
 			return err
 		}
-		retry := c.Reused && x.body == nil && attempt == 0 && errors.Is(err, io.EOF)
+		retry := c.Reused && x.r.body == nil && attempt == 0 && errors.Is(err, io.EOF)
 		x.abandonConn()
 		if retry {
 			continue
@@ -475,7 +488,7 @@ func (x *exchange) readResponse(br *bufio.Reader) error {
 		if n >= maxInterim {
 			return errTooManyInterim
 		}
-		if status != fasthttp.StatusContinue && x.http11 {
+		if status != fasthttp.StatusContinue && x.r.http11 {
 			if err := x.relayInterim(); err != nil {
 				return fmt.Errorf("%w: %w", ErrClientGone, err)
 			}
@@ -513,22 +526,22 @@ func (x *exchange) relayInterim() error {
 	}
 	b = append(b, crlf...)
 	x.scratch = b
-	_ = x.ctx.Conn().SetWriteDeadline(time.Now().Add(x.srv.IdleTimeout))
-	_, err := x.ctx.Conn().Write(b)
+	_ = x.r.ctx.Conn().SetWriteDeadline(time.Now().Add(x.r.srv.IdleTimeout))
+	_, err := x.r.ctx.Conn().Write(b)
 	return err
 }
 
 // abandonConn closes the upstream connection and frees its slot.
 func (x *exchange) abandonConn() {
-	if x.conn != nil {
+	if x.r.conn != nil {
 		x.resp.CloseBodyStream() //nolint:errcheck // releases fasthttp's stream before its reader goes
-		x.ep.Release(x.conn, false, time.Now())
-		x.conn = nil
+		x.r.ep.Release(x.r.conn, false, time.Now())
+		x.r.conn = nil
 	}
 }
 
 func (x *exchange) startPump(c *upstream.Conn) {
-	x.pumped = true
+	x.r.pumped = true
 	go func() {
 		err := x.copyBody(c)
 		if err != nil && (errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge)) {
@@ -538,7 +551,7 @@ func (x *exchange) startPump(c *upstream.Conn) {
 		}
 		x.pumpDone <- err
 	}()
-	x.pumpErr = errPumpRunning
+	x.r.pumpErr = errPumpRunning
 }
 
 var errPumpRunning = errors.New("pump running")
@@ -547,45 +560,45 @@ var errPumpRunning = errors.New("pump running")
 // its upload (the upstream answered early), the upload is cut: the client's
 // read deadline is moved to now and the upstream connection closed.
 func (x *exchange) joinPump() {
-	if x.pumpErr != errPumpRunning {
+	if x.r.pumpErr != errPumpRunning {
 		return
 	}
 	if !x.clientEOF.Load() {
 		x.abortPump()
 		return
 	}
-	x.pumpErr = <-x.pumpDone
+	x.r.pumpErr = <-x.pumpDone
 }
 
 func (x *exchange) abortPump() {
-	if x.pumpErr != errPumpRunning {
+	if x.r.pumpErr != errPumpRunning {
 		return
 	}
-	_ = x.ctx.SetReadDeadline(time.Now())
-	if x.conn != nil {
-		_ = x.conn.Conn.SetWriteDeadline(time.Now())
+	_ = x.r.ctx.SetReadDeadline(time.Now())
+	if x.r.conn != nil {
+		_ = x.r.conn.Conn.SetWriteDeadline(time.Now())
 	}
-	x.pumpErr = <-x.pumpDone
-	if x.pumpErr == nil {
+	x.r.pumpErr = <-x.pumpDone
+	if x.r.pumpErr == nil {
 		return
 	}
-	x.ctx.SetConnectionClose()
+	x.r.ctx.SetConnectionClose()
 }
 
 // copyBody streams the client's body upstream: Content-Length bodies as
 // they are, others re-chunked. Client-side failures are wrapped in
 // ErrClientBody, so callers can tell them from upstream ones.
 func (x *exchange) copyBody(c *upstream.Conn) error {
-	bufp := x.firstBuf
+	bufp := x.r.firstBuf
 	if bufp == nil {
 		bufp = copyBufPool.Get().(*[]byte)
 	}
-	x.firstBuf = nil
+	x.r.firstBuf = nil
 	defer copyBufPool.Put(bufp)
 	buf := *bufp
-	chunked := x.bodyLen < 0
-	limit := x.srv.MaxBodyBytes
-	idle := x.srv.IdleTimeout
+	chunked := x.r.bodyLen < 0
+	limit := x.r.srv.MaxBodyBytes
+	idle := x.r.srv.IdleTimeout
 	var armed time.Time
 
 	write := func(p []byte) error {
@@ -636,36 +649,36 @@ func (x *exchange) copyBody(c *upstream.Conn) error {
 		return err
 	}
 
-	if len(x.first) > 0 {
-		n := len(x.first)
+	if len(x.r.first) > 0 {
+		n := len(x.r.first)
 		// first aliases buf: write it before buf is reused.
-		x.first = nil
+		x.r.first = nil
 		if err := write(buf[:n]); err != nil {
 			return err
 		}
-		x.sent += int64(n)
+		x.r.sent += int64(n)
 	}
-	eof := x.firstEOF
+	eof := x.r.firstEOF
 	for !eof {
-		n, rerr := x.body.Read(data)
+		n, rerr := x.r.body.Read(data)
 		if n > 0 {
-			if limit > 0 && x.sent+int64(n) > limit {
+			if limit > 0 && x.r.sent+int64(n) > limit {
 				return ErrBodyTooLarge
 			}
 			now := time.Now()
 			if rearm(now, armed, idle) {
 				armed = now
-				_ = x.ctx.SetReadDeadline(now.Add(idle))
+				_ = x.r.ctx.SetReadDeadline(now.Add(idle))
 				if x.awaiting.Load() {
 					// Upload progress counts as progress for the response
 					// timeout too: a long upload is not a slow upstream.
-					_ = c.Conn.SetReadDeadline(now.Add(x.up.spec.ResponseTimeout))
+					_ = c.Conn.SetReadDeadline(now.Add(x.r.up.spec.ResponseTimeout))
 				}
 			}
 			if err := send(n); err != nil {
 				return err
 			}
-			x.sent += int64(n)
+			x.r.sent += int64(n)
 		}
 		switch {
 		case rerr == io.EOF:
@@ -693,12 +706,12 @@ var (
 // respond turns the upstream response head into the client's response and
 // hands the body stream to fasthttp.
 func (x *exchange) respond(upgrade []byte) {
-	ctx := x.ctx
+	ctx := x.r.ctx
 	r := &x.resp
-	x.status = r.StatusCode()
-	if x.status == fasthttp.StatusSwitchingProtocols {
+	x.r.status = r.StatusCode()
+	if x.r.status == fasthttp.StatusSwitchingProtocols {
 		if upgrade == nil {
-			x.up.m.errorInc(ErrUpstreamProto)
+			x.r.up.m.errorInc(ErrUpstreamProto)
 			x.abortPump()
 			x.abandonConn()
 			x.fail(ErrUpstreamProto)
@@ -712,62 +725,62 @@ func (x *exchange) respond(upgrade []byte) {
 	// The client gets the version it spoke, not the upstream's: an
 	// HTTP/1.0 upstream's answer goes to an HTTP/1.1 client as HTTP/1.1,
 	// with framing regenerated for it (RFC 9112 §6.1).
-	if x.http11 {
+	if x.r.http11 {
 		rh.SetProtocol(http11)
 	} else {
 		rh.SetProtocol(http10)
 	}
 	x.scratch = stripResponseHop(rh, x.scratch)
 	rh.ResetConnectionClose()
-	rh.SetBytesV(x.srv.RequestIDHeader, x.reqID)
+	rh.SetBytesV(x.r.srv.RequestIDHeader, x.reqID)
 	x.rateLimitHeaders(rh)
-	if x.fallback != "" {
-		rh.Set("X-Sidecar-Fallback", x.fallback)
+	if x.r.fallback != "" {
+		rh.Set("X-Sidecar-Fallback", x.r.fallback)
 	}
 
 	stream := r.BodyStream()
 	if stream == nil { // HEAD, 1xx, 204, 304: no body
-		x.bodyEOF = true
+		x.r.bodyEOF = true
 		x.finish(nil)
 		return
 	}
-	x.stream = stream
+	x.r.stream = stream
 	cl := r.Header.ContentLength()
-	if cl == -1 && x.conn.R.Buffered() > 0 {
+	if cl == -1 && x.r.conn.R.Buffered() > 0 {
 		// The first chunk came with the head: decode it now, so that a
 		// response with broken chunking becomes a 502 instead of a 200
 		// cut short. (Later chunks can only be cut: the head is out.)
-		x.pendingBuf = copyBufPool.Get().(*[]byte)
-		n, err := stream.Read(*x.pendingBuf)
+		x.r.pendingBuf = copyBufPool.Get().(*[]byte)
+		n, err := stream.Read(*x.r.pendingBuf)
 		if err != nil && err != io.EOF {
-			x.up.m.errorInc(ErrUpstreamProto)
+			x.r.up.m.errorInc(ErrUpstreamProto)
 			ctx.Response.Header.Reset()
 			x.abortPump()
 			x.abandonConn()
 			x.fail(ErrUpstreamProto)
 			return
 		}
-		x.pending, x.pendingEOF = (*x.pendingBuf)[:n], err == io.EOF
+		x.r.pending, x.r.pendingEOF = (*x.r.pendingBuf)[:n], err == io.EOF
 	}
-	if cl >= 0 && cl <= bufferBodyLimit && cl <= x.conn.R.Buffered() {
+	if cl >= 0 && cl <= bufferBodyLimit && cl <= x.r.conn.R.Buffered() {
 		x.bufferBody(cl)
 		return
 	}
 	switch {
-	case cl < 0 && !x.http11:
+	case cl < 0 && !x.r.http11:
 		x.closeDelimited() // HTTP/1.0 clients cannot take chunked framing
 		return
 	case cl < 0:
 		cl = -1
 		// Streams (SSE) show their head at once; when the first chunk came
 		// with the head, it goes out with it in the same write.
-		ctx.Response.ImmediateHeaderFlush = len(x.pending) == 0 && !x.pendingEOF
+		ctx.Response.ImmediateHeaderFlush = len(x.r.pending) == 0 && !x.r.pendingEOF
 	default:
 		// A large Content-Length body: fasthttp would hold what arrives in
 		// its 32 KiB write buffer until it fills, so a slow stream would
 		// reach the client late, and a cut one not at all. Flush the head
 		// now and write the body to the socket as it comes.
-		x.direct = true
+		x.r.direct = true
 		ctx.Response.ImmediateHeaderFlush = true
 	}
 	ctx.Response.SetBodyStream(x, cl)
@@ -783,7 +796,7 @@ const bufferBodyLimit = 64 << 10
 // bufferBody reads a small body into the client's response and ends the
 // upstream exchange before the client is written to.
 func (x *exchange) bufferBody(cl int) {
-	ctx := x.ctx
+	ctx := x.r.ctx
 	bufp := copyBufPool.Get().(*[]byte)
 	defer copyBufPool.Put(bufp)
 	buf := *bufp
@@ -794,8 +807,8 @@ func (x *exchange) bufferBody(cl int) {
 			break
 		}
 		if err != nil {
-			x.up.m.errorInc(ErrUpstreamReset)
-			x.upErr = nil // counted once, as the failure it caused
+			x.r.up.m.errorInc(ErrUpstreamReset)
+			x.r.upErr = nil // counted once, as the failure it caused
 			ctx.Response.Header.Reset()
 			x.abortPump()
 			x.abandonConn()
@@ -811,29 +824,29 @@ func (x *exchange) bufferBody(cl int) {
 // a slow client slows the upstream read (backpressure). It re-arms the
 // client's write deadline as data moves.
 func (x *exchange) Read(p []byte) (int, error) {
-	if now := time.Now(); rearm(now, x.writeArmed, x.srv.IdleTimeout) {
-		x.writeArmed = now
-		_ = x.ctx.SetWriteDeadline(now.Add(x.srv.IdleTimeout))
+	if now := time.Now(); rearm(now, x.r.writeArmed, x.r.srv.IdleTimeout) {
+		x.r.writeArmed = now
+		_ = x.r.ctx.SetWriteDeadline(now.Add(x.r.srv.IdleTimeout))
 	}
-	if len(x.pending) > 0 {
-		n := copy(p, x.pending)
-		x.pending = x.pending[n:]
-		x.bytesOut += int64(n)
+	if len(x.r.pending) > 0 {
+		n := copy(p, x.r.pending)
+		x.r.pending = x.r.pending[n:]
+		x.r.bytesOut += int64(n)
 		return n, nil
 	}
-	if x.pendingEOF {
-		x.bodyEOF = true
+	if x.r.pendingEOF {
+		x.r.bodyEOF = true
 		return 0, io.EOF
 	}
-	x.conn.ReadTimeout = x.srv.IdleTimeout // the body streams under the idle timeout
-	n, err := x.stream.Read(p)
-	x.bytesOut += int64(n)
+	x.r.conn.ReadTimeout = x.r.srv.IdleTimeout // the body streams under the idle timeout
+	n, err := x.r.stream.Read(p)
+	x.r.bytesOut += int64(n)
 	switch {
 	case err == io.EOF:
-		x.bodyEOF = true
-		x.upEnd = time.Now()
+		x.r.bodyEOF = true
+		x.r.upEnd = time.Now()
 	case err != nil:
-		x.upErr = classifyReadErr(err)
+		x.r.upErr = classifyReadErr(err)
 	}
 	return n, err
 }
@@ -849,13 +862,13 @@ func (x *exchange) SupportsBodyWriteTo() bool { return true }
 // WriteTo copies the body to w through a pooled buffer, or, for a
 // Content-Length body still arriving, straight to the client socket.
 func (x *exchange) WriteTo(w io.Writer) (int64, error) {
-	if x.direct {
-		w = x.ctx.Conn() // the head was flushed (ImmediateHeaderFlush): order is kept
+	if x.r.direct {
+		w = x.r.ctx.Conn() // the head was flushed (ImmediateHeaderFlush): order is kept
 	}
 	bufp := copyBufPool.Get().(*[]byte)
 	defer copyBufPool.Put(bufp)
 	buf := *bufp
-	if !x.direct {
+	if !x.r.direct {
 		// fasthttp frames each write as a chunk (size line, data, CRLF) in
 		// its write buffer, which is copyBufSize too: leave room for the
 		// framing, or every full read costs a second write of 8 bytes.
@@ -890,64 +903,64 @@ func (x *exchange) CloseWithError(err error) error {
 // finish releases the upstream connection (pooled only when both bodies
 // ended cleanly), records metrics and recycles the exchange.
 func (x *exchange) finish(clientErr error) {
-	if x.done {
+	if x.r.done {
 		return
 	}
-	x.done = true
+	x.r.done = true
 	x.joinPump()
 	now := time.Now()
-	if x.conn != nil {
+	if x.r.conn != nil {
 		// Bytes left unread after the response are not the next one's: an
 		// upstream that sent more than it framed (a body after a HEAD, 204
 		// or 304 answer, a second response) would desync the connection.
 		// Those arriving later are caught by the probe before reuse.
-		reusable := x.bodyEOF && clientErr == nil && x.pumpErr == nil &&
-			!x.resp.ConnectionClose() && x.resp.Header.ContentLength() != -2 && x.conn.R.Buffered() == 0
+		reusable := x.r.bodyEOF && clientErr == nil && x.r.pumpErr == nil &&
+			!x.resp.ConnectionClose() && x.resp.Header.ContentLength() != -2 && x.r.conn.R.Buffered() == 0
 		x.resp.CloseBodyStream() //nolint:errcheck
-		x.ep.Release(x.conn, reusable, now)
-		x.conn = nil
+		x.r.ep.Release(x.r.conn, reusable, now)
+		x.r.conn = nil
 	}
-	if x.upErr != nil {
-		x.up.m.errorInc(x.upErr)
+	if x.r.upErr != nil {
+		x.r.up.m.errorInc(x.r.upErr)
 	}
-	x.ticket.Done()
+	x.r.ticket.Done()
 	x.record(now)
 	x.release()
 }
 
 func (x *exchange) record(now time.Time) {
-	m := x.st.noRoute
-	if x.rt != nil {
-		m = x.rt.m
+	m := x.r.st.noRoute
+	if x.r.rt != nil {
+		m = x.r.rt.m
 	}
-	if !x.upStart.IsZero() && x.up != nil {
-		end := x.upEnd
+	if !x.r.upStart.IsZero() && x.r.up != nil {
+		end := x.r.upEnd
 		if end.IsZero() {
 			end = now
 		}
-		upstream := end.Sub(x.upStart)
-		x.up.m.duration.Update(upstream.Seconds())
-		m.added.Update(max(0, now.Sub(x.start)-upstream).Seconds())
+		upstream := end.Sub(x.r.upStart)
+		x.r.up.m.duration.Update(upstream.Seconds())
+		m.added.Update(max(0, now.Sub(x.r.start)-upstream).Seconds())
 	}
-	status := x.status
+	status := x.r.status
 	if status == 0 {
-		status = x.ctx.Response.StatusCode()
+		status = x.r.ctx.Response.StatusCode()
 	}
-	tier := x.tier
+	tier := x.r.tier
 	if tier == "" {
 		tier = tierNone
 	}
 	m.request(x.method, status, tier).Inc()
-	if x.tier != "" {
-		x.p.active.add(m.tierLabel(x.tier), x.clientID, now)
+	if x.r.tier != "" {
+		x.p.active.add(m.tierLabel(x.r.tier), x.clientID, now)
 	}
 	x.accessLine(status, now)
-	m.duration.Update(now.Sub(x.start).Seconds())
-	if x.sent > 0 {
-		m.bytesIn.Add(int(x.sent))
+	m.duration.Update(now.Sub(x.r.start).Seconds())
+	if x.r.sent > 0 {
+		m.bytesIn.Add(int(x.r.sent))
 	}
-	if x.bytesOut > 0 {
-		m.bytesOut.Add(int(x.bytesOut))
+	if x.r.bytesOut > 0 {
+		m.bytesOut.Add(int(x.r.bytesOut))
 	}
 	x.p.m.inFlight.Add(-1)
 }
@@ -955,44 +968,32 @@ func (x *exchange) record(now time.Time) {
 // fail answers the client with the error's status and ends the exchange.
 func (x *exchange) fail(err error) {
 	status, msg := statusFor(err)
-	writeError(x.ctx, status, msg, x.reqID, x.idHeader())
-	x.rateLimitHeaders(&x.ctx.Response.Header)
-	x.status = status
+	writeError(x.r.ctx, status, msg, x.reqID, x.idHeader())
+	x.rateLimitHeaders(&x.r.ctx.Response.Header)
+	x.r.status = status
 	x.abortPump()
 	x.finish(nil)
 }
 
-// release recycles the exchange. Buffers and the response object are kept;
-// everything else is zeroed field by field (fasthttp.Response must not be
-// copied).
+// release recycles the exchange: the request's state goes with one
+// assignment; buffers keep their storage.
 func (x *exchange) release() {
-	if x.firstBuf != nil {
-		copyBufPool.Put(x.firstBuf)
+	if x.r.firstBuf != nil {
+		copyBufPool.Put(x.r.firstBuf)
 	}
-	if x.pendingBuf != nil {
-		copyBufPool.Put(x.pendingBuf)
+	if x.r.pendingBuf != nil {
+		copyBufPool.Put(x.r.pendingBuf)
 	}
-	x.direct, x.pending, x.pendingBuf, x.pendingEOF = false, nil, nil, false
+	x.r = request{}
+	x.p = nil
 	x.resp.Reset()
 	x.gen++
-	x.p, x.ctx, x.st, x.srv, x.rt, x.ep, x.conn = nil, nil, nil, nil, nil, nil, nil
-	x.start = time.Time{}
 	x.reqID, x.scratch, x.method, x.clientID = x.reqID[:0], x.scratch[:0], x.method[:0], x.clientID[:0]
-	x.http11 = false
-	x.body, x.bodyLen, x.first, x.firstEOF, x.firstBuf = nil, 0, nil, false, nil
-	x.pumpErr, x.sent = nil, 0
-	x.clientEOF.Store(false)
-	x.awaiting.Store(false)
-	x.stream, x.bodyEOF, x.bytesOut, x.writeArmed = nil, false, 0, time.Time{}
-	x.status, x.upErr, x.done = 0, nil, false
-	x.rl = decision{}
-	x.tier = ""
-	x.peer, x.badTarget = netip.Addr{}, false
 	c := &x.req.Credentials
 	x.req = admission.Request{Paths: x.req.Paths[:0], Credentials: policy.Credentials{
 		APIKeys: c.APIKeys[:0], Authorization: c.Authorization[:0], ForwardedFor: c.ForwardedFor[:0]}}
 	x.fwd.reset()
-	x.up, x.ticket, x.pumped, x.fallback = nil, breaker.Ticket{}, false, ""
-	x.upStart, x.upEnd = time.Time{}, time.Time{}
+	x.clientEOF.Store(false)
+	x.awaiting.Store(false)
 	exchangePool.Put(x)
 }

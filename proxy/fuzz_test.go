@@ -79,10 +79,10 @@ upstream = "app"
 			}
 		}
 		x := exchangePool.Get().(*exchange)
-		x.p, x.ctx = p, &ctx
+		x.p, x.r.ctx = p, &ctx
 		x.begin()
-		upgrade, ok := x.st.upgrade(h)
-		if !checkRawHeaders(h) || !originForm(&ctx.Request) || x.rt == nil || !ok {
+		upgrade, ok := x.r.st.upgrade(h)
+		if !checkRawHeaders(h) || !originForm(&ctx.Request) || x.r.rt == nil || !ok {
 			x.release()
 			return
 		}
@@ -96,12 +96,12 @@ upstream = "app"
 		wantTier := "anonymous"
 		if len(keyLines) > 0 {
 			if len(keyLines) != 1 || string(keyLines[0]) != "known-key" {
-				t.Fatalf("API key lines %q were admitted as %s %s", keyLines, x.clientID, x.tier)
+				t.Fatalf("API key lines %q were admitted as %s %s", keyLines, x.clientID, x.r.tier)
 			}
 			wantTier = "premium"
 		}
-		if x.tier != wantTier {
-			t.Fatalf("tier %q, want %q", x.tier, wantTier)
+		if x.r.tier != wantTier {
+			t.Fatalf("tier %q, want %q", x.r.tier, wantTier)
 		}
 		seen := map[string]int{}
 		for k, v := range h.All() {

@@ -377,9 +377,9 @@ func (p *Proxy) expect(ctx *fasthttp.RequestCtx) int {
 	}
 	p.m.inFlight.Add(1)
 	x := exchangePool.Get().(*exchange)
-	x.p, x.ctx, x.start = p, ctx, ctx.Time()
+	x.p, x.r.ctx, x.r.start = p, ctx, ctx.Time()
 	x.begin()
-	if x.rt == nil || !checkRawHeaders(&ctx.Request.Header) {
+	if x.r.rt == nil || !checkRawHeaders(&ctx.Request.Header) {
 		p.m.inFlight.Add(-1)
 		x.release() // the handler answers these
 		return fasthttp.StatusContinue
@@ -387,7 +387,7 @@ func (p *Proxy) expect(ctx *fasthttp.RequestCtx) int {
 	if !x.limit(&ctx.Request.Header) {
 		return ctx.Response.StatusCode() // answered (and released) by limit
 	}
-	ctx.SetUserValue(decisionKey, &expectVerdict{rl: x.rl, clientID: append([]byte(nil), x.clientID...), tier: x.tier})
+	ctx.SetUserValue(decisionKey, &expectVerdict{rl: x.r.rl, clientID: append([]byte(nil), x.clientID...), tier: x.r.tier})
 	p.m.inFlight.Add(-1)
 	x.release()
 	return fasthttp.StatusContinue

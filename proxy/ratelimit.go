@@ -102,22 +102,22 @@ var decisionKey = "sidecar.decision"
 // it has answered the request itself (400, 401 or 429). The identity goes
 // upstream in prepareRequest, after stripping.
 func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
-	ctx := x.ctx
+	ctx := x.r.ctx
 	if ctx.Request.MayContinue() {
 		// The expect handler decided already, before the body was sent.
 		if v, ok := ctx.UserValue(decisionKey).(*expectVerdict); ok {
-			x.rl, x.tier = v.rl, v.tier
+			x.r.rl, x.r.tier = v.rl, v.tier
 			x.clientID = append(x.clientID[:0], v.clientID...)
 			return true
 		}
 	}
 	d := &x.dec
-	err := x.st.adm.Limit(x.credentials(h), x.rt.route, d)
-	x.clientID, x.tier = append(x.clientID[:0], d.ClientID...), d.Tier
+	err := x.r.st.adm.Limit(x.credentials(h), x.r.rt.route, d)
+	x.clientID, x.r.tier = append(x.clientID[:0], d.ClientID...), d.Tier
 	if d.Limited {
 		// q is the limit per window whatever the algorithm (a GCRA
 		// decision's Limit is its bucket depth, the burst).
-		x.rl = decision{set: true, d: d.Limit, tier: d.TierTable, limit: d.Rule.Limit, window: d.TierTable.Window,
+		x.r.rl = decision{set: true, d: d.Limit, tier: d.TierTable, limit: d.Rule.Limit, window: d.TierTable.Window,
 			shadowed: d.Result == "shadow_denied"}
 	}
 	switch {
@@ -140,9 +140,9 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 	if !d.Limited {
 		return true
 	}
-	x.rt.rl.counter(d.Tier, d.Result, d.Source).Inc()
+	x.r.rt.rl.counter(d.Tier, d.Result, d.Source).Inc()
 	if d.Result == "shadow_denied" {
-		x.p.shadowLog(x.rt.route.Name, d.Tier, d.Limit)
+		x.p.shadowLog(x.r.rt.route.Name, d.Tier, d.Limit)
 	}
 	if err != nil {
 		x.fail(ErrRateLimited)
@@ -159,8 +159,8 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 func (x *exchange) credentials(h *fasthttp.RequestHeader) *admission.Request {
 	c := &x.req.Credentials
 	c.APIKeys, c.Authorization, c.ForwardedFor = c.APIKeys[:0], c.Authorization[:0], c.ForwardedFor[:0]
-	c.CertCN, c.Peer = nil, x.peer
-	keyName := x.st.apiKeyField
+	c.CertCN, c.Peer = nil, x.r.peer
+	keyName := x.r.st.apiKeyField
 	for k, v := range h.All() {
 		switch {
 		case keyName.has(k):
@@ -171,8 +171,8 @@ func (x *exchange) credentials(h *fasthttp.RequestHeader) *admission.Request {
 			c.ForwardedFor = append(c.ForwardedFor, v)
 		}
 	}
-	if x.st.snap.Identity.ClientCertTier != "" && x.ctx.IsTLS() {
-		if st := x.ctx.TLSConnectionState(); st != nil && len(st.VerifiedChains) > 0 && len(st.PeerCertificates) > 0 {
+	if x.r.st.snap.Identity.ClientCertTier != "" && x.r.ctx.IsTLS() {
+		if st := x.r.ctx.TLSConnectionState(); st != nil && len(st.VerifiedChains) > 0 && len(st.PeerCertificates) > 0 {
 			c.CertCN = []byte(st.PeerCertificates[0].Subject.CommonName)
 		}
 	}
@@ -208,17 +208,17 @@ func (p *Proxy) unknownTierLog(claim, used string) {
 // ratelimit-headers: one named policy per tier), the legacy X-RateLimit-*
 // ones when configured, and Retry-After on a denial.
 func (x *exchange) rateLimitHeaders(h *fasthttp.ResponseHeader) {
-	if !x.rl.set {
+	if !x.r.rl.set {
 		return
 	}
-	d := &x.rl.d
+	d := &x.r.rl.d
 	b := x.scratch[:0]
 	b = append(b, '"')
-	b = append(b, x.rl.tier.Name...)
+	b = append(b, x.r.rl.tier.Name...)
 	b = append(b, `";q=`...)
-	b = strconv.AppendInt(b, int64(x.rl.limit), 10)
+	b = strconv.AppendInt(b, int64(x.r.rl.limit), 10)
 	b = append(b, ";w="...)
-	b = strconv.AppendInt(b, int64(ceilSeconds(x.rl.window)), 10)
+	b = strconv.AppendInt(b, int64(ceilSeconds(x.r.rl.window)), 10)
 	h.SetBytesV("RateLimit-Policy", b)
 	reset := ceilSeconds(d.ResetAfter)
 	if !d.Allowed {
@@ -227,23 +227,23 @@ func (x *exchange) rateLimitHeaders(h *fasthttp.ResponseHeader) {
 	// t never exceeds w: a sliding window's oldest sub-window can keep a
 	// denied client waiting a little past the window (Retry-After says so
 	// exactly), but the policy resets within its window.
-	reset = min(reset, ceilSeconds(x.rl.window))
+	reset = min(reset, ceilSeconds(x.r.rl.window))
 	b = append(b[:0], '"')
-	b = append(b, x.rl.tier.Name...)
+	b = append(b, x.r.rl.tier.Name...)
 	b = append(b, `";r=`...)
 	b = strconv.AppendInt(b, int64(d.Remaining), 10)
 	b = append(b, ";t="...)
 	b = strconv.AppendInt(b, int64(reset), 10)
 	h.SetBytesV("RateLimit", b)
-	if x.st.snap.RateLimit.LegacyHeaders {
-		b = strconv.AppendInt(b[:0], int64(x.rl.limit), 10)
+	if x.r.st.snap.RateLimit.LegacyHeaders {
+		b = strconv.AppendInt(b[:0], int64(x.r.rl.limit), 10)
 		h.SetBytesV("X-RateLimit-Limit", b)
 		b = strconv.AppendInt(b[:0], int64(d.Remaining), 10)
 		h.SetBytesV("X-RateLimit-Remaining", b)
 		b = strconv.AppendInt(b[:0], int64(reset), 10)
 		h.SetBytesV("X-RateLimit-Reset", b)
 	}
-	if !d.Allowed && !x.rl.shadowed {
+	if !d.Allowed && !x.r.rl.shadowed {
 		b = strconv.AppendInt(b[:0], int64(ceilSeconds(d.RetryAfter)), 10)
 		h.SetBytesV("Retry-After", b)
 	}

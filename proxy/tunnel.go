@@ -16,14 +16,14 @@ func (x *exchange) tunnel() {
 	x.joinPump() // an upgrade request has no body; nothing to wait for in practice
 	head := x.resp.Header.Header()
 	head = append([]byte(nil), head...) // the response is reset before the hijack runs
-	c := x.conn
-	x.conn = nil
-	idle := x.srv.IdleTimeout
+	c := x.r.conn
+	x.r.conn = nil
+	idle := x.r.srv.IdleTimeout
 	c.ReadTimeout = idle
-	x.ctx.HijackSetNoResponse(true)
-	x.ctx.Hijack(func(client net.Conn) {
+	x.r.ctx.HijackSetNoResponse(true)
+	x.r.ctx.Hijack(func(client net.Conn) {
 		defer x.finish(nil)
-		defer x.ep.Release(c, false, time.Now())
+		defer x.r.ep.Release(c, false, time.Now())
 		if _, err := writeWithDeadline(client, head, idle); err != nil {
 			return
 		}
@@ -32,11 +32,11 @@ func (x *exchange) tunnel() {
 		go func() { // client → upstream
 			defer wg.Done()
 			n, _ := copyIdle(c.Conn, client, idle)
-			x.sent += n
+			x.r.sent += n
 			closeWrite(c.Conn)
 		}()
 		n, _ := copyIdle(client, c.R, idle) // upstream → client; c.R holds bytes read past the head
-		x.bytesOut += n
+		x.r.bytesOut += n
 		closeWrite(client)
 		wg.Wait()
 	})
@@ -46,14 +46,14 @@ func (x *exchange) tunnel() {
 // which cannot read chunked framing (RFC 9112 §7.1): the head goes without
 // Content-Length, the body follows, and closing the connection ends it.
 func (x *exchange) closeDelimited() {
-	rh := &x.ctx.Response.Header
+	rh := &x.r.ctx.Response.Header
 	rh.SetConnectionClose()
 	rh.SetContentLength(-2)
 	rh.Del("Transfer-Encoding")
 	head := rh.AppendBytes(nil)
-	idle := x.srv.IdleTimeout
-	x.ctx.HijackSetNoResponse(true)
-	x.ctx.Hijack(func(client net.Conn) {
+	idle := x.r.srv.IdleTimeout
+	x.r.ctx.HijackSetNoResponse(true)
+	x.r.ctx.Hijack(func(client net.Conn) {
 		_, err := writeWithDeadline(client, head, idle)
 		if err == nil {
 			_, err = copyIdle(client, x, idle)
