@@ -28,7 +28,7 @@ var (
 	ErrUpstreamReset   = errors.New("proxy: upstream closed the connection")
 	ErrUpstreamProto   = errors.New("proxy: upstream sent a malformed response")
 	ErrUpstreamTLS     = upstream.ErrTLS
-	ErrClientBody      = errors.New("proxy: reading the client's request body failed")
+	ErrClientBody      = upstream.ErrRequestBody
 	ErrClientGone      = errors.New("proxy: writing to the client failed")
 	ErrRateLimited     = admission.ErrRateLimited
 	ErrUpgradeRefused  = errors.New("proxy: protocol upgrade not allowed")

@@ -224,8 +224,9 @@ func (x *exchange) serve() {
 			// Read the first chunk before anything goes upstream, so a
 			// malformed chunked body is refused with nothing forwarded.
 			x.r.firstBuf = copyBufPool.Get().(*[]byte)
-			n, err := io.ReadAtLeast(x.r.body, *x.r.firstBuf, 1)
-			x.r.first = (*x.r.firstBuf)[:n]
+			// Read where the chunk framing of copyBody wants the data.
+			n, err := io.ReadAtLeast(x.r.body, (*x.r.firstBuf)[upstream.ChunkRoom:copyBufSize-2], 1)
+			x.r.first = (*x.r.firstBuf)[upstream.ChunkRoom : upstream.ChunkRoom+n]
 			switch {
 			case err == io.EOF || (err == nil && n == 0):
 				x.r.firstEOF = true
@@ -595,112 +596,37 @@ func (x *exchange) copyBody(c *upstream.Conn) error {
 	}
 	x.r.firstBuf = nil
 	defer copyBufPool.Put(bufp)
-	buf := *bufp
-	chunked := x.r.bodyLen < 0
-	limit := x.r.srv.MaxBodyBytes
-	idle := x.r.srv.IdleTimeout
+	first := len(x.r.first)
+	x.r.first = nil // it aliases the buffer
+	limit, idle := x.r.srv.MaxBodyBytes, x.r.srv.IdleTimeout
 	var armed time.Time
-
-	write := func(p []byte) error {
-		if chunked {
-			var hdr [18]byte
-			h := strconv.AppendUint(hdr[:0], uint64(len(p)), 16)
-			h = append(h, '\r', '\n')
-			if _, err := c.W.Write(h); err != nil {
-				return err
+	sent, err := c.SendBody(x.r.body, *bufp, first, x.r.firstEOF, x.r.bodyLen < 0, func(total int64, eof bool) error {
+		if eof {
+			x.clientEOF.Store(true)
+			return nil
+		}
+		if limit > 0 && total > limit {
+			return ErrBodyTooLarge
+		}
+		if now := time.Now(); rearm(now, armed, idle) {
+			armed = now
+			_ = x.r.ctx.SetReadDeadline(now.Add(idle))
+			if x.awaiting.Load() {
+				// Upload progress counts as progress for the response
+				// timeout too: a long upload is not a slow upstream.
+				_ = c.Conn.SetReadDeadline(now.Add(x.r.up.spec.ResponseTimeout))
 			}
 		}
-		if _, err := c.W.Write(p); err != nil {
-			return err
-		}
-		if chunked {
-			if _, err := c.W.Write(crlf); err != nil {
-				return err
-			}
-		}
-		return c.W.Flush()
-	}
-
-	// Each read is sent with one write: a chunk is framed in place, its
-	// size line in the room kept before the data and its CRLF after, so a
-	// chunked upload costs one syscall per read, not three.
-	const sizeLineRoom = 18 // up to 16 hex digits and CRLF
-	data := buf
-	if chunked {
-		data = buf[sizeLineRoom : len(buf)-2]
-	}
-	send := func(n int) error {
-		frame := data[:n]
-		if chunked {
-			var hdr [sizeLineRoom]byte
-			h := strconv.AppendUint(hdr[:0], uint64(n), 16)
-			h = append(h, '\r', '\n')
-			start := sizeLineRoom - len(h)
-			copy(buf[start:], h)
-			buf[sizeLineRoom+n], buf[sizeLineRoom+n+1] = '\r', '\n'
-			frame = buf[start : sizeLineRoom+n+2]
-		}
-		if c.W.Buffered() > 0 {
-			if err := c.W.Flush(); err != nil {
-				return err
-			}
-		}
-		_, err := c.Write(frame)
-		return err
-	}
-
-	if len(x.r.first) > 0 {
-		n := len(x.r.first)
-		// first aliases buf: write it before buf is reused.
-		x.r.first = nil
-		if err := write(buf[:n]); err != nil {
-			return err
-		}
-		x.r.sent += int64(n)
-	}
-	eof := x.r.firstEOF
-	for !eof {
-		n, rerr := x.r.body.Read(data)
-		if n > 0 {
-			if limit > 0 && x.r.sent+int64(n) > limit {
-				return ErrBodyTooLarge
-			}
-			now := time.Now()
-			if rearm(now, armed, idle) {
-				armed = now
-				_ = x.r.ctx.SetReadDeadline(now.Add(idle))
-				if x.awaiting.Load() {
-					// Upload progress counts as progress for the response
-					// timeout too: a long upload is not a slow upstream.
-					_ = c.Conn.SetReadDeadline(now.Add(x.r.up.spec.ResponseTimeout))
-				}
-			}
-			if err := send(n); err != nil {
-				return err
-			}
-			x.r.sent += int64(n)
-		}
-		switch {
-		case rerr == io.EOF:
-			eof = true
-		case rerr != nil:
-			return fmt.Errorf("%w: %w", ErrClientBody, rerr)
-		}
-	}
-	x.clientEOF.Store(true)
-	if chunked {
-		if _, err := c.W.Write(lastChunk); err != nil {
-			return err
-		}
-	}
-	return c.W.Flush()
+		return nil
+	})
+	x.r.sent += sent
+	return err
 }
 
 var (
-	http11    = []byte("HTTP/1.1")
-	http10    = []byte("HTTP/1.0")
-	crlf      = []byte("\r\n")
-	lastChunk = []byte("0\r\n\r\n")
+	http11 = []byte("HTTP/1.1")
+	http10 = []byte("HTTP/1.0")
+	crlf   = []byte("\r\n")
 )
 
 // respond turns the upstream response head into the client's response and

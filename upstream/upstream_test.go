@@ -232,3 +232,58 @@ func TestProgressDeadlines(t *testing.T) {
 		t.Errorf("read %q before the stall, want all 6 bytes", got.String())
 	}
 }
+
+// SendBody frames each read as one chunk in place (or sends it as it is),
+// sends data already read first, ends chunked bodies with the last chunk,
+// stops on progress's error, and wraps a read error in ErrRequestBody.
+func TestSendBody(t *testing.T) {
+	got := make(chan string, 1)
+	addr := listen(t, func(c net.Conn) {
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	send := func(src io.Reader, first string, chunked bool, progress func(int64, bool) error) (string, int64, error) {
+		c, err := u.Endpoints()[0].Acquire(time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, ChunkRoom+8+2) // 8 bytes of data per read
+		copy(buf[ChunkRoom:], first)
+		n, err := c.SendBody(src, buf, len(first), false, chunked, progress)
+		u.Endpoints()[0].Release(c, false, time.Now()) // closes it: the server's ReadAll ends
+		return <-got, n, err
+	}
+	var totals []int64
+	eof := false
+	body, n, err := send(strings.NewReader("0123456789"), "ab", true, func(total int64, end bool) error {
+		totals = append(totals, total)
+		eof = eof || end
+		return nil
+	})
+	if err != nil || n != 12 || body != "2\r\nab\r\n8\r\n01234567\r\n2\r\n89\r\n0\r\n\r\n" || !eof || len(totals) != 4 || totals[2] != 12 {
+		t.Errorf("chunked: %q, %d bytes, %v, totals %v, eof %v", body, n, err, totals, eof)
+	}
+	if body, n, err := send(strings.NewReader("0123456789"), "", false, func(int64, bool) error { return nil }); err != nil || n != 10 || body != "0123456789" {
+		t.Errorf("as it is: %q, %d bytes, %v", body, n, err)
+	}
+	stop := errors.New("too large")
+	if _, n, err := send(strings.NewReader("0123456789"), "", false, func(total int64, _ bool) error {
+		if total > 8 {
+			return stop
+		}
+		return nil
+	}); !errors.Is(err, stop) || n != 8 {
+		t.Errorf("progress error: %d bytes, %v", n, err)
+	}
+	if _, _, err := send(io.MultiReader(strings.NewReader("0123"), iotest{}), "", true, func(int64, bool) error { return nil }); !errors.Is(err, ErrRequestBody) {
+		t.Errorf("read error: %v, want ErrRequestBody", err)
+	}
+}
+
+type iotest struct{}
+
+func (iotest) Read([]byte) (int, error) { return 0, errors.New("client gone") }
