@@ -2,10 +2,6 @@ package proxy
 
 import (
 	"errors"
-	"io"
-	"net"
-	"os"
-	"syscall"
 
 	"github.com/valyala/fasthttp"
 
@@ -24,9 +20,9 @@ var (
 	ErrConnectRefused  = upstream.ErrConnectRefused
 	ErrConnectTimeout  = upstream.ErrConnectTimeout
 	ErrUpstreamBusy    = upstream.ErrBusy
-	ErrResponseTimeout = errors.New("proxy: upstream response timed out")
-	ErrUpstreamReset   = errors.New("proxy: upstream closed the connection")
-	ErrUpstreamProto   = errors.New("proxy: upstream sent a malformed response")
+	ErrResponseTimeout = upstream.ErrTimeout
+	ErrUpstreamReset   = upstream.ErrReset
+	ErrUpstreamProto   = upstream.ErrProtocol
 	ErrUpstreamTLS     = upstream.ErrTLS
 	ErrClientBody      = upstream.ErrRequestBody
 	ErrClientGone      = errors.New("proxy: writing to the client failed")
@@ -105,16 +101,5 @@ func writeError(ctx *fasthttp.RequestCtx, status int, msg string, requestID []by
 	ctx.Response.SetBodyRaw(b)
 }
 
-// classifyReadErr maps a failure while waiting for response headers.
-func classifyReadErr(err error) error {
-	var ne net.Error
-	switch {
-	case errors.Is(err, fasthttp.ErrTimeout), errors.As(err, &ne) && ne.Timeout(), errors.Is(err, os.ErrDeadlineExceeded):
-		return errors.Join(ErrResponseTimeout, err)
-	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
-		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, net.ErrClosed):
-		return errors.Join(ErrUpstreamReset, err)
-	default:
-		return errors.Join(ErrUpstreamProto, err)
-	}
-}
+// classifyReadErr maps a failure while reading a response.
+func classifyReadErr(err error) error { return upstream.ReadError(err) }

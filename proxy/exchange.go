@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -432,7 +431,7 @@ func (x *exchange) roundTrip() error {
 		x.resp.StreamBody = true
 		x.resp.SkipBody = string(x.method) == "HEAD"
 		x.resp.Header.SetNoDefaultContentType(true)
-		err = x.readResponse(c.R)
+		err = x.readResponse(c)
 		x.awaiting.Store(false)
 		if x.pumpDone != nil {
 			c.ForgetReadDeadline() // the pump may have moved it
@@ -463,11 +462,6 @@ func (x *exchange) roundTrip() error {
 	}
 }
 
-// maxInterim bounds the interim responses read before the final one.
-const maxInterim = 16
-
-var errTooManyInterim = errors.New("more than 16 interim (1xx) responses")
-
 // readResponse reads the upstream's response head into x.resp and sets up
 // its body stream. Interim responses are relayed to the client as they
 // come, in order (RFC 9110 §15.2: a proxy MUST forward 1xx responses),
@@ -475,31 +469,16 @@ var errTooManyInterim = errors.New("more than 16 interim (1xx) responses")
 // client asked for it (Expect is not forwarded), and 101, which is the
 // final response of an upgrade. HTTP/1.0 clients get none (RFC 9110
 // §15.2: a server must not send them a 1xx).
-func (x *exchange) readResponse(br *bufio.Reader) error {
-	r := &x.resp
-	r.ResetBody()
-	for n := 0; ; n++ {
-		if err := r.Header.Read(br); err != nil {
-			return err
+func (x *exchange) readResponse(c *upstream.Conn) error {
+	return c.ReadResponse(&x.resp, func(h *fasthttp.ResponseHeader) error {
+		if h.StatusCode() == fasthttp.StatusContinue || !x.r.http11 {
+			return nil
 		}
-		status := r.Header.StatusCode()
-		if status < 100 || status > 199 || status == fasthttp.StatusSwitchingProtocols {
-			break
+		if err := x.relayInterim(); err != nil {
+			return fmt.Errorf("%w: %w", ErrClientGone, err)
 		}
-		if n >= maxInterim {
-			return errTooManyInterim
-		}
-		if status != fasthttp.StatusContinue && x.r.http11 {
-			if err := x.relayInterim(); err != nil {
-				return fmt.Errorf("%w: %w", ErrClientGone, err)
-			}
-		}
-	}
-	status := r.Header.StatusCode()
-	if r.SkipBody || status < 200 || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified {
 		return nil
-	}
-	return r.ReadBody(br, 0) // StreamBody: only sets up the stream
+	})
 }
 
 // relayInterim writes the interim response in x.resp.Header to the client,

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/valyala/fasthttp"
 )
 
 func settings(endpoints string) Settings {
@@ -287,3 +289,47 @@ func TestSendBody(t *testing.T) {
 type iotest struct{}
 
 func (iotest) Read([]byte) (int, error) { return 0, errors.New("client gone") }
+
+// ReadResponse hands each interim response to its callback in order, reads
+// the final head, and refuses more than MaxInterim interim responses.
+func TestReadResponse(t *testing.T) {
+	reply := make(chan string, 2)
+	addr := listen(t, func(c net.Conn) {
+		io.WriteString(c, <-reply)
+		time.Sleep(100 * time.Millisecond)
+		c.Close()
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func(raw string) ([]int, *fasthttp.Response, error) {
+		reply <- raw
+		c, err := u.Endpoints()[0].Acquire(time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer u.Endpoints()[0].Release(c, false, time.Now())
+		var seen []int
+		resp := &fasthttp.Response{StreamBody: true}
+		err = c.ReadResponse(resp, func(h *fasthttp.ResponseHeader) error {
+			seen = append(seen, h.StatusCode())
+			return nil
+		})
+		if err == nil {
+			body, _ := io.ReadAll(resp.BodyStream())
+			resp.SetBody(body)
+		}
+		return seen, resp, err
+	}
+	seen, resp, err := read("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	if err != nil || len(seen) != 2 || seen[0] != 103 || seen[1] != 102 || resp.StatusCode() != 200 || string(resp.Body()) != "ok" {
+		t.Errorf("interims %v, final %d %q, %v", seen, resp.StatusCode(), resp.Body(), err)
+	}
+	if _, _, err := read(strings.Repeat("HTTP/1.1 102 Processing\r\n\r\n", MaxInterim+1) + "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"); err == nil {
+		t.Errorf("%d interim responses accepted", MaxInterim+1)
+	}
+	if errors.Is(ReadError(io.EOF), ErrReset) != true || !errors.Is(ReadError(errors.New("junk")), ErrProtocol) {
+		t.Error("ReadError misclassifies")
+	}
+}

@@ -1,0 +1,68 @@
+package upstream
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"syscall"
+
+	"github.com/valyala/fasthttp"
+)
+
+// Errors of a response that failed, from ReadError.
+var (
+	ErrTimeout  = errors.New("upstream: no response in time")
+	ErrReset    = errors.New("upstream: the connection was closed")
+	ErrProtocol = errors.New("upstream: malformed response")
+)
+
+// ReadError maps a failure while reading a response (or its body) to
+// ErrTimeout, ErrReset or ErrProtocol, joined to the original.
+func ReadError(err error) error {
+	var ne net.Error
+	switch {
+	case errors.Is(err, fasthttp.ErrTimeout), errors.As(err, &ne) && ne.Timeout(), errors.Is(err, os.ErrDeadlineExceeded):
+		return errors.Join(ErrTimeout, err)
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, net.ErrClosed):
+		return errors.Join(ErrReset, err)
+	default:
+		return errors.Join(ErrProtocol, err)
+	}
+}
+
+// MaxInterim bounds the interim responses read before the final one.
+const MaxInterim = 16
+
+var errTooManyInterim = errors.New("upstream: more than 16 interim (1xx) responses")
+
+// ReadResponse reads the response head into resp and sets up its body
+// stream (resp.StreamBody must be set; a HEAD answer sets resp.SkipBody).
+// Each interim response (1xx other than 101, which is final for an
+// upgrade) is handed to interim as it comes, in order; an error interim
+// returns ends the read with it. Errors of the connection itself are the
+// caller's to classify (ReadError).
+func (c *Conn) ReadResponse(resp *fasthttp.Response, interim func(*fasthttp.ResponseHeader) error) error {
+	resp.ResetBody()
+	for n := 0; ; n++ {
+		if err := resp.Header.Read(c.R); err != nil {
+			return err
+		}
+		status := resp.Header.StatusCode()
+		if status < 100 || status > 199 || status == fasthttp.StatusSwitchingProtocols {
+			break
+		}
+		if n >= MaxInterim {
+			return errTooManyInterim
+		}
+		if err := interim(&resp.Header); err != nil {
+			return err
+		}
+	}
+	status := resp.Header.StatusCode()
+	if resp.SkipBody || status < 200 || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified {
+		return nil
+	}
+	return resp.ReadBody(c.R, 0) // StreamBody: only sets up the stream
+}
