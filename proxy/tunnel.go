@@ -1,10 +1,10 @@
 package proxy
 
 import (
-	"io"
 	"net"
-	"sync"
 	"time"
+
+	"github.com/sidecar-proxy/sidecar/upstream"
 )
 
 // tunnel completes a protocol upgrade (RFC 9110 §7.8, e.g. WebSocket): the
@@ -19,26 +19,14 @@ func (x *exchange) tunnel() {
 	c := x.r.conn
 	x.r.conn = nil
 	idle := x.r.srv.IdleTimeout
-	c.ReadTimeout = idle
 	x.r.ctx.HijackSetNoResponse(true)
 	x.r.ctx.Hijack(func(client net.Conn) {
 		defer x.finish(nil)
 		defer x.r.ep.Release(c, false, time.Now())
-		if _, err := writeWithDeadline(client, head, idle); err != nil {
+		if _, err := upstream.WriteIdle(client, head, idle); err != nil {
 			return
 		}
-		var wg sync.WaitGroup
-		wg.Add(1)
-		go func() { // client → upstream
-			defer wg.Done()
-			n, _ := copyIdle(c.Conn, client, idle)
-			x.r.sent += n
-			closeWrite(c.Conn)
-		}()
-		n, _ := copyIdle(client, c.R, idle) // upstream → client; c.R holds bytes read past the head
-		x.r.bytesOut += n
-		closeWrite(client)
-		wg.Wait()
+		x.r.sent, x.r.bytesOut = c.Tunnel(client, idle)
 	})
 }
 
@@ -54,9 +42,9 @@ func (x *exchange) closeDelimited() {
 	idle := x.r.srv.IdleTimeout
 	x.r.ctx.HijackSetNoResponse(true)
 	x.r.ctx.Hijack(func(client net.Conn) {
-		_, err := writeWithDeadline(client, head, idle)
+		_, err := upstream.WriteIdle(client, head, idle)
 		if err == nil {
-			_, err = copyIdle(client, x, idle)
+			_, err = upstream.CopyIdle(client, x, idle)
 		}
 		if err != nil {
 			// Closing is what ends the body, so a FIN would say it is
@@ -79,51 +67,6 @@ func resetConn(c net.Conn) {
 	}
 	if tc, ok := raw.(*net.TCPConn); ok {
 		_ = tc.SetLinger(0)
-	}
-	_ = c.Close()
-}
-
-func writeWithDeadline(c net.Conn, b []byte, d time.Duration) (int, error) {
-	_ = c.SetWriteDeadline(time.Now().Add(d))
-	return c.Write(b)
-}
-
-// copyIdle copies src to dst; a read or write that makes no progress for
-// idle ends it.
-func copyIdle(dst net.Conn, src io.Reader, idle time.Duration) (int64, error) {
-	bufp := copyBufPool.Get().(*[]byte)
-	defer copyBufPool.Put(bufp)
-	buf := *bufp
-	var total int64
-	rc, _ := src.(net.Conn)
-	for {
-		if rc != nil {
-			_ = rc.SetReadDeadline(time.Now().Add(idle))
-		}
-		n, err := src.Read(buf)
-		if n > 0 {
-			m, werr := writeWithDeadline(dst, buf[:n], idle)
-			total += int64(m)
-			if werr != nil {
-				return total, werr
-			}
-		}
-		if err == io.EOF {
-			return total, nil
-		}
-		if err != nil {
-			return total, err
-		}
-	}
-}
-
-// closeWrite half-closes a TCP connection so the peer sees EOF while the
-// other direction keeps flowing.
-func closeWrite(c net.Conn) {
-	type closeWriter interface{ CloseWrite() error }
-	if cw, ok := c.(closeWriter); ok {
-		_ = cw.CloseWrite()
-		return
 	}
 	_ = c.Close()
 }

@@ -1,0 +1,78 @@
+package upstream
+
+import (
+	"io"
+	"net"
+	"sync"
+	"time"
+)
+
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// Tunnel completes a protocol upgrade (RFC 9110 §7.8): it copies bytes
+// both ways between the connection and client until either side closes
+// (each direction half-closes the other side when it ends), every read and
+// write under the progress timeout idle. Bytes already read past the 101
+// head (in R) go first. It returns the bytes sent to the upstream and to
+// the client; the caller releases the connection (not reusable).
+func (c *Conn) Tunnel(client net.Conn, idle time.Duration) (up, down int64) {
+	c.ReadTimeout = idle
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // client → upstream
+		defer wg.Done()
+		up, _ = CopyIdle(c.Conn, client, idle)
+		closeWrite(c.Conn)
+	}()
+	down, _ = CopyIdle(client, c.R, idle) // upstream → client
+	closeWrite(client)
+	wg.Wait()
+	return up, down
+}
+
+// WriteIdle writes b to c under a write deadline idle from now.
+func WriteIdle(c net.Conn, b []byte, idle time.Duration) (int, error) {
+	_ = c.SetWriteDeadline(time.Now().Add(idle))
+	return c.Write(b)
+}
+
+// CopyIdle copies src to dst through a pooled 32 KiB buffer; a read (when
+// src is a net.Conn; other readers keep their own deadlines) or a write
+// that makes no progress for idle ends it. EOF ends it without an error.
+func CopyIdle(dst net.Conn, src io.Reader, idle time.Duration) (int64, error) {
+	bufp := copyBufPool.Get().(*[]byte)
+	defer copyBufPool.Put(bufp)
+	buf := *bufp
+	var total int64
+	rc, _ := src.(net.Conn)
+	for {
+		if rc != nil {
+			_ = rc.SetReadDeadline(time.Now().Add(idle))
+		}
+		n, err := src.Read(buf)
+		if n > 0 {
+			m, werr := WriteIdle(dst, buf[:n], idle)
+			total += int64(m)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// closeWrite half-closes a TCP connection so the peer sees EOF while the
+// other direction keeps flowing.
+func closeWrite(c net.Conn) {
+	type closeWriter interface{ CloseWrite() error }
+	if cw, ok := c.(closeWriter); ok {
+		_ = cw.CloseWrite()
+		return
+	}
+	_ = c.Close()
+}
