@@ -106,6 +106,7 @@ type request struct {
 	status     int
 	upErr      error
 	done       bool
+	handedOff  bool // fasthttp writes the body (CloseWithError) or runs a hijack: they release
 }
 
 var exchangePool = sync.Pool{New: func() any { return &exchange{pumpDone: make(chan error, 1)} }}
@@ -122,6 +123,13 @@ func (p *Proxy) Handler(ctx *fasthttp.RequestCtx) {
 		}
 	}()
 	x.serve()
+	// The exchange outlives the handler only when fasthttp still has to
+	// write its body (CloseWithError ends it) or runs a hijack (a tunnel,
+	// a close-delimited body): they release it. Otherwise it ends here,
+	// and nothing before this line has to fear that it was recycled.
+	if !x.r.handedOff {
+		x.release()
+	}
 }
 
 // recovered turns a panic in the request path into a 500 and keeps the
@@ -294,9 +302,8 @@ func (x *exchange) forward(upgrade []byte) {
 			x.serveFallback(fallbackReason(err), 0)
 			return
 		}
-		hadBody := x.r.body != nil
 		x.fail(err)
-		if hadBody {
+		if x.r.body != nil {
 			ctx.SetConnectionClose() // the body may be partly read
 		}
 		return
@@ -688,6 +695,7 @@ func (x *exchange) respond(upgrade []byte) {
 		x.r.direct = true
 		ctx.Response.ImmediateHeaderFlush = true
 	}
+	x.r.handedOff = true // fasthttp writes the body and calls CloseWithError
 	ctx.Response.SetBodyStream(x, cl)
 }
 
@@ -802,11 +810,14 @@ func (x *exchange) WriteTo(w io.Writer) (int64, error) {
 // failed: err is the client write error). It ends the exchange.
 func (x *exchange) CloseWithError(err error) error {
 	x.finish(err)
+	x.release()
 	return nil
 }
 
-// finish releases the upstream connection (pooled only when both bodies
-// ended cleanly), records metrics and recycles the exchange.
+// finish ends the request once: it releases the upstream connection
+// (pooled only when both bodies ended cleanly) and records metrics. The
+// exchange stays valid; whoever owns it last releases it (the handler,
+// CloseWithError, or a hijack).
 func (x *exchange) finish(clientErr error) {
 	if x.r.done {
 		return
@@ -830,7 +841,6 @@ func (x *exchange) finish(clientErr error) {
 	}
 	x.r.ticket.Done()
 	x.record(now)
-	x.release()
 }
 
 func (x *exchange) record(now time.Time) {

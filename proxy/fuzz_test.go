@@ -87,7 +87,8 @@ upstream = "app"
 			return
 		}
 		if !x.limit(h) {
-			return // answered: limit released x
+			x.release() // answered
+			return
 		}
 		defer x.release()
 		routedHost := string(h.Host())

@@ -385,7 +385,8 @@ func (p *Proxy) expect(ctx *fasthttp.RequestCtx) int {
 		return fasthttp.StatusContinue
 	}
 	if !x.limit(&ctx.Request.Header) {
-		return ctx.Response.StatusCode() // answered (and released) by limit
+		x.release()
+		return ctx.Response.StatusCode() // answered by limit
 	}
 	ctx.SetUserValue(decisionKey, &expectVerdict{rl: x.r.rl, clientID: append([]byte(nil), x.clientID...), tier: x.r.tier})
 	p.m.inFlight.Add(-1)

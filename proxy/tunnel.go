@@ -20,7 +20,9 @@ func (x *exchange) tunnel() {
 	x.r.conn = nil
 	idle := x.r.srv.IdleTimeout
 	x.r.ctx.HijackSetNoResponse(true)
+	x.r.handedOff = true
 	x.r.ctx.Hijack(func(client net.Conn) {
+		defer x.release()
 		defer x.finish(nil)
 		defer x.r.ep.Release(c, false, time.Now())
 		if _, err := upstream.WriteIdle(client, head, idle); err != nil {
@@ -41,7 +43,9 @@ func (x *exchange) closeDelimited() {
 	head := rh.AppendBytes(nil)
 	idle := x.r.srv.IdleTimeout
 	x.r.ctx.HijackSetNoResponse(true)
+	x.r.handedOff = true
 	x.r.ctx.Hijack(func(client net.Conn) {
+		defer x.release()
 		_, err := upstream.WriteIdle(client, head, idle)
 		if err == nil {
 			_, err = upstream.CopyIdle(client, x, idle)
