@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -118,20 +119,21 @@ func TestUpstreamVersionDoesNotLeak(t *testing.T) {
 	}
 }
 
-// Only the request head is under header_timeout: a body that keeps moving
-// at 500 B/s for three times the head's timeout is not cut.
-func TestSlowMovingUploadIsNotCut(t *testing.T) {
+// slowUpload sends a Content-Length body of size bytes at 500 B/s (50
+// bytes every 100 ms) to a sidecar with server settings serverCfg in front
+// of a backend that counts what it got, and checks that all of it arrived.
+func slowUpload(t *testing.T, serverCfg string, size int) {
+	t.Helper()
 	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
 		n, _ := io.Copy(io.Discard, r.Body)
 		fmt.Fprintf(w, "%d", n)
 	})
-	sc := startSidecar(t, "[server]\nheader_timeout = \"1s\"\n"+routeTo(be.url(), ""))
+	sc := startSidecar(t, "[server]\n"+serverCfg+routeTo(be.url(), ""))
 	c, err := net.Dial("tcp", sc.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	const size = 1500 // 3 s at 500 B/s
 	fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n", size)
 	for i := 0; i < size/50; i++ {
 		if _, err := c.Write([]byte(strings.Repeat("x", 50))); err != nil {
@@ -141,9 +143,15 @@ func TestSlowMovingUploadIsNotCut(t *testing.T) {
 	}
 	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	out, _ := io.ReadAll(c)
-	if !strings.HasPrefix(string(out), "HTTP/1.1 200") || !strings.HasSuffix(string(out), "1500") {
-		t.Errorf("slow upload answered %q", out)
+	if !strings.HasPrefix(string(out), "HTTP/1.1 200") || !strings.HasSuffix(string(out), strconv.Itoa(size)) {
+		t.Errorf("slow upload of %d bytes answered %q", size, out)
 	}
+}
+
+// Only the request head is under header_timeout: a body that keeps moving
+// at 500 B/s for three times the head's timeout is not cut.
+func TestSlowMovingUploadIsNotCut(t *testing.T) {
+	slowUpload(t, "header_timeout = \"1s\"\n", 1500) // 3 s at 500 B/s
 }
 
 // Nothing adds a Content-Type that neither side sent.
@@ -219,27 +227,6 @@ func TestCutBodyToHTTP10ClientIsAReset(t *testing.T) {
 // body could arrive within idle_timeout, is not cut: only fasthttp's
 // one-byte read-ahead is under a single deadline.
 func TestSlowSmallUploadLongerThanIdleTimeout(t *testing.T) {
-	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		n, _ := io.Copy(io.Discard, r.Body)
-		fmt.Fprintf(w, "%d", n)
-	})
-	sc := startSidecar(t, "[server]\nheader_timeout = \"500ms\"\nidle_timeout = \"1s\"\n"+routeTo(be.url(), ""))
-	c, err := net.Dial("tcp", sc.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	const size = 1250 // 2.5 s at 500 B/s: 2.5 idle timeouts, one body
-	fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n", size)
-	for i := 0; i < size/50; i++ {
-		if _, err := c.Write([]byte(strings.Repeat("x", 50))); err != nil {
-			t.Fatalf("upload cut after %d bytes: %v", i*50, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	out, _ := io.ReadAll(c)
-	if !strings.HasPrefix(string(out), "HTTP/1.1 200") || !strings.HasSuffix(string(out), "1250") {
-		t.Errorf("slow small upload answered %q", out)
-	}
+	// 2.5 s at 500 B/s: 2.5 idle timeouts, one body
+	slowUpload(t, "header_timeout = \"500ms\"\nidle_timeout = \"1s\"\n", 1250)
 }

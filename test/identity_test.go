@@ -674,17 +674,7 @@ upstream = "b"
 		{"/a/%7Ex?q=/b/", "a /a/%7Ex?q=/b/"},
 		{"/a/x/../y", "a /a/x/../y"},
 	} {
-		resp := rawRequest(t, sc.Addr, "GET "+c.target+" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5*time.Second)
-		r, err := http.ReadResponse(bufio.NewReader(strings.NewReader(resp)), nil)
-		if err != nil {
-			t.Fatalf("%s: %v", c.target, err)
-		}
-		body, _ := io.ReadAll(r.Body)
-		got := string(body)
-		if r.StatusCode != 200 {
-			got = strconv.Itoa(r.StatusCode)
-		}
-		if got != c.want {
+		if got := statusOrBody(t, sc.Addr, c.target); got != c.want {
 			t.Errorf("GET %s: %q, want %q", c.target, got, c.want)
 		}
 	}
@@ -717,18 +707,24 @@ upstream = "b"
 		{`/healthz\x`, `a /healthz\x`},
 		{`/api\x`, `b /api\x`},
 	} {
-		resp := rawRequest(t, sc.Addr, "GET "+c.target+" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5*time.Second)
-		r, err := http.ReadResponse(bufio.NewReader(strings.NewReader(resp)), nil)
-		if err != nil {
-			t.Fatalf("%s: %v", c.target, err)
-		}
-		body, _ := io.ReadAll(r.Body)
-		got := string(body)
-		if r.StatusCode != 200 {
-			got = strconv.Itoa(r.StatusCode)
-		}
-		if got != c.want {
+		if got := statusOrBody(t, sc.Addr, c.target); got != c.want {
 			t.Errorf("GET %s: %q, want %q", c.target, got, c.want)
 		}
 	}
+}
+
+// statusOrBody sends GET target on a new connection and returns the body
+// of a 200, or the status code as text.
+func statusOrBody(t *testing.T, addr, target string) string {
+	t.Helper()
+	resp := rawRequest(t, addr, "GET "+target+" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5*time.Second)
+	r, err := http.ReadResponse(bufio.NewReader(strings.NewReader(resp)), nil)
+	if err != nil {
+		t.Fatalf("%s: %v", target, err)
+	}
+	body, _ := io.ReadAll(r.Body)
+	if r.StatusCode != 200 {
+		return strconv.Itoa(r.StatusCode)
+	}
+	return string(body)
 }
