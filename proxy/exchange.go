@@ -232,7 +232,7 @@ func (x *exchange) serve() {
 			// malformed chunked body is refused with nothing forwarded.
 			x.r.firstBuf = copyBufPool.Get().(*[]byte)
 			// Read where the chunk framing of copyBody wants the data.
-			n, err := io.ReadAtLeast(x.r.body, (*x.r.firstBuf)[upstream.ChunkRoom:copyBufSize-2], 1)
+			n, err := io.ReadAtLeast(x.r.body, (*x.r.firstBuf)[upstream.ChunkRoom:len(*x.r.firstBuf)-2], 1)
 			x.r.first = (*x.r.firstBuf)[upstream.ChunkRoom : upstream.ChunkRoom+n]
 			switch {
 			case err == io.EOF || (err == nil && n == 0):

@@ -28,7 +28,9 @@ func (x *exchange) tunnel() {
 		if _, err := upstream.WriteIdle(client, head, idle); err != nil {
 			return
 		}
-		x.r.sent, x.r.bytesOut = c.Tunnel(client, idle)
+		up, down := c.Tunnel(client, idle)
+		x.r.sent += up // after any request body sent before the 101
+		x.r.bytesOut += down
 	})
 }
 

@@ -728,3 +728,41 @@ func statusOrBody(t *testing.T, addr, target string) string {
 	}
 	return string(body)
 }
+
+// An upgrade request's body bytes and the tunnel's bytes both count in
+// sidecar_request_body_bytes_total.
+func TestUpgradeWithBodyCountsAllBytes(t *testing.T) {
+	upstream := rawBackend(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		if _, err := readRequestHead(br); err != nil {
+			return
+		}
+		body := make([]byte, 5)
+		if _, err := io.ReadFull(br, body); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+		io.Copy(io.Discard, br)
+	})
+	sc := startSidecar(t, routeTo(upstream, ""))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "POST / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello")
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b := make([]byte, 200)
+	if n, _ := c.Read(b); !strings.HasPrefix(string(b[:n]), "HTTP/1.1 101") {
+		t.Fatalf("upgrade answered %q", b[:n])
+	}
+	io.WriteString(c, "abc")
+	time.Sleep(100 * time.Millisecond)
+	c.Close()
+	deadline := time.Now().Add(3 * time.Second)
+	for sc.metric(`sidecar_request_body_bytes_total{route="app"}`) < 8 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if v := sc.metric(`sidecar_request_body_bytes_total{route="app"}`); v != 8 {
+		t.Errorf("body bytes counted %v, want 8 (5 of the body, 3 through the tunnel)", v)
+	}
+}
