@@ -264,26 +264,7 @@ func TestExpectContinue(t *testing.T) {
 		fmt.Fprintf(w, "got %d", len(b))
 	})
 	sc := startSidecar(t, routeTo(be.url(), ""))
-	c, err := net.Dial("tcp", sc.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-	br := bufio.NewReader(c)
-	line, err := br.ReadString('\n')
-	if err != nil || !strings.HasPrefix(line, "HTTP/1.1 100") {
-		t.Fatalf("want 100 Continue before the body, got %q %v", line, err)
-	}
-	br.ReadString('\n')
-	io.WriteString(c, "hello")
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(resp.Body)
-	if string(b) != "got 5" {
+	if b := postAfterContinue(t, sc.Addr, ""); b != "got 5" {
 		t.Errorf("body %q", b)
 	}
 }
@@ -431,25 +412,7 @@ func TestExpectContinueKeepsTheClient(t *testing.T) {
 	writeKeys(t, dir)
 	sc := startSidecarIn(t, dir, "[access_log]\nenabled = true\nfingerprint_secret_env = \"SIDECAR_TEST_FP\"\n"+tiersConfig+routeTo(be.url(), ""),
 		"SIDECAR_TEST_FP=0123456789abcdef0123456789abcdef")
-	c, err := net.Dial("tcp", sc.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "POST /up HTTP/1.1\r\nHost: x\r\nX-API-Key: acme-secret-key\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-	br := bufio.NewReader(c)
-	if line, err := br.ReadString('\n'); err != nil || !strings.HasPrefix(line, "HTTP/1.1 100") {
-		t.Fatalf("want 100 Continue, got %q %v", line, err)
-	}
-	br.ReadString('\n')
-	io.WriteString(c, "hello")
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(resp.Body)
-	if string(b) != "key:acme premium" {
+	if b := postAfterContinue(t, sc.Addr, "X-API-Key: acme-secret-key\r\n"); b != "key:acme premium" {
 		t.Errorf("upstream saw %q, want the verified client", b)
 	}
 	deadline := time.Now().Add(3 * time.Second)
@@ -468,4 +431,30 @@ func TestExpectContinueKeepsTheClient(t *testing.T) {
 	if v := sc.metric(`sidecar_active_clients{tier="premium",window="1m"}`); v != 1 {
 		t.Errorf("sidecar_active_clients{tier=\"premium\"} = %v, want 1", v)
 	}
+}
+
+// postAfterContinue sends a 5-byte POST with Expect: 100-continue (and the
+// extra header lines), sends the body only after 100 Continue, and returns
+// the final response's body.
+func postAfterContinue(t *testing.T, addr, extra string) string {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "POST /up HTTP/1.1\r\nHost: x\r\n"+extra+"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+	br := bufio.NewReader(c)
+	if line, err := br.ReadString('\n'); err != nil || !strings.HasPrefix(line, "HTTP/1.1 100") {
+		t.Fatalf("want 100 Continue before the body, got %q %v", line, err)
+	}
+	br.ReadString('\n')
+	io.WriteString(c, "hello")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
 }
