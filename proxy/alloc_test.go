@@ -69,10 +69,10 @@ upstream = "app"
 		if x.r.rt == nil || !checkRawHeaders(h) {
 			t.Fatal("no match")
 		}
-		if _, ok := x.r.st.upgrade(h); !ok || !x.limit(h) {
+		if _, ok := x.r.st.upgrade(h); !ok || x.limit(h) != nil {
 			t.Fatal("refused")
 		}
-		x.prepareRequest(h, 0, nil)
+		x.prepareRequest(h, 0)
 		if string(h.Peek("X-Sidecar-Client")) != "ip:1.2.3.4" || string(h.Peek("X-Sidecar-Tier")) != "anonymous" {
 			t.Fatalf("identity %q %q", h.Peek("X-Sidecar-Client"), h.Peek("X-Sidecar-Tier"))
 		}

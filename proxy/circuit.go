@@ -79,87 +79,79 @@ func (p *Proxy) circuit(name string, spec *policy.Breaker) *breaker.Breaker {
 
 var fallbackReasons = [...]string{"open", "saturated", "timeout", "error"}
 
-func fallbackReason(err error) string {
-	switch {
-	case errors.Is(err, breaker.ErrOpen):
-		return "open"
-	case errors.Is(err, breaker.ErrSaturated), errors.Is(err, ErrUpstreamBusy):
-		return "saturated"
-	case errors.Is(err, ErrConnectTimeout), errors.Is(err, ErrResponseTimeout):
-		return "timeout"
-	}
-	return "error"
-}
+// errFallback ends a request whose upstream failed (or whose circuit or
+// bulkhead refused it) and has a fallback: answer serves it, for the
+// reason in x.r.fallback.
+var errFallback = errors.New("proxy: the upstream's fallback answers")
 
-// admit takes the route's place in its circuit and bulkhead (admission's
-// Circuit); when either says no, it answers with the fallback at once (no
-// upstream contact, no queueing).
-func (x *exchange) admit() bool {
+// enterCircuit takes the route's place in its circuit and bulkhead
+// (admission's Circuit); when either says no, the fallback answers at once
+// (no upstream contact, no queueing).
+func (x *exchange) enterCircuit() error {
 	t, retry, err := x.r.st.adm.Circuit(x.r.rt.route, time.Now())
 	if err != nil {
 		if errors.Is(err, breaker.ErrSaturated) {
 			x.r.up.rejected.Inc()
 		}
-		x.serveFallback(fallbackReason(err), retry)
-		return false
+		return x.fallBack(answerFor(err).reason, retry)
 	}
 	x.r.ticket = t
-	return true
+	return nil
 }
 
-// serveFallback answers for a failing upstream: with another upstream when
-// configured and no request body has been sent anywhere yet (nothing is
-// replayed half-sent), else with the configured response, else with the
-// core's status. Every such answer names its reason in X-Sidecar-Fallback
-// and carries Retry-After.
-func (x *exchange) serveFallback(reason string, retry time.Duration) {
-	ctx := x.r.ctx
+// fallBack decides what becomes of a request its upstream failed: it goes
+// to the fallback upstream when one is configured and no request body has
+// been sent anywhere yet (nothing is replayed half-sent), and nil says so;
+// else errFallback, answered by serveFallback. A fallback upstream's own
+// failure is not rerouted again.
+func (x *exchange) fallBack(reason string, retry time.Duration) error {
 	x.r.up.m.fallbackInc(reason)
-	first := x.r.fallback == "" // a fallback upstream's own failure is not rerouted again
-	x.r.fallback = reason
-	fb := x.r.up.spec.Fallback
-	if retry <= 0 {
-		retry = time.Second
-	}
-	if fb != nil && fb.Upstream != "" && first && x.r.sent == 0 && !x.r.pumped {
+	first := x.r.fallback == ""
+	x.r.fallback, x.r.retryAfter = reason, retry
+	if fb := x.r.up.spec.Fallback; fb != nil && fb.Upstream != "" && first && x.up.Sent() == 0 && !x.up.Pumped() {
 		if alt := x.r.st.upstreams[fb.Upstream]; alt != nil {
 			x.r.ticket.Done()
 			x.r.ticket = breaker.Ticket{}
-			x.abandonConn()
-			x.resp.Reset()
+			x.up.Response.Reset()
 			x.r.up = alt
-			x.forward(nil)
-			return
+			return nil
 		}
 	}
-	if fb == nil || fb.Upstream != "" {
-		status, msg := fasthttp.StatusServiceUnavailable, "upstream unavailable"
-		switch reason {
-		case "open":
-			msg = "upstream circuit open"
-		case "saturated":
-			msg = "upstream saturated"
-		case "timeout":
-			status, msg = fasthttp.StatusGatewayTimeout, "upstream timed out"
-		case "error":
-			status = fasthttp.StatusBadGateway
-		}
-		writeError(ctx, status, msg, x.reqID, x.idHeader())
-		x.r.status = status
-	} else {
-		ctx.Response.Reset()
+	return errFallback
+}
+
+// serveFallback answers for a failing upstream: with the configured
+// response, else with the core's status for the reason. Every such answer
+// names its reason in X-Sidecar-Fallback and carries Retry-After.
+func (x *exchange) serveFallback() {
+	ctx := x.r.ctx
+	if fb := x.r.up.spec.Fallback; fb != nil && fb.Upstream == "" {
 		ctx.Response.SetStatusCode(fb.Status)
 		ctx.Response.Header.SetContentType(fb.ContentType)
 		ctx.Response.Header.SetBytesV(x.idHeader(), x.reqID)
 		ctx.Response.SetBodyRaw(fb.Body) // immutable config bytes
 		x.r.status = fb.Status
+	} else {
+		a := fallbackAnswers[indexOr(fallbackReasons[:], x.r.fallback)]
+		writeError(ctx, a.status, a.message, x.reqID, x.idHeader())
+		x.r.status = a.status
 	}
-	ctx.Response.Header.Set("X-Sidecar-Fallback", reason)
+	retry := x.r.retryAfter
+	if retry <= 0 {
+		retry = time.Second
+	}
+	ctx.Response.Header.Set("X-Sidecar-Fallback", x.r.fallback)
 	ctx.Response.Header.Set("Retry-After", strconv.Itoa(ceilSeconds(retry)))
-	x.rateLimitHeaders(&ctx.Response.Header)
-	if x.r.body != nil {
-		ctx.SetConnectionClose() // the body may be partly read
-	}
-	x.abortPump()
-	x.finish(nil)
+}
+
+// fallbackAnswers: the core's answer for each fallback reason, in
+// fallbackReasons' order.
+var fallbackAnswers = [len(fallbackReasons)]struct {
+	status  int
+	message string
+}{
+	{fasthttp.StatusServiceUnavailable, "upstream circuit open"},
+	{fasthttp.StatusServiceUnavailable, "upstream saturated"},
+	{fasthttp.StatusGatewayTimeout, "upstream timed out"},
+	{fasthttp.StatusBadGateway, "upstream unavailable"},
 }

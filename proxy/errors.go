@@ -6,12 +6,13 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/sidecar-proxy/sidecar/admission"
+	"github.com/sidecar-proxy/sidecar/breaker"
 	"github.com/sidecar-proxy/sidecar/policy"
 	"github.com/sidecar-proxy/sidecar/upstream"
 )
 
 // Sentinel errors of the forwarding path. Only this package maps them to
-// HTTP statuses (statusFor); the text sent to clients is the fixed message
+// HTTP statuses (errorAnswers); the text sent to clients is the fixed message
 // below, never err.Error(), which may quote upstream bytes.
 var (
 	ErrNoRoute         = admission.ErrNoRoute
@@ -30,57 +31,60 @@ var (
 	ErrUpgradeRefused  = errors.New("proxy: protocol upgrade not allowed")
 )
 
-// errorKind is the bounded label for sidecar_upstream_errors_total.
-func errorKind(err error) string {
-	switch {
-	case errors.Is(err, ErrConnectRefused):
-		return "refused"
-	case errors.Is(err, ErrConnectTimeout):
-		return "connect_timeout"
-	case errors.Is(err, ErrUpstreamBusy):
-		return "pool_exhausted"
-	case errors.Is(err, ErrResponseTimeout):
-		return "timeout"
-	case errors.Is(err, ErrUpstreamReset):
-		return "reset"
-	case errors.Is(err, ErrUpstreamProto):
-		return "protocol"
-	case errors.Is(err, ErrUpstreamTLS):
-		return "tls"
-	default:
-		return "other"
-	}
+// errorAnswer is the row of the error table that answers for err.
+type errorAnswer struct {
+	err     error
+	status  int
+	message string // what the client reads: fixed text, never err.Error()
+	kind    string // sidecar_upstream_errors_total's kind; "" for errors that are not the upstream's
+	reason  string // X-Sidecar-Fallback and sidecar_fallbacks_total's reason, when a fallback answers
 }
 
-func statusFor(err error) (int, string) {
-	switch {
-	case errors.Is(err, ErrNoRoute):
-		return fasthttp.StatusNotFound, "no route for this request"
-	case errors.Is(err, admission.ErrFailureLimited):
-		return fasthttp.StatusTooManyRequests, "rate limit exceeded"
-	case errors.Is(err, policy.ErrUnknownKey):
-		return fasthttp.StatusUnauthorized, "unknown or revoked API key"
-	case errors.Is(err, policy.ErrBadToken):
-		return fasthttp.StatusUnauthorized, "invalid bearer token"
-	case errors.Is(err, policy.ErrAmbiguousCredentials):
-		return fasthttp.StatusBadRequest, "ambiguous credentials: send one API key or one bearer token, in one field"
-	case errors.Is(err, ErrUpgradeRefused):
-		return fasthttp.StatusNotImplemented, "protocol upgrade not supported"
-	case errors.Is(err, ErrRateLimited):
-		return fasthttp.StatusTooManyRequests, "rate limit exceeded"
-	case errors.Is(err, ErrBadRequest):
-		return fasthttp.StatusBadRequest, "malformed request"
-	case errors.Is(err, ErrBodyTooLarge):
-		return fasthttp.StatusRequestEntityTooLarge, "request body too large"
-	case errors.Is(err, ErrClientBody):
-		return fasthttp.StatusBadRequest, "malformed request body"
-	case errors.Is(err, ErrUpstreamBusy):
-		return fasthttp.StatusServiceUnavailable, "upstream saturated"
-	case errors.Is(err, ErrConnectTimeout), errors.Is(err, ErrResponseTimeout):
-		return fasthttp.StatusGatewayTimeout, "upstream timed out"
-	default:
-		return fasthttp.StatusBadGateway, "upstream unavailable"
+// errorAnswers is the one table from error to answer, metric label and
+// fallback reason, read top to bottom (the first row err matches wins:
+// a body too large is also a client body error).
+var errorAnswers = [...]errorAnswer{
+	{ErrNoRoute, fasthttp.StatusNotFound, "no route for this request", "", ""},
+	{admission.ErrFailureLimited, fasthttp.StatusTooManyRequests, "rate limit exceeded", "", ""},
+	{policy.ErrUnknownKey, fasthttp.StatusUnauthorized, "unknown or revoked API key", "", ""},
+	{policy.ErrBadToken, fasthttp.StatusUnauthorized, "invalid bearer token", "", ""},
+	{policy.ErrAmbiguousCredentials, fasthttp.StatusBadRequest,
+		"ambiguous credentials: send one API key or one bearer token, in one field", "", ""},
+	{ErrUpgradeRefused, fasthttp.StatusNotImplemented, "protocol upgrade not supported", "", ""},
+	{ErrRateLimited, fasthttp.StatusTooManyRequests, "rate limit exceeded", "", ""},
+	{ErrBadRequest, fasthttp.StatusBadRequest, "malformed request", "", ""},
+	{ErrBodyTooLarge, fasthttp.StatusRequestEntityTooLarge, "request body too large", "", ""},
+	{ErrClientBody, fasthttp.StatusBadRequest, "malformed request body", "", ""},
+	{ErrClientGone, fasthttp.StatusBadGateway, "upstream unavailable", "", ""},
+	{breaker.ErrOpen, fasthttp.StatusServiceUnavailable, "upstream circuit open", "", "open"},
+	{breaker.ErrSaturated, fasthttp.StatusServiceUnavailable, "upstream saturated", "", "saturated"},
+	{ErrUpstreamBusy, fasthttp.StatusServiceUnavailable, "upstream saturated", "pool_exhausted", "saturated"},
+	{ErrConnectTimeout, fasthttp.StatusGatewayTimeout, "upstream timed out", "connect_timeout", "timeout"},
+	{ErrResponseTimeout, fasthttp.StatusGatewayTimeout, "upstream timed out", "timeout", "timeout"},
+	{ErrConnectRefused, fasthttp.StatusBadGateway, "upstream unavailable", "refused", "error"},
+	{ErrUpstreamReset, fasthttp.StatusBadGateway, "upstream unavailable", "reset", "error"},
+	{ErrUpstreamProto, fasthttp.StatusBadGateway, "upstream unavailable", "protocol", "error"},
+	{ErrUpstreamTLS, fasthttp.StatusBadGateway, "upstream unavailable", "tls", "error"},
+}
+
+// otherError answers what no row names: an upstream failure of no known
+// kind.
+var otherError = errorAnswer{nil, fasthttp.StatusBadGateway, "upstream unavailable", "other", "error"}
+
+// answerFor returns err's row of the error table.
+func answerFor(err error) *errorAnswer {
+	for i := range errorAnswers {
+		if errors.Is(err, errorAnswers[i].err) {
+			return &errorAnswers[i]
+		}
 	}
+	return &otherError
+}
+
+// clientSide reports whether err is the client's doing (its body, or its
+// connection), not the upstream's.
+func clientSide(err error) bool {
+	return errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge) || errors.Is(err, ErrClientGone)
 }
 
 // writeError replaces whatever response was being built with a short JSON
@@ -100,6 +104,3 @@ func writeError(ctx *fasthttp.RequestCtx, status int, msg string, requestID []by
 	b = append(b, "\"}\n"...)
 	ctx.Response.SetBodyRaw(b)
 }
-
-// classifyReadErr maps a failure while reading a response.
-func classifyReadErr(err error) error { return upstream.ReadError(err) }

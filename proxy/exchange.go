@@ -8,7 +8,6 @@ import (
 	"runtime/debug"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -19,15 +18,8 @@ import (
 	"github.com/sidecar-proxy/sidecar/upstream"
 )
 
-// syncBodyLimit is the largest Content-Length body written on the handler
-// goroutine before the response is read. Anything this small fits in the
-// upstream socket's buffers, so the write cannot block on an upstream that
-// answers early; larger and chunked bodies are pumped by a goroutine while
-// the handler reads the response (full duplex).
-const syncBodyLimit = 64 << 10
-
-// copyBufSize is the buffer for body copies in both directions (and the
-// chunk size for chunked responses).
+// copyBufSize is the buffer for response body copies (and the chunk
+// size for chunked responses).
 const copyBufSize = 32 << 10
 
 var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
@@ -39,12 +31,12 @@ var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); re
 //
 // What one request sets is in r, reset by assignment on release; the
 // exchange itself keeps only what outlives a request: buffers whose
-// storage is reused, the response object (fasthttp.Response must not be
-// copied), the pump's channel and flags (atomics), and gen.
+// storage is reused, the upstream exchange (it holds a fasthttp.Response,
+// which must not be copied), and gen.
 type exchange struct {
-	p    *Proxy
-	r    request
-	resp fasthttp.Response
+	p  *Proxy
+	r  request
+	up upstream.Exchange // the round trip and the response body
 
 	// Buffers reused from request to request (reset to length 0).
 	reqID    []byte
@@ -55,63 +47,55 @@ type exchange struct {
 	dec      admission.Decision // what it decided
 	fwd      forwardedIn        // a trusted peer's X-Forwarded-*, copied before stripping
 
-	pumpDone  chan error  // the pump goroutine's result
-	clientEOF atomic.Bool // the pump read the client's body to its end
-	awaiting  atomic.Bool // waiting for the response head: uploads extend its deadline
-	gen       uint64      // incremented on release: tells a stale reference
+	gen uint64 // incremented on release: tells a stale reference
 }
 
 // request is one request's state in an exchange; its zero value is a
 // fresh request.
 type request struct {
-	ctx    *fasthttp.RequestCtx
-	st     *state
-	srv    *policy.Server
-	rt     *routeRuntime
-	ep     *upstream.Endpoint
-	conn   *upstream.Conn
-	start  time.Time
-	http11 bool
+	ctx     *fasthttp.RequestCtx
+	st      *state
+	srv     *policy.Server
+	rt      *routeRuntime
+	start   time.Time
+	http11  bool
+	upgrade []byte // the protocol an allowed upgrade asks for
 
-	// Request body.
-	body     io.Reader // the client's body stream; nil without a body
-	bodyLen  int       // Content-Length, or -1 for chunked
-	first    []byte    // chunked bodies: the first read, taken before dialing
-	firstEOF bool
-	firstBuf *[]byte
-	pumpErr  error // the pump's result, once joined
-	sent     int64 // body bytes written upstream (pump: read after join)
-
+	// Admission.
 	rl        decision // the rate-limit decision, for the response headers
 	tier      string   // the client's tier, once identified (from config or a verified token)
 	peer      netip.Addr
-	badTarget bool // a request target that cannot be honoured (400): see originForm, state.match
+	badTarget bool           // a request target that cannot be honoured (400): see originForm, state.match
+	ticket    breaker.Ticket // the bulkhead slot and circuit verdict, if the upstream has a breaker
 
-	upStart  time.Time        // the first attempt upstream began
-	upEnd    time.Time        // the upstream's part ended (response complete, or failed)
-	up       *upstreamRuntime // where the request goes: the route's, or its fallback
-	ticket   breaker.Ticket   // the bulkhead slot and circuit verdict, if the upstream has a breaker
-	pumped   bool             // a pump started: body bytes may have gone upstream
-	fallback string           // X-Sidecar-Fallback of this response, if any
+	// Upstream.
+	send       upstream.Request // what goes upstream: the rewritten head and the body
+	body       io.Reader        // the client's body stream; nil without a body
+	bodyArmed  time.Time        // the client's read deadline was last pushed (pump goroutine)
+	up         *upstreamRuntime // where the request goes: the route's, or its fallback
+	ep         *upstream.Endpoint
+	upStart    time.Time     // the first attempt upstream began
+	upEnd      time.Time     // the upstream's part ended (response complete, or failed)
+	upErr      error         // the response body failed upstream
+	fallback   string        // X-Sidecar-Fallback of this response, if any
+	retryAfter time.Duration // with fallback: its Retry-After
 
-	// Response body.
-	stream     io.Reader
-	direct     bool   // WriteTo writes to the client socket itself (see respond)
-	pending    []byte // body bytes read ahead to validate framing, served first
-	pendingBuf *[]byte
-	pendingEOF bool
-	bodyEOF    bool
-	bytesOut   int64
-	writeArmed time.Time
+	// Response.
 	status     int
-	upErr      error
+	direct     bool // WriteTo writes to the client socket itself (see respond)
+	writeArmed time.Time
+	sent       int64 // request body bytes that went upstream
+	bytesOut   int64
+	failed     bool // answered with an error or a fallback: the upstream exchange is not reused
 	done       bool
 	handedOff  bool // fasthttp writes the body (CloseWithError) or runs a hijack: they release
 }
 
-var exchangePool = sync.Pool{New: func() any { return &exchange{pumpDone: make(chan error, 1)} }}
+var exchangePool = sync.Pool{New: func() any { return new(exchange) }}
 
-// Handler is the proxy's fasthttp.RequestHandler.
+// Handler is the proxy's fasthttp.RequestHandler: the request path, top
+// to bottom. Each step returns nil to go on, or the error that ends the
+// request, which answer turns into the client's response.
 func (p *Proxy) Handler(ctx *fasthttp.RequestCtx) {
 	p.m.inFlight.Add(1)
 	x := exchangePool.Get().(*exchange)
@@ -122,12 +106,28 @@ func (p *Proxy) Handler(ctx *fasthttp.RequestCtx) {
 			p.recovered(ctx, x, gen, r)
 		}
 	}()
-	x.serve()
+
+	x.begin()        // policy, request id, route
+	err := x.admit() // the request itself, identity and rate limit, circuit and bulkhead
+	if err == nil {
+		err = x.prepare() // the body's first checks, and the head made the upstream's
+	}
+	if err == nil {
+		err = x.forward() // the round trip, with retries and the fallback upstream
+	}
+	if err == nil {
+		err = x.respond() // the response head, and its body handed to fasthttp
+	}
+	if err != nil {
+		x.answer(err) // an error, or the upstream's fallback
+	}
+
 	// The exchange outlives the handler only when fasthttp still has to
 	// write its body (CloseWithError ends it) or runs a hijack (a tunnel,
-	// a close-delimited body): they release it. Otherwise it ends here,
-	// and nothing before this line has to fear that it was recycled.
+	// a close-delimited body): they end and release it. Otherwise it ends
+	// here, its only owner.
 	if !x.r.handedOff {
+		x.finish(nil)
 		x.release()
 	}
 }
@@ -142,9 +142,7 @@ func (p *Proxy) recovered(ctx *fasthttp.RequestCtx, x *exchange, gen uint64, r a
 	if x.gen == gen { // not yet released: it is ours to clean up
 		reqID = append(reqID, x.reqID...)
 		idHeader = x.idHeader()
-		if x.r.conn != nil {
-			_ = x.r.conn.Conn.Close()
-		}
+		x.up.Finish(false) // its connection is closed, an upload cut
 		if !x.r.done {
 			x.r.done = true
 			p.m.inFlight.Add(-1)
@@ -188,133 +186,130 @@ func (x *exchange) begin() {
 	x.r.badTarget = errors.Is(err, admission.ErrAmbiguousPath)
 }
 
-func (x *exchange) serve() {
-	ctx := x.r.ctx
-	h := &ctx.Request.Header
-	x.begin()
+// admit checks the request itself, then runs admission: identity and the
+// rate limit, then the route's place in its circuit and bulkhead.
+func (x *exchange) admit() error {
+	h := &x.r.ctx.Request.Header
 	if testHookServe != nil {
-		testHookServe(ctx)
+		testHookServe(x.r.ctx)
 	}
 	if !checkRawHeaders(h) || x.r.badTarget {
 		x.p.m.badReqs.Inc()
-		x.fail(ErrBadRequest)
-		ctx.SetConnectionClose()
-		return
+		return ErrBadRequest
 	}
 	if x.r.rt == nil {
-		x.fail(ErrNoRoute)
-		return
+		return ErrNoRoute
 	}
-	upgrade, ok := x.r.st.upgrade(h)
-	if !ok {
-		x.fail(ErrUpgradeRefused)
-		return
+	var ok bool
+	if x.r.upgrade, ok = x.r.st.upgrade(h); !ok {
+		return ErrUpgradeRefused
 	}
-	if !x.limit(h) {
-		return
+	if err := x.limit(h); err != nil {
+		return err
 	}
 	x.r.up = x.r.rt.up
-	if !x.admit() {
-		return
-	}
+	return x.enterCircuit()
+}
+
+// prepare checks the request body's size (and a chunked body's first
+// chunk, read before anything goes upstream, so a malformed one is
+// refused with nothing forwarded), then rewrites the head into the
+// upstream's.
+func (x *exchange) prepare() error {
+	ctx := x.r.ctx
+	h := &ctx.Request.Header
 	cl := h.ContentLength()
-	if x.r.srv.MaxBodyBytes > 0 && int64(cl) > x.r.srv.MaxBodyBytes {
-		x.fail(ErrBodyTooLarge)
-		return
+	limit := x.r.srv.MaxBodyBytes
+	if limit > 0 && int64(cl) > limit {
+		return ErrBodyTooLarge
 	}
 	if cl > 0 || cl == -1 {
-		x.r.body, x.r.bodyLen = ctx.RequestBodyStream(), cl
+		x.r.body = ctx.RequestBodyStream()
 		// The server armed header_timeout for the head; the body is
 		// governed by the idle timeout from here on.
 		_ = ctx.SetReadDeadline(x.r.start.Add(x.r.srv.IdleTimeout))
-		if cl == -1 {
-			// Read the first chunk before anything goes upstream, so a
-			// malformed chunked body is refused with nothing forwarded.
-			x.r.firstBuf = copyBufPool.Get().(*[]byte)
-			// Read where the chunk framing of copyBody wants the data.
-			n, err := io.ReadAtLeast(x.r.body, (*x.r.firstBuf)[upstream.ChunkRoom:len(*x.r.firstBuf)-2], 1)
-			x.r.first = (*x.r.firstBuf)[upstream.ChunkRoom : upstream.ChunkRoom+n]
-			switch {
-			case err == io.EOF || (err == nil && n == 0):
-				x.r.firstEOF = true
-				if len(h.Peek(fasthttp.HeaderTrailer)) > 0 {
-					// The body ended at once, with a trailer section that
-					// fasthttp parsed into the head's trailer store: it would
-					// reach the upstream as head fields, past every check
-					// above. Request trailers are never forwarded (RFC 9110
-					// §6.5 lets a proxy drop them); with no body to stream
-					// ahead of them, refusing is the safe answer.
-					x.p.m.badReqs.Inc()
-					x.fail(ErrBadRequest)
-					ctx.SetConnectionClose()
-					return
-				}
-			case err != nil:
-				x.fail(fmt.Errorf("%w: %w", ErrClientBody, err))
-				ctx.SetConnectionClose()
-				return
-			}
-			if x.r.srv.MaxBodyBytes > 0 && int64(n) > x.r.srv.MaxBodyBytes {
-				x.fail(ErrBodyTooLarge)
-				ctx.SetConnectionClose()
-				return
-			}
+	}
+	if cl == -1 {
+		n, eof, err := x.up.ReadAhead(x.r.body)
+		switch {
+		case err != nil:
+			return fmt.Errorf("%w: %w", ErrClientBody, err)
+		case eof && n == 0 && len(h.Peek(fasthttp.HeaderTrailer)) > 0:
+			// The body ended at once, with a trailer section that
+			// fasthttp parsed into the head's trailer store: it would
+			// reach the upstream as head fields, past every check
+			// above. Request trailers are never forwarded (RFC 9110
+			// §6.5 lets a proxy drop them); with no body to stream
+			// ahead of them, refusing is the safe answer.
+			x.p.m.badReqs.Inc()
+			return ErrBadRequest
+		case limit > 0 && int64(n) > limit:
+			return ErrBodyTooLarge
 		}
 	}
-
-	x.prepareRequest(h, cl, upgrade)
-	x.forward(upgrade)
+	x.prepareRequest(h, cl)
+	x.r.send = upstream.Request{Header: h, Body: x.r.body, BodyLen: cl, Head: string(x.method) == "HEAD", Sender: x}
+	return nil
 }
 
-// forward sends the request to x.r.up and answers with its response, or
-// with the upstream's fallback when it fails. A request that could not
+// forward sends the request to x.r.up, and when that fails to the
+// upstream's fallback upstream if it has one. On success the response
+// head is in x.up.Response.
+func (x *exchange) forward() error {
+	for {
+		err := x.send()
+		if err == nil {
+			return nil
+		}
+		if clientSide(err) || x.r.up.spec.Fallback == nil {
+			return err
+		}
+		if err = x.fallBack(answerFor(err).reason, 0); err != nil {
+			return err
+		}
+	}
+}
+
+// send tries the request on x.r.up's endpoints: a request that could not
 // connect is retried once on another endpoint, and an idempotent one
 // without a body up to `retries` times after a timeout or reset, all
-// within the upstream's retry budget.
-func (x *exchange) forward(upgrade []byte) {
-	ctx, h := x.r.ctx, &x.r.ctx.Request.Header
-	x.r.up.pool.EarnRetry()
+// within the upstream's retry budget. The outcome feeds passive health
+// and the circuit.
+func (x *exchange) send() error {
+	h := &x.r.ctx.Request.Header
+	pool := x.r.up.pool
+	pool.EarnRetry()
 	if x.r.upStart.IsZero() {
 		x.r.upStart = time.Now()
 	}
-	x.r.ep = x.r.up.pool.Pick(nil, time.Now())
+	x.r.send.ResponseTimeout = x.r.up.spec.ResponseTimeout
+	x.r.ep = pool.Pick(nil, time.Now())
 	for attempt := 0; ; attempt++ {
 		if x.r.up.spec.RewriteHost || len(h.Host()) == 0 {
 			h.SetHost(x.r.ep.Addr()) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
 		}
-		err := x.roundTrip()
+		err := x.up.RoundTrip(x.r.ep, &x.r.send)
 		if err == nil {
-			break
+			failed := failureStatus(x.r.up.spec, x.up.Response.StatusCode())
+			x.r.up.outcome(x.r.ep, failed, time.Now(), x.p.log.Warn)
+			if x.r.up.spec.Breaker != nil {
+				x.r.ticket.Report(failed, time.Now())
+			}
+			return nil
 		}
 		x.r.up.m.errorInc(err)
-		clientSide := errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge) || errors.Is(err, ErrClientGone)
-		upstreamFault := !clientSide && !errors.Is(err, ErrUpstreamBusy) // a full pool is not the upstream's fault
-		if upstreamFault {
-			x.r.up.outcome(x.r.ep, true, time.Now(), x.p.log.Warn)
-			if x.retryable(err, attempt) {
-				x.r.up.m.retries.Inc()
-				x.r.ep = x.r.up.pool.Pick(x.r.ep, time.Now())
-				continue
-			}
-			x.r.ticket.Report(true, time.Now())
+		if clientSide(err) || errors.Is(err, ErrUpstreamBusy) { // a full pool is not the upstream's fault
+			return err
 		}
-		if !clientSide && x.r.up.spec.Fallback != nil {
-			x.serveFallback(fallbackReason(err), 0)
-			return
+		x.r.up.outcome(x.r.ep, true, time.Now(), x.p.log.Warn)
+		if x.retryable(err, attempt) {
+			x.r.up.m.retries.Inc()
+			x.r.ep = pool.Pick(x.r.ep, time.Now())
+			continue
 		}
-		x.fail(err)
-		if x.r.body != nil {
-			ctx.SetConnectionClose() // the body may be partly read
-		}
-		return
+		x.r.ticket.Report(true, time.Now())
+		return err
 	}
-	status := x.resp.StatusCode()
-	failed := failureStatus(x.r.up.spec, status)
-	x.r.up.outcome(x.r.ep, failed, time.Now(), x.p.log.Warn)
-	if x.r.up.spec.Breaker != nil {
-		x.r.ticket.Report(failed, time.Now())
-	}
-	x.respond(upgrade)
 }
 
 // failureStatus: the breaker's failure statuses, or 502, 503 and 504.
@@ -333,7 +328,7 @@ func (x *exchange) retryable(err error, attempt int) bool {
 	}
 	connect := errors.Is(err, ErrConnectRefused) || errors.Is(err, ErrConnectTimeout)
 	switch {
-	case connect && attempt == 0 && x.r.sent == 0 && !x.r.pumped:
+	case connect && attempt == 0 && x.up.Sent() == 0 && !x.up.Pumped():
 	case attempt < x.r.up.spec.Retries && x.r.body == nil && idempotent(x.method) &&
 		(connect || errors.Is(err, ErrResponseTimeout) || errors.Is(err, ErrUpstreamReset)):
 	default:
@@ -357,15 +352,15 @@ func idempotent(m []byte) bool {
 // copy of those fields and every hop-by-hop field is gone: nothing the
 // client sends, names in Connection or spells with '_' can remove, repeat
 // or forge them.
-func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int, upgrade []byte) {
+func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int) {
 	if x.fwd.trusted {
 		x.fwd.capture(h)
 	}
 	x.scratch = stripRequest(h, x.r.st.filter, x.fwd.trusted, x.scratch)
 	h.Del("Expect") // 100-continue was answered by the server already
-	if upgrade != nil {
+	if x.r.upgrade != nil {
 		h.Set("Connection", "Upgrade")
-		h.SetBytesV("Upgrade", upgrade)
+		h.SetBytesV("Upgrade", x.r.upgrade)
 	}
 	h.SetProtocol("HTTP/1.1")       // keep-alive and chunking upstream, whatever the client spoke
 	h.SetNoDefaultContentType(true) // no Content-Type that neither side sent
@@ -380,121 +375,28 @@ func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int, upgrade []b
 	h.ResetConnectionClose()
 }
 
-// roundTrip sends the request head (and body, or starts the pump) and
-// reads the response head into x.resp.
-func (x *exchange) roundTrip() error {
-	up := x.r.up.spec
-	for attempt := 0; ; attempt++ {
-		now := time.Now()
-		c, err := x.r.ep.Acquire(now)
-		if err != nil {
-			return err
-		}
-		if c.Reused && !c.Alive() {
-			// Every pooled connection is looked at before use (one
-			// non-blocking peek): one the upstream closed while idle
-			// would cost a body that cannot be replayed, and one it wrote
-			// to unasked is out of step — its next "response" would be
-			// another client's (RFC 9112 §9.3).
-			x.r.ep.Release(c, false, now)
-			if attempt < 3 {
-				continue
-			}
-			return ErrUpstreamReset
-		}
-		x.r.conn = c
-		// Both take effect lazily, at the next network read or write.
-		c.WriteTimeout, c.ReadTimeout = x.r.srv.IdleTimeout, up.ResponseTimeout
-
-		err = x.r.ctx.Request.Header.Write(c.W)
-		started := false
-		if err == nil {
-			switch {
-			case x.r.body == nil:
-				err = c.W.Flush()
-			case x.r.bodyLen >= 0 && x.r.bodyLen <= syncBodyLimit:
-				started = true
-				err = x.copyBody(c)
-				if errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge) {
-					x.abandonConn()
-					return err
-				}
-			default:
-				started = true
-				x.awaiting.Store(true)
-				x.startPump(c)
-			}
-		}
-		if err != nil {
-			if c.Reused && !started && attempt == 0 {
-				x.abandonConn()
-				continue // stale keep-alive connection: nothing was sent yet
-			}
-			x.abandonConn()
-			return classifyReadErr(err)
-		}
-
-		c.AwaitReply = x.pumpDone == nil && c.R.Buffered() == 0
-		x.resp.StreamBody = true
-		x.resp.SkipBody = string(x.method) == "HEAD"
-		x.resp.Header.SetNoDefaultContentType(true)
-		err = x.readResponse(c)
-		x.awaiting.Store(false)
-		if x.pumpDone != nil {
-			c.ForgetReadDeadline() // the pump may have moved it
-		}
-		if err == nil {
-			return nil
-		}
-		if x.pumpDone != nil {
-			// The pump may be what failed (client gone, body too large):
-			// stop it and report its error rather than the symptom.
-			x.abortPump()
-			if errors.Is(x.r.pumpErr, ErrClientBody) || errors.Is(x.r.pumpErr, ErrBodyTooLarge) {
-				x.abandonConn()
-				return x.r.pumpErr
-			}
-		}
-		if errors.Is(err, ErrClientGone) {
-			x.abortPump()
-			x.abandonConn()
-			return err
-		}
-		retry := c.Reused && x.r.body == nil && attempt == 0 && errors.Is(err, io.EOF)
-		x.abandonConn()
-		if retry {
-			continue
-		}
-		return classifyReadErr(err)
-	}
-}
-
-// readResponse reads the upstream's response head into x.resp and sets up
-// its body stream. Interim responses are relayed to the client as they
-// come, in order (RFC 9110 §15.2: a proxy MUST forward 1xx responses),
-// except 100 Continue, which the sidecar's own server answered when the
-// client asked for it (Expect is not forwarded), and 101, which is the
-// final response of an upgrade. HTTP/1.0 clients get none (RFC 9110
-// §15.2: a server must not send them a 1xx).
-func (x *exchange) readResponse(c *upstream.Conn) error {
-	return c.ReadResponse(&x.resp, func(h *fasthttp.ResponseHeader) error {
-		if h.StatusCode() == fasthttp.StatusContinue || !x.r.http11 {
-			return nil
-		}
-		if err := x.relayInterim(); err != nil {
-			return fmt.Errorf("%w: %w", ErrClientGone, err)
-		}
+// Interim relays an interim response from the upstream to the client
+// (upstream.Sender), as it comes, in order (RFC 9110 §15.2: a proxy MUST
+// forward 1xx responses), except 100 Continue, which the sidecar's own
+// server answered when the client asked for it (Expect is not
+// forwarded), and 101, which is the final response of an upgrade.
+// HTTP/1.0 clients get none (RFC 9110 §15.2: a server must not send them
+// a 1xx).
+func (x *exchange) Interim(h *fasthttp.ResponseHeader) error {
+	if h.StatusCode() == fasthttp.StatusContinue || !x.r.http11 {
 		return nil
-	})
+	}
+	if err := x.relayInterim(h); err != nil {
+		return fmt.Errorf("%w: %w", ErrClientGone, err)
+	}
+	return nil
 }
 
-// relayInterim writes the interim response in x.resp.Header to the client,
-// without its hop-by-hop fields. fasthttp has no interim-response writer
-// beyond Early Hints' Link fields, so this writes to the connection the
-// way its EarlyHints does: nothing of this request's response is buffered
-// yet.
-func (x *exchange) relayInterim() error {
-	h := &x.resp.Header
+// relayInterim writes the interim response h to the client, without its
+// hop-by-hop fields. fasthttp has no interim-response writer beyond Early
+// Hints' Link fields, so this writes to the connection the way its
+// EarlyHints does: nothing of this request's response is buffered yet.
+func (x *exchange) relayInterim(h *fasthttp.ResponseHeader) error {
 	x.scratch = stripResponseHop(h, x.scratch)
 	b := append(x.scratch[:0], "HTTP/1.1 "...)
 	b = strconv.AppendInt(b, int64(h.StatusCode()), 10)
@@ -518,96 +420,23 @@ func (x *exchange) relayInterim() error {
 	return err
 }
 
-// abandonConn closes the upstream connection and frees its slot.
-func (x *exchange) abandonConn() {
-	if x.r.conn != nil {
-		x.resp.CloseBodyStream() //nolint:errcheck // releases fasthttp's stream before its reader goes
-		x.r.ep.Release(x.r.conn, false, time.Now())
-		x.r.conn = nil
+// BodyProgress enforces the body limit on an upload as it streams
+// (upstream.Sender; on the pump's goroutine for a large body) and pushes
+// the client's read deadline on as data moves.
+func (x *exchange) BodyProgress(total int64) error {
+	if limit := x.r.srv.MaxBodyBytes; limit > 0 && total > limit {
+		return ErrBodyTooLarge
 	}
+	if now, idle := time.Now(), x.r.srv.IdleTimeout; rearm(now, x.r.bodyArmed, idle) {
+		x.r.bodyArmed = now
+		_ = x.r.ctx.SetReadDeadline(now.Add(idle))
+	}
+	return nil
 }
 
-func (x *exchange) startPump(c *upstream.Conn) {
-	x.r.pumped = true
-	go func() {
-		err := x.copyBody(c)
-		if err != nil && (errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge)) {
-			// The upstream waits for body bytes that will never come:
-			// unblock the handler's read of the response head.
-			_ = c.Conn.Close()
-		}
-		x.pumpDone <- err
-	}()
-	x.r.pumpErr = errPumpRunning
-}
-
-var errPumpRunning = errors.New("pump running")
-
-// joinPump waits for the pump if one ran. If the client has not finished
-// its upload (the upstream answered early), the upload is cut: the client's
-// read deadline is moved to now and the upstream connection closed.
-func (x *exchange) joinPump() {
-	if x.r.pumpErr != errPumpRunning {
-		return
-	}
-	if !x.clientEOF.Load() {
-		x.abortPump()
-		return
-	}
-	x.r.pumpErr = <-x.pumpDone
-}
-
-func (x *exchange) abortPump() {
-	if x.r.pumpErr != errPumpRunning {
-		return
-	}
-	_ = x.r.ctx.SetReadDeadline(time.Now())
-	if x.r.conn != nil {
-		_ = x.r.conn.Conn.SetWriteDeadline(time.Now())
-	}
-	x.r.pumpErr = <-x.pumpDone
-	if x.r.pumpErr == nil {
-		return
-	}
-	x.r.ctx.SetConnectionClose()
-}
-
-// copyBody streams the client's body upstream: Content-Length bodies as
-// they are, others re-chunked. Client-side failures are wrapped in
-// ErrClientBody, so callers can tell them from upstream ones.
-func (x *exchange) copyBody(c *upstream.Conn) error {
-	bufp := x.r.firstBuf
-	if bufp == nil {
-		bufp = copyBufPool.Get().(*[]byte)
-	}
-	x.r.firstBuf = nil
-	defer copyBufPool.Put(bufp)
-	first := len(x.r.first)
-	x.r.first = nil // it aliases the buffer
-	limit, idle := x.r.srv.MaxBodyBytes, x.r.srv.IdleTimeout
-	var armed time.Time
-	sent, err := c.SendBody(x.r.body, *bufp, first, x.r.firstEOF, x.r.bodyLen < 0, func(total int64, eof bool) error {
-		if eof {
-			x.clientEOF.Store(true)
-			return nil
-		}
-		if limit > 0 && total > limit {
-			return ErrBodyTooLarge
-		}
-		if now := time.Now(); rearm(now, armed, idle) {
-			armed = now
-			_ = x.r.ctx.SetReadDeadline(now.Add(idle))
-			if x.awaiting.Load() {
-				// Upload progress counts as progress for the response
-				// timeout too: a long upload is not a slow upstream.
-				_ = c.Conn.SetReadDeadline(now.Add(x.r.up.spec.ResponseTimeout))
-			}
-		}
-		return nil
-	})
-	x.r.sent += sent
-	return err
-}
+// StopBody cuts the client's upload (upstream.Sender): the pump's read of
+// it returns at once.
+func (x *exchange) StopBody() { _ = x.r.ctx.SetReadDeadline(time.Now()) }
 
 var (
 	http11 = []byte("HTTP/1.1")
@@ -616,21 +445,24 @@ var (
 )
 
 // respond turns the upstream response head into the client's response and
-// hands the body stream to fasthttp.
-func (x *exchange) respond(upgrade []byte) {
+// hands the body stream to fasthttp (or reads a small body whole first).
+func (x *exchange) respond() error {
 	ctx := x.r.ctx
-	r := &x.resp
+	r := &x.up.Response
 	x.r.status = r.StatusCode()
 	if x.r.status == fasthttp.StatusSwitchingProtocols {
-		if upgrade == nil {
+		if x.r.upgrade == nil {
 			x.r.up.m.errorInc(ErrUpstreamProto)
-			x.abortPump()
-			x.abandonConn()
-			x.fail(ErrUpstreamProto)
-			return
+			return ErrUpstreamProto
 		}
 		x.tunnel()
-		return
+		return nil
+	}
+	if err := x.up.Prefetch(); err != nil {
+		// The first chunk came with the head and is malformed: a 502
+		// now, instead of a 200 cut short.
+		x.r.up.m.errorInc(ErrUpstreamProto)
+		return ErrUpstreamProto
 	}
 	r.Header.CopyTo(&ctx.Response.Header)
 	rh := &ctx.Response.Header
@@ -650,43 +482,22 @@ func (x *exchange) respond(upgrade []byte) {
 		rh.Set("X-Sidecar-Fallback", x.r.fallback)
 	}
 
-	stream := r.BodyStream()
-	if stream == nil { // HEAD, 1xx, 204, 304: no body
-		x.r.bodyEOF = true
-		x.finish(nil)
-		return
+	if !x.up.HasBody() { // HEAD, 1xx, 204, 304
+		return nil
 	}
-	x.r.stream = stream
 	cl := r.Header.ContentLength()
-	if cl == -1 && x.r.conn.R.Buffered() > 0 {
-		// The first chunk came with the head: decode it now, so that a
-		// response with broken chunking becomes a 502 instead of a 200
-		// cut short. (Later chunks can only be cut: the head is out.)
-		x.r.pendingBuf = copyBufPool.Get().(*[]byte)
-		n, err := stream.Read(*x.r.pendingBuf)
-		if err != nil && err != io.EOF {
-			x.r.up.m.errorInc(ErrUpstreamProto)
-			ctx.Response.Header.Reset()
-			x.abortPump()
-			x.abandonConn()
-			x.fail(ErrUpstreamProto)
-			return
-		}
-		x.r.pending, x.r.pendingEOF = (*x.r.pendingBuf)[:n], err == io.EOF
-	}
-	if cl >= 0 && cl <= bufferBodyLimit && cl <= x.r.conn.R.Buffered() {
-		x.bufferBody(cl)
-		return
+	if cl >= 0 && cl <= bufferBodyLimit && cl <= x.up.Buffered() {
+		return x.bufferBody()
 	}
 	switch {
 	case cl < 0 && !x.r.http11:
 		x.closeDelimited() // HTTP/1.0 clients cannot take chunked framing
-		return
+		return nil
 	case cl < 0:
 		cl = -1
 		// Streams (SSE) show their head at once; when the first chunk came
 		// with the head, it goes out with it in the same write.
-		ctx.Response.ImmediateHeaderFlush = len(x.r.pending) == 0 && !x.r.pendingEOF
+		ctx.Response.ImmediateHeaderFlush = !x.up.Prefetched()
 	default:
 		// A large Content-Length body: fasthttp would hold what arrives in
 		// its 32 KiB write buffer until it fills, so a slow stream would
@@ -697,6 +508,7 @@ func (x *exchange) respond(upgrade []byte) {
 	}
 	x.r.handedOff = true // fasthttp writes the body and calls CloseWithError
 	ctx.Response.SetBodyStream(x, cl)
+	return nil
 }
 
 // bufferBodyLimit is the largest Content-Length body read whole before the
@@ -706,9 +518,8 @@ func (x *exchange) respond(upgrade []byte) {
 // of a truncated 200. Larger bodies stream.
 const bufferBodyLimit = 64 << 10
 
-// bufferBody reads a small body into the client's response and ends the
-// upstream exchange before the client is written to.
-func (x *exchange) bufferBody(cl int) {
+// bufferBody reads a small body into the client's response.
+func (x *exchange) bufferBody() error {
 	ctx := x.r.ctx
 	bufp := copyBufPool.Get().(*[]byte)
 	defer copyBufPool.Put(bufp)
@@ -717,19 +528,14 @@ func (x *exchange) bufferBody(cl int) {
 		n, err := x.Read(buf)
 		ctx.Response.AppendBody(buf[:n])
 		if err == io.EOF {
-			break
+			return nil
 		}
 		if err != nil {
 			x.r.up.m.errorInc(ErrUpstreamReset)
 			x.r.upErr = nil // counted once, as the failure it caused
-			ctx.Response.Header.Reset()
-			x.abortPump()
-			x.abandonConn()
-			x.fail(ErrUpstreamReset)
-			return
+			return ErrUpstreamReset
 		}
 	}
-	x.finish(nil)
 }
 
 // Read implements io.Reader for fasthttp, which copies the upstream body
@@ -741,25 +547,13 @@ func (x *exchange) Read(p []byte) (int, error) {
 		x.r.writeArmed = now
 		_ = x.r.ctx.SetWriteDeadline(now.Add(x.r.srv.IdleTimeout))
 	}
-	if len(x.r.pending) > 0 {
-		n := copy(p, x.r.pending)
-		x.r.pending = x.r.pending[n:]
-		x.r.bytesOut += int64(n)
-		return n, nil
-	}
-	if x.r.pendingEOF {
-		x.r.bodyEOF = true
-		return 0, io.EOF
-	}
-	x.r.conn.ReadTimeout = x.r.srv.IdleTimeout // the body streams under the idle timeout
-	n, err := x.r.stream.Read(p)
+	n, err := x.up.Read(p)
 	x.r.bytesOut += int64(n)
 	switch {
 	case err == io.EOF:
-		x.r.bodyEOF = true
 		x.r.upEnd = time.Now()
 	case err != nil:
-		x.r.upErr = classifyReadErr(err)
+		x.r.upErr = err
 	}
 	return n, err
 }
@@ -775,35 +569,18 @@ func (x *exchange) SupportsBodyWriteTo() bool { return true }
 // WriteTo copies the body to w through a pooled buffer, or, for a
 // Content-Length body still arriving, straight to the client socket.
 func (x *exchange) WriteTo(w io.Writer) (int64, error) {
-	if x.r.direct {
-		w = x.r.ctx.Conn() // the head was flushed (ImmediateHeaderFlush): order is kept
-	}
 	bufp := copyBufPool.Get().(*[]byte)
 	defer copyBufPool.Put(bufp)
 	buf := *bufp
-	if !x.r.direct {
+	if x.r.direct {
+		w = x.r.ctx.Conn() // the head was flushed (ImmediateHeaderFlush): order is kept
+	} else {
 		// fasthttp frames each write as a chunk (size line, data, CRLF) in
 		// its write buffer, which is copyBufSize too: leave room for the
 		// framing, or every full read costs a second write of 8 bytes.
 		buf = buf[:copyBufSize-chunkFraming]
 	}
-	var total int64
-	for {
-		n, err := x.Read(buf)
-		if n > 0 {
-			m, werr := w.Write(buf[:n])
-			total += int64(m)
-			if werr != nil {
-				return total, werr
-			}
-		}
-		if err == io.EOF {
-			return total, nil
-		}
-		if err != nil {
-			return total, err
-		}
-	}
+	return upstream.Copy(w, x, buf)
 }
 
 // CloseWithError is called by fasthttp once the response is written (or
@@ -814,33 +591,44 @@ func (x *exchange) CloseWithError(err error) error {
 	return nil
 }
 
-// finish ends the request once: it releases the upstream connection
-// (pooled only when both bodies ended cleanly) and records metrics. The
-// exchange stays valid; whoever owns it last releases it (the handler,
-// CloseWithError, or a hijack).
+// answer responds to a request that ends with err: with the upstream's
+// fallback when err is errFallback, else with err's status and message.
+// The upstream exchange is not reused after it.
+func (x *exchange) answer(err error) {
+	x.r.failed = true
+	x.r.ctx.Response.Reset()
+	if errors.Is(err, errFallback) {
+		x.serveFallback()
+	} else {
+		a := answerFor(err)
+		writeError(x.r.ctx, a.status, a.message, x.reqID, x.idHeader())
+		x.r.status = a.status
+	}
+	x.rateLimitHeaders(&x.r.ctx.Response.Header)
+	if errors.Is(err, ErrBadRequest) || x.r.body != nil {
+		x.r.ctx.SetConnectionClose() // the request is not understood, or its body may be partly read
+	}
+}
+
+// finish ends the request once: it ends the upstream exchange (its
+// connection pooled only when both bodies ended cleanly) and records
+// metrics. The exchange stays valid; whoever owns it last releases it
+// (the handler, CloseWithError, or a hijack).
 func (x *exchange) finish(clientErr error) {
 	if x.r.done {
 		return
 	}
 	x.r.done = true
-	x.joinPump()
-	now := time.Now()
-	if x.r.conn != nil {
-		// Bytes left unread after the response are not the next one's: an
-		// upstream that sent more than it framed (a body after a HEAD, 204
-		// or 304 answer, a second response) would desync the connection.
-		// Those arriving later are caught by the probe before reuse.
-		reusable := x.r.bodyEOF && clientErr == nil && x.r.pumpErr == nil &&
-			!x.resp.ConnectionClose() && x.resp.Header.ContentLength() != -2 && x.r.conn.R.Buffered() == 0
-		x.resp.CloseBodyStream() //nolint:errcheck
-		x.r.ep.Release(x.r.conn, reusable, now)
-		x.r.conn = nil
+	sent, uploadErr := x.up.Finish(clientErr == nil && !x.r.failed)
+	x.r.sent += sent
+	if uploadErr != nil {
+		x.r.ctx.SetConnectionClose() // the client's body is partly read
 	}
 	if x.r.upErr != nil {
 		x.r.up.m.errorInc(x.r.upErr)
 	}
 	x.r.ticket.Done()
-	x.record(now)
+	x.record(time.Now())
 }
 
 func (x *exchange) record(now time.Time) {
@@ -880,35 +668,17 @@ func (x *exchange) record(now time.Time) {
 	x.p.m.inFlight.Add(-1)
 }
 
-// fail answers the client with the error's status and ends the exchange.
-func (x *exchange) fail(err error) {
-	status, msg := statusFor(err)
-	writeError(x.r.ctx, status, msg, x.reqID, x.idHeader())
-	x.rateLimitHeaders(&x.r.ctx.Response.Header)
-	x.r.status = status
-	x.abortPump()
-	x.finish(nil)
-}
-
 // release recycles the exchange: the request's state goes with one
 // assignment; buffers keep their storage.
 func (x *exchange) release() {
-	if x.r.firstBuf != nil {
-		copyBufPool.Put(x.r.firstBuf)
-	}
-	if x.r.pendingBuf != nil {
-		copyBufPool.Put(x.r.pendingBuf)
-	}
 	x.r = request{}
 	x.p = nil
-	x.resp.Reset()
+	x.up.Reset()
 	x.gen++
 	x.reqID, x.scratch, x.method, x.clientID = x.reqID[:0], x.scratch[:0], x.method[:0], x.clientID[:0]
 	c := &x.req.Credentials
 	x.req = admission.Request{Paths: x.req.Paths[:0], Credentials: policy.Credentials{
 		APIKeys: c.APIKeys[:0], Authorization: c.Authorization[:0], ForwardedFor: c.ForwardedFor[:0]}}
 	x.fwd.reset()
-	x.clientEOF.Store(false)
-	x.awaiting.Store(false)
 	exchangePool.Put(x)
 }

@@ -81,18 +81,19 @@ upstream = "app"
 		x := exchangePool.Get().(*exchange)
 		x.p, x.r.ctx = p, &ctx
 		x.begin()
-		upgrade, ok := x.r.st.upgrade(h)
+		var ok bool
+		x.r.upgrade, ok = x.r.st.upgrade(h)
 		if !checkRawHeaders(h) || !originForm(&ctx.Request) || x.r.rt == nil || !ok {
 			x.release()
 			return
 		}
-		if !x.limit(h) {
-			x.release() // answered
+		if x.limit(h) != nil {
+			x.release() // refused
 			return
 		}
 		defer x.release()
 		routedHost := string(h.Host())
-		x.prepareRequest(h, h.ContentLength(), upgrade)
+		x.prepareRequest(h, h.ContentLength())
 
 		wantTier := "anonymous"
 		if len(keyLines) > 0 {
@@ -106,7 +107,7 @@ upstream = "app"
 		}
 		seen := map[string]int{}
 		for k, v := range h.All() {
-			regenerated := (upgrade != nil && (hopHeaders[max(hopIndex(k), 0)] == "Connection" || hopHeaders[max(hopIndex(k), 0)] == "Upgrade")) ||
+			regenerated := (x.r.upgrade != nil && (hopHeaders[max(hopIndex(k), 0)] == "Connection" || hopHeaders[max(hopIndex(k), 0)] == "Upgrade")) ||
 				(h.ContentLength() == -1 && string(k) == "Transfer-Encoding" && string(v) == "chunked") // the sidecar's own framing
 			if hopIndex(k) >= 0 && !regenerated {
 				t.Fatalf("hop-by-hop %s survived in %q", k, raw)

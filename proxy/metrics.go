@@ -194,7 +194,11 @@ func newUpstreamMetrics(set *metrics.Set, name string) *upstreamMetrics {
 }
 
 func (m *upstreamMetrics) errorInc(err error) {
-	i := indexOr(errorKinds[:], errorKind(err))
+	kind := answerFor(err).kind
+	if kind == "" {
+		return // the client's failure, not the upstream's
+	}
+	i := indexOr(errorKinds[:], kind)
 	lazyCounter(m.set, &m.errors[i], func() string {
 		return fmt.Sprintf(`sidecar_upstream_errors_total{upstream=%q,kind=%q}`, m.name, errorKinds[i])
 	}).Inc()

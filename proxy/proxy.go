@@ -384,9 +384,11 @@ func (p *Proxy) expect(ctx *fasthttp.RequestCtx) int {
 		x.release() // the handler answers these
 		return fasthttp.StatusContinue
 	}
-	if !x.limit(&ctx.Request.Header) {
+	if err := x.limit(&ctx.Request.Header); err != nil {
+		x.answer(err)
+		x.finish(nil)
 		x.release()
-		return ctx.Response.StatusCode() // answered by limit
+		return ctx.Response.StatusCode()
 	}
 	ctx.SetUserValue(decisionKey, &expectVerdict{rl: x.r.rl, clientID: append([]byte(nil), x.clientID...), tier: x.r.tier})
 	p.m.inFlight.Add(-1)

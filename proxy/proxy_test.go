@@ -16,6 +16,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/sidecar-proxy/sidecar/policy"
+	"github.com/sidecar-proxy/sidecar/upstream"
 )
 
 // startProxy runs a Proxy on a loopback listener in front of backend.
@@ -82,7 +83,7 @@ func TestPanicIsRecoveredCountedAndServingContinues(t *testing.T) {
 		t.Errorf("panics counted %d", got)
 	}
 	if l := logs.String(); !strings.Contains(l, "panic in request path recovered") || !strings.Contains(l, "goroutine ") ||
-		!strings.Contains(l, "(*exchange).serve") {
+		!strings.Contains(l, "(*Proxy).Handler") {
 		t.Errorf("the recovered panic was logged without its stack: %s", l)
 	}
 	resp, err = http.Get("http://" + addr + "/after")
@@ -238,11 +239,11 @@ func TestErrorStatuses(t *testing.T) {
 		ErrUpstreamProto: 502, ErrClientBody: 400, ErrRateLimited: 429, ErrUpgradeRefused: 501,
 		policy.ErrUnknownKey: 401, policy.ErrBadToken: 401, policy.ErrAmbiguousCredentials: 400,
 	} {
-		if got, _ := statusFor(err); got != want {
-			t.Errorf("statusFor(%v) = %d, want %d", err, got, want)
+		if got := answerFor(err).status; got != want {
+			t.Errorf("answerFor(%v).status = %d, want %d", err, got, want)
 		}
 	}
-	if errorKind(classifyReadErr(fasthttp.ErrTimeout)) != "timeout" || errorKind(classifyReadErr(io.EOF)) != "reset" {
+	if answerFor(upstream.ReadError(fasthttp.ErrTimeout)).kind != "timeout" || answerFor(upstream.ReadError(io.EOF)).kind != "reset" {
 		t.Error("read errors misclassified")
 	}
 }

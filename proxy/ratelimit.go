@@ -98,17 +98,17 @@ type expectVerdict struct {
 var decisionKey = "sidecar.decision"
 
 // limit identifies the client and applies its tier's limit (admission's
-// Limit), then counts and answers what it decided. It returns false when
-// it has answered the request itself (400, 401 or 429). The identity goes
-// upstream in prepareRequest, after stripping.
-func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
+// Limit), then counts what it decided. It returns the error to answer
+// with when the request goes no further (400, 401 or 429). The identity
+// goes upstream in prepareRequest, after stripping.
+func (x *exchange) limit(h *fasthttp.RequestHeader) error {
 	ctx := x.r.ctx
 	if ctx.Request.MayContinue() {
 		// The expect handler decided already, before the body was sent.
 		if v, ok := ctx.UserValue(decisionKey).(*expectVerdict); ok {
 			x.r.rl, x.r.tier = v.rl, v.tier
 			x.clientID = append(x.clientID[:0], v.clientID...)
-			return true
+			return nil
 		}
 	}
 	d := &x.dec
@@ -126,29 +126,26 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) bool {
 			x.p.m.identity[identityReason(err)].Inc() // this failure took the address over
 		}
 		x.p.m.identity[reasonFailureLimit].Inc()
-		x.fail(admission.ErrFailureLimited)
-		return false
+		return admission.ErrFailureLimited
 	case err != nil && !errors.Is(err, admission.ErrRateLimited):
 		x.p.m.identity[identityReason(err)].Inc()
-		x.fail(err)
-		return false
+		return err
 	}
 	if d.UnknownTierClaim != "" {
 		x.p.m.identity[reasonUnknownTier].Inc()
 		x.p.unknownTierLog(d.UnknownTierClaim, d.Tier)
 	}
 	if !d.Limited {
-		return true
+		return nil
 	}
 	x.r.rt.rl.counter(d.Tier, d.Result, d.Source).Inc()
 	if d.Result == "shadow_denied" {
 		x.p.shadowLog(x.r.rt.route.Name, d.Tier, d.Limit)
 	}
 	if err != nil {
-		x.fail(ErrRateLimited)
-		return false
+		return ErrRateLimited
 	}
-	return true
+	return nil
 }
 
 // credentials collects the request's credential lines in one pass over

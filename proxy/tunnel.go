@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"net"
-	"time"
 
 	"github.com/sidecar-proxy/sidecar/upstream"
 )
@@ -13,24 +12,20 @@ import (
 // timeout. fasthttp hands the client connection over after the handler
 // returns (Hijack), without writing a response of its own.
 func (x *exchange) tunnel() {
-	x.joinPump() // an upgrade request has no body; nothing to wait for in practice
-	head := x.resp.Header.Header()
+	head := x.up.Response.Header.Header()
 	head = append([]byte(nil), head...) // the response is reset before the hijack runs
-	c := x.r.conn
-	x.r.conn = nil
 	idle := x.r.srv.IdleTimeout
 	x.r.ctx.HijackSetNoResponse(true)
 	x.r.handedOff = true
 	x.r.ctx.Hijack(func(client net.Conn) {
-		defer x.release()
-		defer x.finish(nil)
-		defer x.r.ep.Release(c, false, time.Now())
-		if _, err := upstream.WriteIdle(client, head, idle); err != nil {
-			return
+		_, err := upstream.WriteIdle(client, head, idle)
+		if err == nil {
+			up, down := x.up.Tunnel(client, idle)
+			x.r.sent += up // finish adds any request body sent before the 101
+			x.r.bytesOut += down
 		}
-		up, down := c.Tunnel(client, idle)
-		x.r.sent += up // after any request body sent before the 101
-		x.r.bytesOut += down
+		x.finish(err)
+		x.release()
 	})
 }
 
@@ -47,7 +42,6 @@ func (x *exchange) closeDelimited() {
 	x.r.ctx.HijackSetNoResponse(true)
 	x.r.handedOff = true
 	x.r.ctx.Hijack(func(client net.Conn) {
-		defer x.release()
 		_, err := upstream.WriteIdle(client, head, idle)
 		if err == nil {
 			_, err = upstream.CopyIdle(client, x, idle)
@@ -59,6 +53,7 @@ func (x *exchange) closeDelimited() {
 			resetConn(client)
 		}
 		x.finish(err)
+		x.release()
 	})
 }
 

@@ -334,3 +334,64 @@ sleep_window = %q
 		t.Errorf("%v transitions to closed, want 1", v)
 	}
 }
+
+// A request the bulkhead refuses goes to the fallback upstream the same
+// way it would have gone to its own: its head rewritten (no client copy of
+// the identity fields, X-Forwarded-For added) and its body forwarded.
+// Before, the circuit's reroute skipped both: the client's forged
+// X-Sidecar-Tier reached the fallback upstream, and the body did not.
+func TestBulkheadRerouteRewritesTheRequest(t *testing.T) {
+	release := make(chan struct{})
+	var hits atomic.Int64
+	primary := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		<-release
+	})
+	type seen struct{ tier, client, xff, body string }
+	got := make(chan seen, 1)
+	readonly := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		got <- seen{r.Header.Get("X-Sidecar-Tier"), r.Header.Get("X-Sidecar-Client"), r.Header.Get("X-Forwarded-For"), string(b)}
+		io.WriteString(w, "read-only copy")
+	})
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.primary]
+url = %q
+[upstreams.primary.breaker]
+max_concurrent = 1
+[upstreams.primary.fallback]
+upstream = "readonly"
+[upstreams.readonly]
+url = %q
+[[routes]]
+upstream = "primary"
+`, primary.url(), readonly.url()))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if resp, err := http.Get(sc.url("/slow")); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	for hits.Load() < 1 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	req, _ := http.NewRequest("POST", sc.url("/write"), strings.NewReader("the body"))
+	req.Header.Set("X-Sidecar-Tier", "premium")
+	req.Header.Set("X-Sidecar-Client", "key:admin")
+	resp, err := http.DefaultClient.Do(req)
+	close(release)
+	<-done
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(b) != "read-only copy" || resp.Header.Get("X-Sidecar-Fallback") != "saturated" {
+		t.Fatalf("rerouted request: %d %q %q", resp.StatusCode, b, resp.Header.Get("X-Sidecar-Fallback"))
+	}
+	s := <-got
+	if s.tier != "anonymous" || s.client != "ip:127.0.0.1" || s.xff != "127.0.0.1" || s.body != "the body" {
+		t.Errorf("the fallback upstream saw tier %q client %q X-Forwarded-For %q body %q", s.tier, s.client, s.xff, s.body)
+	}
+}

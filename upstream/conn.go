@@ -2,9 +2,7 @@ package upstream
 
 import (
 	"bufio"
-	"io"
 	"net"
-	"os"
 	"syscall"
 	"time"
 )
@@ -30,14 +28,11 @@ type Conn struct {
 	// takes effect at the next network read.
 	ReadTimeout  time.Duration
 	WriteTimeout time.Duration
-	// AwaitReply: a request was just flushed and the reply cannot be there
-	// yet, so the next read parks before it reads (see readAfterWait).
-	AwaitReply bool
 
 	lastUsed      time.Time
 	readDeadline  time.Time // as last set on the socket; zero: unknown
 	writeDeadline time.Time
-	raw           syscall.RawConn // nil if the conn has none
+	raw           syscall.RawConn // nil if the conn has none (TLS): Alive peeks through it
 }
 
 // drifted reports whether the deadline on the socket (cur) is more than
@@ -55,43 +50,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 		c.readDeadline = now.Add(c.ReadTimeout)
 		_ = c.Conn.SetReadDeadline(c.readDeadline)
 	}
-	if c.AwaitReply && c.raw != nil {
-		c.AwaitReply = false
-		return c.readAfterWait(p)
-	}
 	return c.Conn.Read(p)
-}
-
-// readAfterWait reads the first bytes of a reply. Right after a request
-// was written the reply cannot be there yet, so a plain read would cost a
-// syscall that only says EAGAIN before the goroutine parks; instead, park
-// first (the runtime's poller wakes us when the socket is readable, or at
-// the read deadline), then read once.
-func (c *Conn) readAfterWait(p []byte) (n int, err error) {
-	waited := false
-	rerr := c.raw.Read(func(fd uintptr) bool {
-		if !waited {
-			waited = true
-			return false // not ready: wait for readability
-		}
-		n, err = syscall.Read(int(fd), p)
-		if err == syscall.EAGAIN {
-			return false
-		}
-		if err == syscall.EINTR {
-			return false
-		}
-		return true
-	})
-	switch {
-	case rerr != nil:
-		return 0, rerr
-	case err != nil:
-		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", err)}
-	case n == 0 && len(p) > 0:
-		return 0, io.EOF
-	}
-	return n, nil
 }
 
 func (c *Conn) Write(p []byte) (int, error) {

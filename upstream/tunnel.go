@@ -42,16 +42,22 @@ func WriteIdle(c net.Conn, b []byte, idle time.Duration) (int, error) {
 func CopyIdle(dst net.Conn, src io.Reader, idle time.Duration) (int64, error) {
 	bufp := copyBufPool.Get().(*[]byte)
 	defer copyBufPool.Put(bufp)
-	buf := *bufp
+	if rc, ok := src.(net.Conn); ok {
+		src = idleReader{rc, idle}
+	}
+	return Copy(idleWriter{dst, idle}, src, *bufp)
+}
+
+// Copy copies src to dst through buf, one write per read, until src ends
+// (EOF: no error) or either side fails. Unlike io.CopyBuffer it never
+// hands the copy to src's WriteTo or dst's ReadFrom, so the reads and
+// writes, and their deadlines, stay the caller's.
+func Copy(dst io.Writer, src io.Reader, buf []byte) (int64, error) {
 	var total int64
-	rc, _ := src.(net.Conn)
 	for {
-		if rc != nil {
-			_ = rc.SetReadDeadline(time.Now().Add(idle))
-		}
 		n, err := src.Read(buf)
 		if n > 0 {
-			m, werr := WriteIdle(dst, buf[:n], idle)
+			m, werr := dst.Write(buf[:n])
 			total += int64(m)
 			if werr != nil {
 				return total, werr
@@ -65,6 +71,25 @@ func CopyIdle(dst net.Conn, src io.Reader, idle time.Duration) (int64, error) {
 		}
 	}
 }
+
+// idleReader and idleWriter arm a progress deadline before each read or
+// write of their connection.
+type idleReader struct {
+	c    net.Conn
+	idle time.Duration
+}
+
+func (r idleReader) Read(p []byte) (int, error) {
+	_ = r.c.SetReadDeadline(time.Now().Add(r.idle))
+	return r.c.Read(p)
+}
+
+type idleWriter struct {
+	c    net.Conn
+	idle time.Duration
+}
+
+func (w idleWriter) Write(p []byte) (int, error) { return WriteIdle(w.c, p, w.idle) }
 
 // closeWrite half-closes a TCP connection so the peer sees EOF while the
 // other direction keeps flowing.

@@ -363,7 +363,7 @@ func (ep *Endpoint) dial() (*Conn, error) {
 		_ = tc.SetDeadline(time.Time{})
 		c.Conn = tc
 	} else if sc, ok := raw.(syscall.Conn); ok {
-		c.raw, _ = sc.SyscallConn() // plain TCP only: readAfterWait reads the socket itself
+		c.raw, _ = sc.SyscallConn() // plain TCP only: Alive peeks at the socket itself
 	}
 	c.R = bufio.NewReaderSize(c, 16<<10) // also the largest response head accepted
 	c.W = bufio.NewWriterSize(c, 16<<10)
