@@ -47,16 +47,17 @@ func (cs *circuits) slot(name string) *atomic.Pointer[breaker.Breaker] {
 }
 
 // newBreaker builds the upstream's circuit (name "upstream:<name>").
-func (p *Proxy) newBreaker(u *upstreamRuntime) {
+func (p *Proxy) newBreaker(u *upstreamRuntime) (err error) {
 	if u.spec.Breaker == nil {
-		return
+		return nil
 	}
-	u.brk = p.circuit("upstream:"+u.spec.Name, u.spec.Breaker)
+	u.brk, err = p.circuit("upstream:"+u.spec.Name, u.spec.Breaker)
 	u.rejected = p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_bulkhead_rejections_total{upstream=%q}`, u.spec.Name))
+	return err
 }
 
 // circuit builds one named circuit with its metrics.
-func (p *Proxy) circuit(name string, spec *policy.Breaker) *breaker.Breaker {
+func (p *Proxy) circuit(name string, spec *policy.Breaker) (*breaker.Breaker, error) {
 	toOpen := p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_breaker_transitions_total{circuit=%q,to="open"}`, name))
 	toClosed := p.set.GetOrCreateCounter(fmt.Sprintf(`sidecar_breaker_transitions_total{circuit=%q,to="closed"}`, name))
 	b, err := breaker.New(breaker.Settings{Name: name, ErrorPercent: spec.ErrorPercent, VolumeThreshold: spec.VolumeThreshold,
@@ -70,11 +71,11 @@ func (p *Proxy) circuit(name string, spec *policy.Breaker) *breaker.Breaker {
 		}
 	})
 	if err != nil {
-		panic("BUG: " + err.Error()) // names come from validated config
+		return nil, fmt.Errorf("circuit %s: %w", name, err)
 	}
 	b.Inherit(p.circuits.slot(name).Load()) // a reload keeps an open circuit open
 	p.circuits.slot(name).Store(b)
-	return b
+	return b, nil
 }
 
 var fallbackReasons = [...]string{"open", "saturated", "timeout", "error"}

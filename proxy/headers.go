@@ -42,16 +42,14 @@ type headerDeleter interface {
 // PHP, Rack) see them: case-insensitively and with '_' read as '-', since
 // they map X_Sidecar_Tier and X-Sidecar-Tier to the same variable.
 type fieldSet struct {
-	byLen [maxFieldSetName + 1][][]byte // folded names by length
+	byLen [][][]byte // folded names by length, up to the longest
 }
-
-const maxFieldSetName = 64
 
 func newFieldSet(names ...string) *fieldSet {
 	fs := &fieldSet{}
 	for _, n := range names {
-		if len(n) > maxFieldSetName {
-			panic("BUG: field name longer than " + strconv.Itoa(maxFieldSetName) + ": " + n)
+		if len(n) >= len(fs.byLen) {
+			fs.byLen = append(fs.byLen, make([][][]byte, len(n)+1-len(fs.byLen))...)
 		}
 		f := make([]byte, len(n))
 		for i := range len(n) {
@@ -73,7 +71,7 @@ func foldByte(c byte) byte {
 }
 
 func (fs *fieldSet) has(k []byte) bool {
-	if fs == nil || len(k) > maxFieldSetName {
+	if fs == nil || len(k) >= len(fs.byLen) {
 		return false
 	}
 next:

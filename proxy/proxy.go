@@ -139,15 +139,13 @@ func (p *Proxy) Apply(snap *policy.Snapshot) error {
 			}
 		}
 		u, err := newUpstreamRuntime(spec, newUpstreamMetrics(p.set, name), snap.Server.IdleTimeout)
+		if err == nil {
+			err = p.newBreaker(u)
+		}
 		if err != nil {
-			for name, u := range st.upstreams {
-				if old == nil || old.upstreams[name] != u {
-					u.closeIdle()
-				}
-			}
+			st.closeNew(old)
 			return fmt.Errorf("proxy: upstream %s: %w", name, err)
 		}
-		p.newBreaker(u)
 		p.startChecks(u)
 		st.upstreams[name] = u
 		p.set.GetOrCreateGauge(fmt.Sprintf(`sidecar_upstream_healthy_endpoints{upstream=%q}`, name), func() float64 {
@@ -162,7 +160,11 @@ func (p *Proxy) Apply(snap *policy.Snapshot) error {
 		rr := routeRuntime{route: r, up: st.upstreams[r.Upstream],
 			m: newRouteMetrics(p.set, r.Name, tierLabels(snap)), rl: newTierCounters(p.set, r.Name, snap.Tiers)}
 		if r.OwnCircuit && rr.up.spec.Breaker != nil {
-			rr.brk = p.circuit("route:"+r.Name, rr.up.spec.Breaker)
+			var err error
+			if rr.brk, err = p.circuit("route:"+r.Name, rr.up.spec.Breaker); err != nil {
+				st.closeNew(old)
+				return fmt.Errorf("proxy: route %s: %w", r.Name, err)
+			}
 		}
 		st.routes = append(st.routes, rr)
 	}
@@ -283,6 +285,16 @@ func (p *Proxy) reapIdle() {
 // and the readings a backend may make instead: the raw target, and, when
 // it has backslashes, the same with '\\' as '/' (a path separator to WHATWG
 // URL parsers, Node and browsers, and to IIS, not to fasthttp on Linux).
+// closeNew stops what a state being built started and old does not share:
+// for an Apply that fails half-way.
+func (st *state) closeNew(old *state) {
+	for name, u := range st.upstreams {
+		if old == nil || old.upstreams[name] != u {
+			u.closeIdle()
+		}
+	}
+}
+
 func (st *state) match(ctx *fasthttp.RequestCtx, req *admission.Request) (*routeRuntime, error) {
 	h := &ctx.Request.Header
 	raw := h.RequestURI()

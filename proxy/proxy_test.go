@@ -285,3 +285,17 @@ func TestAccessLogLineIsJSON(t *testing.T) {
 		t.Errorf("invalid UTF-8 line %s: %v %v", lines[1], err, m["request_id"])
 	}
 }
+
+// A configured field name of any length is matched (one of 100 bytes made
+// newFieldSet panic: validation allows any token, so a config with a long
+// trusted_only_headers entry crashed the sidecar at start or reload).
+func TestFieldSetLongNames(t *testing.T) {
+	long := strings.Repeat("X-Long", 20)
+	fs := newFieldSet("X-Short", long)
+	if !fs.has([]byte(strings.ToLower(long))) || !fs.has([]byte("x_short")) {
+		t.Error("a configured name is not found")
+	}
+	if fs.has([]byte(long+"X")) || fs.has([]byte("X-Shorter")) {
+		t.Error("an unconfigured name is found")
+	}
+}

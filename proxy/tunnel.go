@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"net"
+	"time"
 
 	"github.com/sidecar-proxy/sidecar/upstream"
 )
@@ -12,20 +13,12 @@ import (
 // timeout. fasthttp hands the client connection over after the handler
 // returns (Hijack), without writing a response of its own.
 func (x *exchange) tunnel() {
-	head := x.up.Response.Header.Header()
-	head = append([]byte(nil), head...) // the response is reset before the hijack runs
-	idle := x.r.srv.IdleTimeout
-	x.r.ctx.HijackSetNoResponse(true)
-	x.r.handedOff = true
-	x.r.ctx.Hijack(func(client net.Conn) {
-		_, err := upstream.WriteIdle(client, head, idle)
-		if err == nil {
-			up, down := x.up.Tunnel(client, idle)
-			x.r.sent += up // finish adds any request body sent before the 101
-			x.r.bytesOut += down
-		}
-		x.finish(err)
-		x.release()
+	head := append([]byte(nil), x.up.Response.Header.Header()...) // the response is reset before the hijack runs
+	x.hijack(head, func(client net.Conn, idle time.Duration) error {
+		up, down := x.up.Tunnel(client, idle)
+		x.r.sent += up // finish adds any request body sent before the 101
+		x.r.bytesOut += down
+		return nil
 	})
 }
 
@@ -37,20 +30,29 @@ func (x *exchange) closeDelimited() {
 	rh.SetConnectionClose()
 	rh.SetContentLength(-2)
 	rh.Del("Transfer-Encoding")
-	head := rh.AppendBytes(nil)
+	x.hijack(rh.AppendBytes(nil), func(client net.Conn, idle time.Duration) error {
+		_, err := upstream.CopyIdle(client, x, idle)
+		if err != nil {
+			// Closing is what ends the body, so a FIN would say it is
+			// complete: a body cut upstream (or a failed write) ends with
+			// a reset instead, which the client sees as an error.
+			resetConn(client)
+		}
+		return err
+	})
+}
+
+// hijack has fasthttp hand the client connection over once the handler
+// returns, without a response of its own: head is written to it, then run
+// has it, and the exchange ends (and is released) when run returns.
+func (x *exchange) hijack(head []byte, run func(client net.Conn, idle time.Duration) error) {
 	idle := x.r.srv.IdleTimeout
 	x.r.ctx.HijackSetNoResponse(true)
 	x.r.handedOff = true
 	x.r.ctx.Hijack(func(client net.Conn) {
 		_, err := upstream.WriteIdle(client, head, idle)
 		if err == nil {
-			_, err = upstream.CopyIdle(client, x, idle)
-		}
-		if err != nil {
-			// Closing is what ends the body, so a FIN would say it is
-			// complete: a body cut upstream (or a failed write) ends with
-			// a reset instead, which the client sees as an error.
-			resetConn(client)
+			err = run(client, idle)
 		}
 		x.finish(err)
 		x.release()
