@@ -33,6 +33,8 @@ type Conn struct {
 	readDeadline  time.Time // as last set on the socket; zero: unknown
 	writeDeadline time.Time
 	raw           syscall.RawConn // nil if the conn has none (TLS): Alive peeks through it
+	peek          func(fd uintptr) bool
+	quiet         bool
 }
 
 // drifted reports whether the deadline on the socket (cur) is more than
@@ -77,14 +79,18 @@ func (c *Conn) Alive() bool {
 		c.readDeadline = time.Time{} // Read re-arms
 		_ = c.Conn.SetReadDeadline(c.readDeadline)
 	}
-	quiet := false
-	err := c.raw.Read(func(fd uintptr) bool {
-		var b [1]byte
-		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		quiet = err == syscall.EAGAIN
-		return true // one look, never wait
-	})
-	return err == nil && quiet
+	err := c.raw.Read(c.peek)
+	return err == nil && c.quiet
+}
+
+// peekQuiet is Alive's look at the socket, made once per connection (a
+// closure per call would be an allocation per request): quiet says
+// nothing was there to read.
+func (c *Conn) peekQuiet(fd uintptr) bool {
+	var b [1]byte
+	_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	c.quiet = err == syscall.EAGAIN
+	return true // one look, never wait
 }
 
 // ForgetReadDeadline makes the next Read set the socket's deadline anew:
