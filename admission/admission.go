@@ -21,17 +21,6 @@ import (
 	"github.com/sidecar-proxy/sidecar/policy"
 )
 
-// Errors of Route and Limit, besides policy's identification errors
-// (ErrUnknownKey, ErrBadToken, ErrAmbiguousCredentials).
-var (
-	ErrNoRoute       = errors.New("admission: no route matches the request")
-	ErrAmbiguousPath = errors.New("admission: the target's readings pick different routes")
-	ErrRateLimited   = errors.New("admission: rate limit exceeded")
-	// ErrFailureLimited: the address failed identification too often; the
-	// request was refused before its credential was looked at.
-	ErrFailureLimited = errors.New("admission: too many failed identifications from this address")
-)
-
 // Request is what admission looks at.
 type Request struct {
 	Method []byte
@@ -76,6 +65,12 @@ func (a *Admitter) Circuit(route *policy.Route, now time.Time) (breaker.Ticket, 
 	return b.Allow(now)
 }
 
+// Errors of Route.
+var (
+	ErrNoRoute       = errors.New("admission: no route matches the request")
+	ErrAmbiguousPath = errors.New("admission: the target's readings pick different routes")
+)
+
 // Route returns the first route matching r, ErrNoRoute, or
 // ErrAmbiguousPath when another reading of the path picks another route.
 func (a *Admitter) Route(r *Request) (*policy.Route, error) {
@@ -90,6 +85,15 @@ func (a *Admitter) Route(r *Request) (*policy.Route, error) {
 	}
 	return route, nil
 }
+
+// Errors of Limit, besides policy's identification errors (ErrUnknownKey,
+// ErrBadToken, ErrAmbiguousCredentials).
+var (
+	ErrRateLimited = errors.New("admission: rate limit exceeded")
+	// ErrFailureLimited: the address failed identification too often; the
+	// request was refused before its credential was looked at.
+	ErrFailureLimited = errors.New("admission: too many failed identifications from this address")
+)
 
 // Decision is what Limit found. It is reused across requests: Limit
 // resets it.

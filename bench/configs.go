@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"html"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -42,11 +41,8 @@ func configBench(dir, sidecarBin, backendAddr string, backendPid, conns int, dur
 		fmt.Println("\nconfiguration benchmark skipped: redis-server not installed")
 		return nil, true
 	}
-	redisAddr := procs.FreeAddr()
-	_, redisPort, _ := net.SplitHostPort(redisAddr)
-	rs := start("redis-server", nil, "1", "--port", redisPort, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
+	redisAddr, rs := startRedis("1")
 	defer procs.Stop(rs)
-	time.Sleep(300 * time.Millisecond)
 
 	script := filepath.Join(dir, "clients.lua")
 	procs.Check(os.WriteFile(script, []byte(`local reqs = {}

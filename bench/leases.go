@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -45,19 +44,11 @@ func leaseBench(dir, sidecarBin, backendAddr string) bool {
 		commands, scripts, leases    float64
 	}
 	runOnce := func(lease bool) result {
-		redisAddr := procs.FreeAddr()
-		_, redisPort, _ := net.SplitHostPort(redisAddr)
-		rs := start("redis-server", nil, "0,1", "--port", redisPort, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
+		redisAddr, rs := startRedis("0,1")
 		defer procs.Stop(rs)
 		rdb := redis.NewClient(&redis.Options{Addr: redisAddr})
 		defer rdb.Close()
 		ctx := context.Background()
-		for i := 0; rdb.Ping(ctx).Err() != nil; i++ {
-			if i == 200 {
-				procs.Check(fmt.Errorf("redis-server on %s did not answer", redisAddr))
-			}
-			time.Sleep(25 * time.Millisecond)
-		}
 
 		var cmds []*exec.Cmd
 		var addrs, admins []string

@@ -9,9 +9,11 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +22,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/sidecar-proxy/sidecar/bench/procs"
 )
@@ -316,6 +320,23 @@ http {
 	ngx := start(path, nil, "0", "-c", conf)
 	procs.WaitHTTP("http://" + addr + "/small")
 	return addr, func() { procs.Stop(ngx) }
+}
+
+// startRedis runs a redis-server without persistence on a free port,
+// pinned to cpu, and returns its address once it answers PING.
+func startRedis(cpu string) (string, *exec.Cmd) {
+	addr := procs.FreeAddr()
+	_, port, _ := net.SplitHostPort(addr)
+	cmd := start("redis-server", nil, cpu, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
+	rdb := redis.NewClient(&redis.Options{Addr: addr})
+	defer rdb.Close()
+	for i := 0; rdb.Ping(context.Background()).Err() != nil; i++ {
+		if i == 200 {
+			procs.Check(fmt.Errorf("redis-server on %s did not answer", addr))
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	return addr, cmd
 }
 
 func start(bin string, env []string, cpu string, args ...string) *exec.Cmd {

@@ -74,11 +74,10 @@ type Settings struct {
 	// Name identifies the circuit; hystrix keeps circuits in a global
 	// registry by name, so names must come from configuration only.
 	Name string
-	// ErrorPercent of failed requests opens the circuit ... Default 50.
-	ErrorPercent int
-	// ... once VolumeThreshold requests were seen in hystrix's 10 s
-	// rolling window. Default 20.
-	VolumeThreshold int
+	// ErrorPercent of failed requests opens the circuit once
+	// VolumeThreshold requests were seen in hystrix's 10 s rolling window.
+	// Defaults 50 and 20.
+	ErrorPercent, VolumeThreshold int
 	// SleepWindow is how long the circuit stays open before one probe is
 	// let through. Default 5 s.
 	SleepWindow time.Duration

@@ -134,14 +134,7 @@ func (l *Limiter) take(key string, rule Rule, nowMs int64, observe, fetch bool) 
 	sh := l.leases.shard(key)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	e := sh.m[key]
-	if e == nil {
-		if l.leases.full(sh) {
-			l.evictLease(sh, nowMs)
-		}
-		e = &leaseEntry{}
-		sh.m[key] = e
-	}
+	e := getOrAdd(l.leases, sh, key, nowMs, l.evictLease)
 	if observe {
 		e.observe(nowMs, l.s.LeaseDuration)
 	}
@@ -290,22 +283,9 @@ func evictBefore(a, b *leaseEntry) bool {
 	return a.seenMs < b.seenMs
 }
 
-// leaseSweeper gives back the units of expired leases, about twice per
-// LeaseDuration, and forgets clients idle for ten of them.
-func (l *Limiter) leaseSweeper() {
-	defer l.wg.Done()
-	t := time.NewTicker(max(l.s.LeaseDuration/2, 5*time.Millisecond))
-	defer t.Stop()
-	for {
-		select {
-		case <-l.stop:
-			return
-		case <-t.C:
-			l.sweepLeases(l.s.Now().UnixMilli())
-		}
-	}
-}
-
+// sweepLeases gives back the units of leases expired at nowMs and forgets
+// clients idle for ten LeaseDurations. New runs it about twice per
+// LeaseDuration.
 func (l *Limiter) sweepLeases(nowMs int64) {
 	idle := 10 * l.s.LeaseDuration.Milliseconds()
 	l.leases.sweep(func(k string, e *leaseEntry) bool {

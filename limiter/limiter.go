@@ -243,13 +243,11 @@ func New(s Settings) *Limiter {
 		go l.heartbeat()
 		if s.Lease {
 			l.leases = newShardedMap[*leaseEntry](leaseShards, s.MaxLeaseKeys)
-			l.wg.Add(1)
-			go l.leaseSweeper()
+			l.every(max(s.LeaseDuration/2, 5*time.Millisecond), func(now time.Time) { l.sweepLeases(now.UnixMilli()) })
 		}
 	}
 	l.gauges(set, shared)
-	l.wg.Add(1)
-	go l.sweeper()
+	l.every(10*time.Second, l.sweep)
 	return l
 }
 
@@ -565,21 +563,30 @@ func (q *quietRedisLog) Printf(_ context.Context, format string, v ...any) {
 	q.log.Debug("go-redis", "msg", fmt.Sprintf(format, v...))
 }
 
-// sweeper drops expired memory states and deny-cache entries.
-func (l *Limiter) sweeper() {
-	defer l.wg.Done()
-	t := time.NewTicker(10 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-l.stop:
-			return
-		case <-t.C:
-			now := l.s.Now()
-			l.mem.Sweep(now)
-			l.denied.sweep(now.UnixMilli())
+// sweep drops the memory states and deny-cache entries expired at now.
+// New runs it every 10 s.
+func (l *Limiter) sweep(now time.Time) {
+	l.mem.Sweep(now)
+	l.denied.sweep(now.UnixMilli())
+}
+
+// every runs f with the time every d, on a goroutine of its own, until
+// Close.
+func (l *Limiter) every(d time.Duration, f func(now time.Time)) {
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		t := time.NewTicker(d)
+		defer t.Stop()
+		for {
+			select {
+			case <-l.stop:
+				return
+			case <-t.C:
+				f(l.s.Now())
+			}
 		}
-	}
+	}()
 }
 
 // denyCache remembers clients Redis denied, until their retry time, so

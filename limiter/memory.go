@@ -47,14 +47,7 @@ func (m *Memory) AllowAt(key string, rule Rule, now time.Time, cost int) Decisio
 	s := m.states.shard(key)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	e := s.m[key]
-	if e == nil {
-		if m.states.full(s) {
-			m.evict(s, nowMs)
-		}
-		e = &memEntry{}
-		s.m[key] = e
-	}
+	e := getOrAdd(m.states, s, key, nowMs, m.evict)
 	var d Decision
 	if rule.Algorithm == GCRA {
 		e.tat, d = gcra(e.tat, rule, nowMs, int64(cost))

@@ -16,8 +16,9 @@ import (
 )
 
 // slidingWindowLua is slide() in Redis: one key, one round trip. ARGV:
-// limit, window_ms, cost, now (ms; empty for Redis' TIME), Subwindows. It
-// returns {allowed, remaining, retry_ms, reset_ms}.
+// limit, window_ms, cost, now (ms; empty for Redis' TIME), Subwindows
+// (luaWindowStart reads the 2nd, 4th and 5th). It returns {allowed,
+// remaining, retry_ms, reset_ms}.
 //
 // With ARGV[6] = "1" it grants a quota lease instead: asked for cost
 // units, it admits g = min(cost, limit - total) of them at once, recorded
@@ -33,12 +34,9 @@ import (
 // SETRANGE), so it costs O(sub-windows elapsed since the client's last
 // request), not O(k); a hash with a field per sub-window cost ~14 µs of
 // Redis time per decision for a busy client.
-var slidingWindowLua = redis.NewScript(`
-local key = KEYS[1]
+var slidingWindowLua = redis.NewScript(luaWindowStart + `
 local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
-` + luaNowAndGeometry + `
 local size = 24 + 8 * ring
 local hdr = redis.call('GETRANGE', key, 0, 23)
 local head, total, last
@@ -114,20 +112,18 @@ return {1, limit - total, 0, reset}
 `)
 
 // leaseReturnLua gives back units of a lease that were not spent:
-// KEYS[1] the client's key; ARGV: window_ms, the grant's sub-window,
-// units, now (ms; empty for Redis' TIME), Subwindows. It subtracts them
-// from the sub-window the grant was recorded in, and from the total, only
-// while that sub-window still counts: once it has left the window (or its
-// slot was reused, or the key was created afresh since the grant) the
-// units have expired with it and nothing changes. A count never goes
-// below zero, and the key keeps its TTL (SETRANGE does not touch it). It
+// KEYS[1] the client's key; ARGV: the grant's sub-window, window_ms,
+// units, now (ms; empty for Redis' TIME), Subwindows, laid out as
+// slidingWindowLua's for luaWindowStart. It subtracts them from the
+// sub-window the grant was recorded in, and from the total, only while
+// that sub-window still counts: once it has left the window (or its slot
+// was reused, or the key was created afresh since the grant) the units
+// have expired with it and nothing changes. A count never goes below
+// zero, and the key keeps its TTL (SETRANGE does not touch it). It
 // returns the units subtracted.
-var leaseReturnLua = redis.NewScript(`
-local key = KEYS[1]
-local window = tonumber(ARGV[1])
-local idx = tonumber(ARGV[2])
+var leaseReturnLua = redis.NewScript(luaWindowStart + `
+local idx = tonumber(ARGV[1])
 local units = tonumber(ARGV[3])
-` + luaNowAndGeometry + `
 if units <= 0 or idx > cur or cur - idx > k then return 0 end
 if redis.call('STRLEN', key) ~= 24 + 8 * ring then return 0 end
 local head, total, last = struct.unpack('<ddd', redis.call('GETRANGE', key, 0, 23))
@@ -141,12 +137,15 @@ redis.call('SETRANGE', key, 0, struct.pack('<ddd', head, total - r, last))
 return r
 `)
 
-// luaNowAndGeometry is the start both window scripts share, once `window`
-// (ms) is set: now in ms from ARGV[4], or from Redis' TIME when it is
+// luaWindowStart is the start both window scripts share, with their
+// KEYS and ARGV layout: the client's key from KEYS[1], the window in ms
+// from ARGV[2], now in ms from ARGV[4], or from Redis' TIME when it is
 // empty, and the sub-window geometry as geometry() computes it from
 // ARGV[5] (Subwindows) — width w, k counted sub-windows, a ring of k+1
 // slots, the current sub-window cur.
-const luaNowAndGeometry = `local now
+const luaWindowStart = `local key = KEYS[1]
+local window = tonumber(ARGV[2])
+local now
 if ARGV[4] ~= '' then
   now = tonumber(ARGV[4])
 else
@@ -156,7 +155,8 @@ end
 local w = math.max(1, math.floor(window / tonumber(ARGV[5])))
 local k = math.floor((window + w - 1) / w)
 local ring = k + 1
-local cur = math.floor(now / w)`
+local cur = math.floor(now / w)
+`
 
 // RedisMode is how Redis is deployed.
 type RedisMode uint8
@@ -345,20 +345,8 @@ func (s *redisStore) onceMoreIfLost(ctx context.Context, call func() error) erro
 // gcraAllow runs redis_rate's GCRA for one decision. redis_rate falls
 // back from EVALSHA to EVAL by itself on NOSCRIPT.
 func (s *redisStore) gcraAllow(ctx context.Context, key string, rule Rule, cost int) (Decision, error) {
-	limit := redis_rate.Limit{Rate: rule.Limit, Period: rule.Window, Burst: rule.burst()}
-	var res *redis_rate.Result
-	err := s.onceMoreIfLost(ctx, func() (err error) {
-		res, err = s.gcra.AllowN(ctx, s.key(key), limit, cost)
-		return err
-	})
-	if err != nil {
-		return Decision{}, err
-	}
-	d := Decision{Allowed: res.Allowed > 0, Limit: rule.burst(), Remaining: res.Remaining, ResetAfter: res.ResetAfter}
-	if !d.Allowed {
-		d.RetryAfter = res.RetryAfter
-	}
-	return d, nil
+	d, _, err := s.gcraRun(ctx, s.gcra.AllowN, key, rule, cost)
+	return d, err
 }
 
 // gcraLease takes up to n units of a GCRA rule at once with redis_rate's
@@ -369,10 +357,23 @@ func (s *redisStore) gcraAllow(ctx context.Context, key string, rule Rule, cost 
 // denial with its retry time. It returns the decision and the units
 // granted (0 when denied).
 func (s *redisStore) gcraLease(ctx context.Context, key string, rule Rule, n int) (Decision, int, error) {
+	d, granted, err := s.gcraRun(ctx, s.gcra.AllowAtMost, key, rule, n)
+	if err == nil && !d.Allowed {
+		d.RetryAfter = max(time.Millisecond, d.RetryAfter)
+		granted = 0
+	}
+	return d, granted, err
+}
+
+// gcraRun makes one redis_rate call (AllowN or AllowAtMost) for n units
+// of rule on key, once more if a cluster node was lost, and returns the
+// decision and the units the call granted.
+func (s *redisStore) gcraRun(ctx context.Context, call func(context.Context, string, redis_rate.Limit, int) (*redis_rate.Result, error),
+	key string, rule Rule, n int) (Decision, int, error) {
 	limit := redis_rate.Limit{Rate: rule.Limit, Period: rule.Window, Burst: rule.burst()}
 	var res *redis_rate.Result
 	err := s.onceMoreIfLost(ctx, func() (err error) {
-		res, err = s.gcra.AllowAtMost(ctx, s.key(key), limit, n)
+		res, err = call(ctx, s.key(key), limit, n)
 		return err
 	})
 	if err != nil {
@@ -380,8 +381,7 @@ func (s *redisStore) gcraLease(ctx context.Context, key string, rule Rule, n int
 	}
 	d := Decision{Allowed: res.Allowed > 0, Limit: rule.burst(), Remaining: res.Remaining, ResetAfter: res.ResetAfter}
 	if !d.Allowed {
-		d.RetryAfter = max(time.Millisecond, res.RetryAfter)
-		return d, 0, nil
+		d.RetryAfter = res.RetryAfter
 	}
 	return d, res.Allowed, nil
 }
@@ -446,7 +446,7 @@ func (s *redisStore) slidingRun(ctx context.Context, calls []*call, nowMs int64)
 				c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs), Subwindows, "1")
 		case returnUnits:
 			cmds[i] = leaseReturnLua.EvalSha(ctx, pipe, keys,
-				c.rule.Window.Milliseconds(), c.idx, c.cost, nowArg(nowMs), Subwindows)
+				c.idx, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs), Subwindows)
 		}
 	}
 	// Errors are per command, except when no connection could be set up

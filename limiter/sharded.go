@@ -40,6 +40,21 @@ func (m *shardedMap[V]) shard(key string) *mapShard[V] {
 // full reports whether s, locked, has no room for another key.
 func (m *shardedMap[V]) full(s *mapShard[V]) bool { return len(s.m) >= m.perShard }
 
+// getOrAdd returns key's entry in s, a shard of m that the caller holds
+// locked, adding a zero entry when there is none; when s is full it first
+// calls evict(s, nowMs) to make room.
+func getOrAdd[E any](m *shardedMap[*E], s *mapShard[*E], key string, nowMs int64, evict func(*mapShard[*E], int64)) *E {
+	e := s.m[key]
+	if e == nil {
+		if m.full(s) {
+			evict(s, nowMs)
+		}
+		e = new(E)
+		s.m[key] = e
+	}
+	return e
+}
+
 // Len returns the number of entries held.
 func (m *shardedMap[V]) Len() int {
 	n := 0

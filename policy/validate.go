@@ -331,32 +331,35 @@ func (v *validator) upstreamTLS(key string, f *UpstreamFile, u *Upstream) *tls.C
 	u.TLSSource = "server_name=" + c.ServerName
 	u.ServerName = c.ServerName
 	if f.CAFile != nil {
-		path := relPath(v.file, *f.CAFile)
-		v.files = append(v.files, path)
-		pool, sum, err := loadPool(path)
-		if err != nil {
-			v.addf(key+".ca_file", "%v", err)
+		pool, pem, path := v.loadCA(key+".ca_file", *f.CAFile)
+		if pool == nil {
 			return c
 		}
 		c.RootCAs = pool
-		u.TLSSource += fmt.Sprintf(" ca_file=%s sha256=%x", path, sum)
-		pem, _ := os.ReadFile(path) // loadPool just read it
+		u.TLSSource += fmt.Sprintf(" ca_file=%s sha256=%x", path, sha256.Sum256(pem))
 		u.CAPEM = string(pem)
 	}
 	return c
 }
 
-// loadPool reads a CA bundle, and returns its contents' SHA-256 too.
-func loadPool(path string) (*x509.CertPool, [32]byte, error) {
+// loadCA reads the CA bundle file (relative to the config file) that key
+// names, and adds it to the files read besides the config. It returns the
+// bundle's certificates, its contents and its path; pool is nil when it
+// cannot be read or holds no certificate, an error reported at key.
+func (v *validator) loadCA(key, file string) (pool *x509.CertPool, pem []byte, path string) {
+	path = relPath(v.file, file)
+	v.files = append(v.files, path)
 	pem, err := os.ReadFile(path)
 	if err != nil {
-		return nil, [32]byte{}, err
+		v.addf(key, "%v", err)
+		return nil, nil, path
 	}
-	pool := x509.NewCertPool()
+	pool = x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(pem) {
-		return nil, [32]byte{}, fmt.Errorf("no PEM certificate in %s", path)
+		v.addf(key, "no PEM certificate in %s", path)
+		return nil, nil, path
 	}
-	return pool, sha256.Sum256(pem), nil
+	return pool, pem, path
 }
 
 func (v *validator) serverTLS(f *TLSFile) *ServerTLS {
@@ -374,13 +377,7 @@ func (v *validator) serverTLS(f *TLSFile) *ServerTLS {
 	}
 	t := &ServerTLS{Cert: &cert, ClientAuth: defaults.ServerTLS.ClientAuth}
 	if f.ClientCAFile != nil {
-		path := relPath(v.file, *f.ClientCAFile)
-		v.files = append(v.files, path)
-		pool, _, err := loadPool(path)
-		if err != nil {
-			v.addf(key+".client_ca_file", "%v", err)
-		}
-		t.ClientCAs = pool
+		t.ClientCAs, _, _ = v.loadCA(key+".client_ca_file", *f.ClientCAFile)
 	}
 	if f.ClientAuth != nil {
 		switch v.oneOf(key+".client_auth", *f.ClientAuth, "none", "request", "require") {
@@ -708,12 +705,8 @@ func (v *validator) redis(f *RedisFile, r *Redis, needed bool) {
 		r.TLSServerName = *f.TLSServerName
 	}
 	if r.TLS && f.TLSCAFile != nil {
-		path := relPath(v.file, *f.TLSCAFile)
-		v.files = append(v.files, path)
-		if _, _, err := loadPool(path); err != nil {
-			v.addf("redis.tls_ca_file", "%v", err)
-		} else {
-			r.TLSCA, _ = os.ReadFile(path)
+		if pool, pem, _ := v.loadCA("redis.tls_ca_file", *f.TLSCAFile); pool != nil {
+			r.TLSCA = pem
 		}
 	}
 	if f.KeyPrefix != nil {

@@ -101,13 +101,7 @@ func StartCluster(t testing.TB, primaries, replicasPerPrimary int) *Cluster {
 }
 
 // Addrs lists every node's address (seeds for a cluster client).
-func (c *Cluster) Addrs() []string {
-	out := make([]string, len(c.Nodes))
-	for i, s := range c.Nodes {
-		out[i] = s.Addr
-	}
-	return out
-}
+func (c *Cluster) Addrs() []string { return addrs(c.Nodes) }
 
 // Node returns the node at addr, or nil.
 func (c *Cluster) Node(addr string) *Server {

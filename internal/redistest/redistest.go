@@ -138,6 +138,15 @@ func (s *Server) start() {
 	s.t.Fatalf("redis-server on %s did not answer PING", s.Addr)
 }
 
+// addrs lists the servers' addresses, in order.
+func addrs(servers []*Server) []string {
+	out := make([]string, len(servers))
+	for i, s := range servers {
+		out[i] = s.Addr
+	}
+	return out
+}
+
 // Ping sends PING over a fresh connection.
 func (s *Server) Ping() error {
 	v, err := Do(s.Addr, "PING")

@@ -104,13 +104,7 @@ func pairs(v any) map[string]string {
 }
 
 // Addrs lists the sentinels' addresses.
-func (st *Sentinel) Addrs() []string {
-	out := make([]string, len(st.Sentinels))
-	for i, s := range st.Sentinels {
-		out[i] = s.Addr
-	}
-	return out
-}
+func (st *Sentinel) Addrs() []string { return addrs(st.Sentinels) }
 
 // Master returns the primary's address as the first answering sentinel
 // reports it.
