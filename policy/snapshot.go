@@ -191,12 +191,13 @@ type Upstream struct {
 
 // fingerprint computes u.Fingerprint. JSON follows pointers, where %v
 // would print their addresses.
-func (u *Upstream) fingerprint() {
+func (u *Upstream) fingerprint() error {
 	b, err := json.Marshal(u)
 	if err != nil {
-		panic("BUG: upstream settings do not encode: " + err.Error())
+		return err
 	}
 	u.Fingerprint = sha256.Sum256(b)
+	return nil
 }
 
 // HealthCheck is [upstreams.NAME.health_check] with defaults applied.

@@ -110,8 +110,10 @@ func (v *validator) compile(f *File) *Snapshot {
 			s.Upstreams[name].Fallback = v.fallback(name, uf.Fallback, f.Upstreams, s)
 		}
 	}
-	for _, u := range s.Upstreams {
-		u.fingerprint() // complete now, fallback included
+	for name, u := range s.Upstreams {
+		if err := u.fingerprint(); err != nil { // complete now, fallback included
+			v.addf("upstreams."+name, "settings cannot be fingerprinted: %v", err)
+		}
 	}
 	s.Tiers = v.tiers(f)
 	v.accessLog(&f.AccessLog, &s.AccessLog)

@@ -458,3 +458,50 @@ func postAfterContinue(t *testing.T, addr, extra string) string {
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
 }
+
+// A tunnel half-closes: when the upstream ends its direction, the client
+// reads EOF and can still send; what it sends reaches the upstream. Before,
+// the half-close towards the client (a hijacked fasthttp connection, which
+// hides its CloseWrite) fell back to a full Close.
+func TestTunnelHalfCloseFromUpstream(t *testing.T) {
+	got := make(chan string, 1)
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nbye\n")
+		c.(*net.TCPConn).CloseWrite()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, _ := io.ReadAll(brw)
+		got <- string(b)
+	})
+	sc := startSidecar(t, routeTo(be.url(), ""))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	br := bufio.NewReader(c)
+	if resp, err := http.ReadResponse(br, nil); err != nil || resp.StatusCode != 101 {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	if rest, err := io.ReadAll(br); err != nil || string(rest) != "bye\n" {
+		t.Fatalf("upstream's direction: %q %v, want bye and EOF", rest, err)
+	}
+	if _, err := io.WriteString(c, "late words\n"); err != nil {
+		t.Fatalf("writing after the upstream's half-close: %v", err)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	select {
+	case s := <-got:
+		if s != "late words\n" {
+			t.Errorf("the upstream got %q after its half-close, want the client's late words", s)
+		}
+	case <-time.After(6 * time.Second):
+		t.Error("the upstream never saw the client's end")
+	}
+}

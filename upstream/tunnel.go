@@ -95,7 +95,11 @@ func (w idleWriter) Write(p []byte) (int, error) { return WriteIdle(w.c, p, w.id
 // other direction keeps flowing.
 func closeWrite(c net.Conn) {
 	type closeWriter interface{ CloseWrite() error }
-	if cw, ok := c.(closeWriter); ok {
+	raw := c
+	if h, ok := c.(interface{ UnsafeConn() net.Conn }); ok {
+		raw = h.UnsafeConn() // fasthttp's hijacked connection hides the TCP (or TLS) one
+	}
+	if cw, ok := raw.(closeWriter); ok {
 		_ = cw.CloseWrite()
 		return
 	}
