@@ -10,13 +10,6 @@ import (
 	"github.com/valyala/fasthttp"
 )
 
-// Errors of a response that failed, from ReadError.
-var (
-	ErrTimeout  = errors.New("upstream: no response in time")
-	ErrReset    = errors.New("upstream: the connection was closed")
-	ErrProtocol = errors.New("upstream: malformed response")
-)
-
 // ReadError maps a failure while reading a response (or its body) to
 // ErrTimeout, ErrReset or ErrProtocol, joined to the original.
 func ReadError(err error) error {

@@ -30,13 +30,18 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 )
 
-// Errors of Acquire, as sentinels for errors.Is; the underlying network
-// error is joined to them.
+// Errors, as sentinels for errors.Is; the underlying error is joined to
+// them. Acquire's say why there is no connection; ReadError's why a
+// response failed.
 var (
 	ErrConnectRefused = errors.New("upstream: the endpoint refused the connection")
 	ErrConnectTimeout = errors.New("upstream: connect timed out")
 	ErrBusy           = errors.New("upstream: no free connection")
 	ErrTLS            = errors.New("upstream: TLS handshake failed")
+
+	ErrTimeout  = errors.New("upstream: no response in time")
+	ErrReset    = errors.New("upstream: the connection was closed")
+	ErrProtocol = errors.New("upstream: malformed response")
 )
 
 // Settings configure an Upstream. It is comparable: two Settings that are

@@ -62,14 +62,14 @@ import (
 )
 
 func main() {
+	log.SetPrefix("grpcbackend: ")
+	log.SetFlags(0)
 	addr := flag.String("addr", "127.0.0.1:0", "address to listen on")
 	name := flag.String("name", "grpcbackend", "sent in the x-backend-name header")
 	certFile := flag.String("tls-cert", "", "PEM certificate: serve TLS (h2 by ALPN) instead of h2c; needs -tls-key")
 	keyFile := flag.String("tls-key", "", "PEM private key for -tls-cert")
 	maxMsg := flag.Int("max-msg-size", 16<<20, "largest message received or sent, in bytes")
 	flag.Parse()
-	log.SetPrefix("grpcbackend: ")
-	log.SetFlags(0)
 
 	opts := []grpc.ServerOption{grpc.MaxRecvMsgSize(*maxMsg), grpc.MaxSendMsgSize(*maxMsg)}
 	if (*certFile == "") != (*keyFile == "") {
