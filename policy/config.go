@@ -273,6 +273,11 @@ type ServerFile struct {
 	// processes can share the port (the kernel balances connections) and a
 	// new process can start before the old one drains. Default false.
 	ReusePort *bool `toml:"reuse_port"`
+	// H2C makes the plaintext proxy listener accept prior-knowledge
+	// HTTP/2 (what gRPC clients and meshes send) besides HTTP/1.1, on the
+	// same port. With [server.tls], HTTP/2 is offered by ALPN anyway.
+	// Default false.
+	H2C *bool `toml:"h2c"`
 }
 
 // TLSFile is [server.tls]. Files are reloaded when they change.
@@ -316,6 +321,10 @@ type UpstreamFile struct {
 	// RewriteHost sends the endpoint's host:port as Host instead of the
 	// client's Host. Default false (Host is preserved).
 	RewriteHost *bool `toml:"rewrite_host"`
+	// Protocol spoken to the endpoints: "http1", "h2c" (prior-knowledge
+	// HTTP/2 over http:// endpoints) or "h2" (HTTP/2 over https://
+	// endpoints). gRPC backends are h2c or h2. Default "http1".
+	Protocol *string `toml:"protocol"`
 	// CAFile verifies https endpoints against these CAs. Default: the
 	// system's.
 	CAFile *string `toml:"ca_file"`

@@ -92,7 +92,7 @@ var defaults = struct {
 		AllowedUpgrades:    []string{"websocket"},
 		RequestIDHeader:    DefaultRequestIDHeader,
 		// MaxConnectionsPerIP 0 (no cap), TrustedProxies none (nobody
-		// is trusted), AdminPprof and ReusePort false, TLS off.
+		// is trusted), AdminPprof, ReusePort and H2C false, TLS off.
 	},
 	ServerTLS: ServerTLS{ClientAuth: tls.NoClientCert}, // client_auth = "none"; no redirect_listen
 	Upstream: Upstream{
@@ -115,7 +115,7 @@ var defaults = struct {
 			FailureStatuses:     []int{502, 503, 504},
 			ConsecutiveFailures: 0,
 		},
-		// RewriteHost and RequiredForReady false.
+		// RewriteHost and RequiredForReady false, Protocol HTTP1.
 	},
 	HealthCheck: HealthCheck{
 		Path:               "/healthz",

@@ -38,13 +38,24 @@ const (
 	RedisSentinel
 )
 
+// Protocol is an upstream's protocol.
+type Protocol uint8
+
+const (
+	HTTP1 Protocol = iota // HTTP/1.1, over TCP or TLS (http:// or https://)
+	H2C                   // HTTP/2 with prior knowledge over plain TCP (http://): gRPC in a pod
+	H2                    // HTTP/2 over TLS by ALPN (https://)
+)
+
 var (
+	protocolNames  = []string{"http1", "h2c", "h2"}
 	storeNames     = []string{"memory", "redis"}
 	algorithmNames = []string{"sliding_window", "gcra"}
 	failModeNames  = []string{"local", "allow", "deny"}
 	redisModeNames = []string{"single", "cluster", "sentinel"}
 )
 
+func (p Protocol) String() string  { return protocolNames[p] }
 func (s Store) String() string     { return storeNames[s] }
 func (a Algorithm) String() string { return algorithmNames[a] }
 func (f FailMode) String() string  { return failModeNames[f] }
@@ -52,6 +63,9 @@ func (m RedisMode) String() string { return redisModeNames[m] }
 
 // MarshalText writes the file's name, so that /status and JSON show it.
 func (s Store) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// MarshalText writes the file's name, so that /status and JSON show it.
+func (p Protocol) MarshalText() ([]byte, error) { return []byte(p.String()), nil }
 
 // enum validates a config value against the names of an enum, in order.
 func enum[E ~uint8](v *validator, key, got string, names []string) E {

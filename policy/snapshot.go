@@ -89,6 +89,7 @@ type Server struct {
 	RequestIDHeader     string
 	AdminPprof          bool
 	ReusePort           bool
+	H2C                 bool       // the plaintext listener also takes prior-knowledge HTTP/2
 	TLS                 *ServerTLS // nil: plain HTTP
 }
 
@@ -105,6 +106,7 @@ type Restart struct {
 	MaxConnections      int           `key:"server.max_connections"`
 	MaxConnectionsPerIP int           `key:"server.max_connections_per_ip"`
 	ReusePort           bool          `key:"server.reuse_port"`
+	H2C                 bool          `key:"server.h2c"`
 	AdminPprof          bool          `key:"server.admin_pprof"`
 	TLS                 bool          `key:"server.tls (on or off)"`
 	RedirectListen      string        `key:"server.tls.redirect_listen"`
@@ -114,7 +116,7 @@ type Restart struct {
 func (s *Server) Restart() Restart {
 	r := Restart{Listen: s.Listen, AdminListen: s.AdminListen, HeaderTimeout: s.HeaderTimeout,
 		KeepAliveIdle: s.IdleTimeout, MaxHeaderBytes: s.MaxHeaderBytes, MaxConnections: s.MaxConnections,
-		MaxConnectionsPerIP: s.MaxConnectionsPerIP, ReusePort: s.ReusePort, AdminPprof: s.AdminPprof, TLS: s.TLS != nil}
+		MaxConnectionsPerIP: s.MaxConnectionsPerIP, ReusePort: s.ReusePort, H2C: s.H2C, AdminPprof: s.AdminPprof, TLS: s.TLS != nil}
 	if s.TLS != nil {
 		r.RedirectListen = s.TLS.RedirectListen
 	}
@@ -165,6 +167,7 @@ type Upstream struct {
 	ConnWaitTimeout    time.Duration
 	IdleConnTimeout    time.Duration
 	RewriteHost        bool
+	Protocol           Protocol
 	LeastConnections   bool
 	Retries            int
 	RetryBudget        float64

@@ -188,6 +188,10 @@ func (v *validator) server(f *ServerFile, s *Server) {
 	}
 	s.AdminPprof = or(f.AdminPprof, def.AdminPprof)
 	s.ReusePort = or(f.ReusePort, def.ReusePort)
+	s.H2C = or(f.H2C, def.H2C)
+	if f.TLS != nil && s.H2C {
+		v.addf("server.h2c", "h2c is HTTP/2 on the plaintext listener; with [server.tls] HTTP/2 is offered by ALPN: remove h2c")
+	}
 	if f.TLS != nil {
 		s.TLS = v.serverTLS(f.TLS)
 	}
@@ -270,6 +274,18 @@ func (v *validator) upstream(name string, f *UpstreamFile) *Upstream {
 	u.MaxConnections = v.intRange(key+".max_connections", f.MaxConnections, def.MaxConnections, 1, 1<<20)
 	u.MaxIdleConnections = v.intRange(key+".max_idle_connections", f.MaxIdleConnections, min(def.MaxIdleConnections, u.MaxConnections), 0, u.MaxConnections)
 	u.RewriteHost = or(f.RewriteHost, def.RewriteHost)
+	u.Protocol = def.Protocol
+	if f.Protocol != nil {
+		u.Protocol = enum[Protocol](v, key+".protocol", *f.Protocol, protocolNames)
+	}
+	for i, ep := range u.Endpoints {
+		switch {
+		case u.Protocol == H2C && ep.TLS:
+			v.addf(key+".protocol", "h2c is HTTP/2 over plain TCP: endpoint %d (%s) is https; use protocol = \"h2\"", i, ep.URL)
+		case u.Protocol == H2 && !ep.TLS:
+			v.addf(key+".protocol", "h2 is HTTP/2 over TLS: endpoint %d (%s) is http; use protocol = \"h2c\"", i, ep.URL)
+		}
+	}
 	bf := f.Breaker
 	if bf == nil {
 		bf = &BreakerFile{}
