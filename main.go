@@ -17,6 +17,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"runtime"
@@ -30,6 +31,7 @@ import (
 
 	"github.com/sidecar-proxy/sidecar/container"
 	"github.com/sidecar-proxy/sidecar/demo"
+	"github.com/sidecar-proxy/sidecar/frontend/listen"
 	"github.com/sidecar-proxy/sidecar/health"
 	"github.com/sidecar-proxy/sidecar/policy"
 	"github.com/sidecar-proxy/sidecar/proxy"
@@ -194,30 +196,33 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 	srv := px.NewServer(&snap.Server)
 	set.GetOrCreateGauge(`sidecar_open_connections`, func() float64 { return float64(srv.GetOpenConnectionsCount()) })
 
-	listen := net.Listen
+	listenTCP := net.Listen
 	if snap.Server.ReusePort {
-		listen = reuseport.Listen
+		listenTCP = reuseport.Listen
 	}
-	ln, err := listen("tcp", snap.Server.Listen)
+	ln, err := listenTCP("tcp", snap.Server.Listen)
 	if err != nil {
 		fmt.Fprintf(stderr, "sidecar: server.listen: %v\n", err)
 		return 1
 	}
+	var tlsConf *tls.Config
 	if snap.Server.TLS != nil {
 		// Certificates and client-CA settings come from the current
 		// snapshot at every handshake: a reload (or a changed file) swaps
-		// them without a restart.
-		ln = tls.NewListener(ln, &tls.Config{
+		// them without a restart. ALPN offers h2 and http/1.1.
+		protos := []string{"h2", "http/1.1"}
+		tlsConf = &tls.Config{
 			MinVersion: tls.VersionTLS12,
+			NextProtos: protos,
 			GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
 				t := px.Snapshot().Server.TLS
 				if t == nil {
 					return nil, errors.New("TLS turned off by a reload: restart to serve plain HTTP")
 				}
 				return &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{*t.Cert},
-					ClientCAs: t.ClientCAs, ClientAuth: t.ClientAuth}, nil
+					ClientCAs: t.ClientCAs, ClientAuth: t.ClientAuth, NextProtos: protos}, nil
 			},
-		})
+		}
 		if r := snap.Server.TLS.RedirectListen; r != "" {
 			rln, err := net.Listen("tcp", r)
 			if err != nil {
@@ -232,6 +237,16 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 			defer redirect.Shutdown() //nolint:errcheck
 		}
 	}
+	// One port, two servers: HTTP/1.1 on fasthttp, HTTP/2 (h2 by ALPN, or
+	// h2c by its preface) on net/http.
+	split, err := listen.New(ln, listen.Settings{TLSConfig: tlsConf, H2C: snap.Server.H2C,
+		HandshakeTimeout: snap.Server.IdleTimeout})
+	if err != nil {
+		ln.Close()
+		fmt.Fprintf(stderr, "sidecar: server.listen: %v\n", err)
+		return 1
+	}
+	h2 := px.NewHTTP2Server(&snap.Server)
 	aln, err := net.Listen("tcp", snap.Server.AdminListen)
 	if err != nil {
 		ln.Close()
@@ -241,8 +256,11 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 	var state health.State
 	admin := &fasthttp.Server{Handler: health.Handler(&state, snap.Server.AdminPprof, func() any { return px.Status() }), ReadTimeout: 10 * time.Second,
 		IdleTimeout: time.Minute, NoDefaultServerHeader: true, CloseOnShutdown: true}
-	serveErr := make(chan error, 2)
-	go func() { serveErr <- srv.Serve(ln) }()
+	serveErr := make(chan error, 3)
+	go func() { serveErr <- srv.Serve(split.HTTP1()) }()
+	if tlsConf != nil || snap.Server.H2C {
+		go func() { serveErr <- h2.Serve(split.HTTP2()) }()
+	}
 	go func() { serveErr <- admin.Serve(aln) }()
 	state.SetCheck(px.Ready)
 	state.SetReady()
@@ -308,7 +326,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 				reload("SIGHUP")
 				continue
 			}
-			return drain(px.Snapshot(), srv, admin, &state, log)
+			return drain(px.Snapshot(), srv, h2, admin, &state, log)
 		}
 	}
 }
@@ -316,14 +334,20 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 // drain stops gracefully: /readyz fails first, then (after drain_delay) the
 // listener closes; requests already read complete, with Connection: close,
 // until drain_timeout, after which what is left is cut by the exit.
-func drain(snap *policy.Snapshot, srv, admin *fasthttp.Server, state *health.State, log *slog.Logger) int {
+func drain(snap *policy.Snapshot, srv *fasthttp.Server, h2 *http.Server, admin *fasthttp.Server, state *health.State, log *slog.Logger) int {
 	state.StartDrain()
 	log.Info("draining", "drain_delay", snap.Server.DrainDelay.String(), "drain_timeout", snap.Server.DrainTimeout.String(),
 		"open_connections", srv.GetOpenConnectionsCount())
 	time.Sleep(snap.Server.DrainDelay)
 	ctx, cancel := context.WithTimeout(context.Background(), snap.Server.DrainTimeout)
 	defer cancel()
-	if err := srv.ShutdownWithContext(ctx); err != nil {
+	h2done := make(chan error, 1)
+	go func() { h2done <- h2.Shutdown(ctx) }() // GOAWAY, then the streams in flight finish
+	err := srv.ShutdownWithContext(ctx)
+	if h2err := <-h2done; err == nil && h2err != nil && !errors.Is(h2err, http.ErrServerClosed) {
+		err = h2err
+	}
+	if err != nil {
 		log.Warn("drain deadline reached; cutting what is left", "open_connections", srv.GetOpenConnectionsCount())
 	} else {
 		log.Info("drained")

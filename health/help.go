@@ -19,6 +19,7 @@ var help = map[string]string{
 	"sidecar_request_body_bytes_total":   "Request body bytes written to the upstream, by route.",
 	"sidecar_response_body_bytes_total":  "Response body bytes sent to clients, by route.",
 	"sidecar_requests_in_flight":         "Requests being served now.",
+	"sidecar_requests_by_protocol_total": "Requests by the protocol the client spoke (http1: HTTP/1.x on fasthttp; h2: HTTP/2, by ALPN or h2c).",
 	"sidecar_requests_rejected_total":    "Requests refused before routing, by reason (malformed: an unparsable or invalid request head).",
 	"sidecar_panics_recovered_total":     "Panics recovered in the request path; the request got a 500 and the process kept serving.",
 	"sidecar_identity_problems_total":    "Client identification problems by reason: unknown_key, bad_token, ambiguous (refused), unknown_tier (the authenticated tier was used instead), failure_limit (the address was refused with 429).",

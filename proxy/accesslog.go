@@ -22,6 +22,7 @@ import (
 type accessEntry struct {
 	at                       time.Time
 	requestID, route, method string
+	protocol                 string // protocolNames
 	status                   int
 	tier, client             string // client: the raw id; fingerprinted by the writer
 	limit, fallback, breaker string
@@ -199,6 +200,7 @@ func (a *accessLog) write(e accessEntry, now time.Time) {
 	b = appendJSONField(b, "request_id", e.requestID)
 	b = appendJSONField(b, "route", e.route)
 	b = appendJSONField(b, "method", e.method)
+	b = appendJSONField(b, "protocol", e.protocol)
 	b = append(b, `,"status":`...)
 	b = strconv.AppendInt(b, int64(e.status), 10)
 	b = appendJSONField(b, "tier", e.tier)
@@ -280,7 +282,7 @@ func (x *exchange) accessLine(status int, now time.Time) {
 	all := string(x.reqID) + string(x.clientID) + string(x.method)
 	nID, nClient := len(x.reqID), len(x.clientID)
 	e := accessEntry{at: x.r.start, requestID: all[:nID], client: all[nID : nID+nClient], method: all[nID+nClient:],
-		status: status, fallback: x.r.fallback, duration: now.Sub(x.r.start), bytesIn: x.r.sent, bytesOut: x.r.bytesOut}
+		protocol: protocolNames[clientProtocol(x.r.ctx)], status: status, fallback: x.r.fallback, duration: now.Sub(x.r.start), bytesIn: x.r.sent, bytesOut: x.r.bytesOut}
 	if x.r.rt != nil {
 		e.route = x.r.rt.route.Name
 	}

@@ -28,11 +28,11 @@ func FuzzAccessLogLine(f *testing.F) {
 	const key = "fuzz"
 	a := &accessLog{secret: func() []byte { return []byte(key) }}
 	now := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
-	keys := []string{"time", "level", "msg", "at", "request_id", "route", "method", "status", "tier", "client",
+	keys := []string{"time", "level", "msg", "at", "request_id", "route", "method", "protocol", "status", "tier", "client",
 		"limit", "breaker", "fallback", "upstream", "duration_ms", "upstream_ms", "bytes_in", "bytes_out"}
 	f.Fuzz(func(t *testing.T, requestID, route, method, tier, client, limit, brk, fallback, endpoint string,
 		status int, duration, upstream, bytesIn, bytesOut, at int64) {
-		e := accessEntry{at: time.Unix(0, at).UTC(), requestID: requestID, route: route, method: method, status: status,
+		e := accessEntry{at: time.Unix(0, at).UTC(), requestID: requestID, route: route, method: method, protocol: "h2", status: status,
 			tier: tier, client: client, limit: limit, breaker: brk, fallback: fallback, endpoint: endpoint,
 			duration: time.Duration(duration), upstream: time.Duration(upstream), bytesIn: bytesIn, bytesOut: bytesOut}
 		a.batch.Reset()

@@ -124,8 +124,9 @@ func (x *exchange) fallBack(reason string, retry time.Duration) error {
 // serveFallback answers for a failing upstream: with the configured
 // response, else with the core's status for the reason. Every such answer
 // names its reason in X-Sidecar-Fallback and carries Retry-After.
-func (x *exchange) serveFallback() {
+func (x *exchange) serveFallback() (message string) {
 	ctx := x.r.ctx
+	a := fallbackAnswers[indexOr(fallbackReasons[:], x.r.fallback)]
 	if fb := x.r.up.spec.Fallback; fb != nil && fb.Upstream == "" {
 		ctx.Response.SetStatusCode(fb.Status)
 		ctx.Response.Header.SetContentType(fb.ContentType)
@@ -133,7 +134,6 @@ func (x *exchange) serveFallback() {
 		ctx.Response.SetBodyRaw(fb.Body) // immutable config bytes
 		x.r.status = fb.Status
 	} else {
-		a := fallbackAnswers[indexOr(fallbackReasons[:], x.r.fallback)]
 		writeError(ctx, a.status, a.message, x.reqID, x.idHeader())
 		x.r.status = a.status
 	}
@@ -143,6 +143,7 @@ func (x *exchange) serveFallback() {
 	}
 	ctx.Response.Header.Set("X-Sidecar-Fallback", x.r.fallback)
 	ctx.Response.Header.Set("Retry-After", strconv.Itoa(ceilSeconds(retry)))
+	return a.message
 }
 
 // fallbackAnswers: the core's answer for each fallback reason, in

@@ -79,6 +79,7 @@ type request struct {
 	upErr      error         // the response body failed upstream
 	fallback   string        // X-Sidecar-Fallback of this response, if any
 	retryAfter time.Duration // with fallback: its Retry-After
+	deadline   time.Time     // a gRPC client's deadline (grpc-timeout), if it sent one
 
 	// Response.
 	status     int
@@ -247,6 +248,11 @@ func (x *exchange) prepare() error {
 			return ErrBodyTooLarge
 		}
 	}
+	if isGRPC(h) {
+		if d, ok := grpcTimeout(h.Peek("Grpc-Timeout")); ok {
+			x.r.deadline = x.r.start.Add(d)
+		}
+	}
 	x.prepareRequest(h, cl)
 	x.r.send = upstream.Request{Header: h, Body: x.r.body, BodyLen: cl, Head: string(x.method) == "HEAD", Sender: x}
 	return nil
@@ -283,6 +289,10 @@ func (x *exchange) send() error {
 		x.r.upStart = time.Now()
 	}
 	x.r.send.ResponseTimeout = x.r.up.spec.ResponseTimeout
+	if !x.r.deadline.IsZero() {
+		// A gRPC client's deadline (grpc-timeout) bounds the wait too.
+		x.r.send.ResponseTimeout = max(min(x.r.send.ResponseTimeout, time.Until(x.r.deadline)), time.Millisecond)
+	}
 	x.r.ep = pool.Pick(nil, time.Now())
 	for attempt := 0; ; attempt++ {
 		if x.r.up.spec.RewriteHost || len(h.Host()) == 0 {
@@ -384,6 +394,10 @@ func (x *exchange) prepareRequest(h *fasthttp.RequestHeader, cl int) {
 // a 1xx).
 func (x *exchange) Interim(h *fasthttp.ResponseHeader) error {
 	if h.StatusCode() == fasthttp.StatusContinue || !x.r.http11 {
+		return nil
+	}
+	if s := clientStream(x.r.ctx); s != nil {
+		s.writeInterim(h)
 		return nil
 	}
 	if err := x.relayInterim(h); err != nil {
@@ -597,14 +611,18 @@ func (x *exchange) CloseWithError(err error) error {
 func (x *exchange) answer(err error) {
 	x.r.failed = true
 	x.r.ctx.Response.Reset()
+	var msg string
 	if errors.Is(err, errFallback) {
-		x.serveFallback()
+		msg = x.serveFallback()
 	} else {
 		a := answerFor(err)
 		writeError(x.r.ctx, a.status, a.message, x.reqID, x.idHeader())
-		x.r.status = a.status
+		x.r.status, msg = a.status, a.message
 	}
 	x.rateLimitHeaders(&x.r.ctx.Response.Header)
+	if isGRPC(&x.r.ctx.Request.Header) {
+		x.grpcAnswer(msg)
+	}
 	if errors.Is(err, ErrBadRequest) || x.r.body != nil {
 		x.r.ctx.SetConnectionClose() // the request is not understood, or its body may be partly read
 	}
@@ -654,6 +672,7 @@ func (x *exchange) record(now time.Time) {
 		tier = tierNone
 	}
 	m.request(x.method, status, tier).Inc()
+	x.p.m.protocols[clientProtocol(x.r.ctx)].Inc()
 	if x.r.tier != "" {
 		x.p.active.add(m.tierLabel(x.r.tier), x.clientID, now)
 	}

@@ -45,10 +45,11 @@ var addedBuckets = metrics.ExponentialBuckets(0.00001, 2, 16)
 
 // proxyMetrics are the process-wide series of the forwarding path.
 type proxyMetrics struct {
-	set      *metrics.Set
-	inFlight atomic.Int64
-	panics   *metrics.Counter
-	badReqs  *metrics.Counter
+	set       *metrics.Set
+	inFlight  atomic.Int64
+	panics    *metrics.Counter
+	badReqs   *metrics.Counter
+	protocols [len(protocolNames)]*metrics.Counter
 	// identity counts identification problems by reason.
 	identity [identityReasons]*metrics.Counter
 }
@@ -63,6 +64,9 @@ const (
 	identityReasons
 )
 
+// protocolNames label the protocol a client spoke, by clientProtocol.
+var protocolNames = [...]string{"http1", "h2"}
+
 var identityReasonNames = [identityReasons]string{"unknown_key", "bad_token", "ambiguous", "unknown_tier", "failure_limit"}
 
 func newProxyMetrics(set *metrics.Set) *proxyMetrics {
@@ -70,6 +74,9 @@ func newProxyMetrics(set *metrics.Set) *proxyMetrics {
 	set.GetOrCreateGauge(`sidecar_requests_in_flight`, func() float64 { return float64(m.inFlight.Load()) })
 	m.panics = set.GetOrCreateCounter(`sidecar_panics_recovered_total`)
 	m.badReqs = set.GetOrCreateCounter(`sidecar_requests_rejected_total{reason="malformed"}`)
+	for i, name := range protocolNames {
+		m.protocols[i] = set.GetOrCreateCounter(fmt.Sprintf(`sidecar_requests_by_protocol_total{protocol=%q}`, name))
+	}
 	for i, r := range identityReasonNames {
 		m.identity[i] = set.GetOrCreateCounter(fmt.Sprintf(`sidecar_identity_problems_total{reason=%q}`, r))
 	}

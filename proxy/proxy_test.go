@@ -253,7 +253,7 @@ func TestErrorStatuses(t *testing.T) {
 func TestAccessLogLineIsJSON(t *testing.T) {
 	a := &accessLog{secret: func() []byte { return []byte("k") }}
 	at := time.Date(2026, 11, 26, 1, 2, 3, 456789000, time.UTC)
-	e := accessEntry{at: at, requestID: "id\"\\\n\x01é", route: "r<>&", method: "GET", status: 503, tier: "gold",
+	e := accessEntry{at: at, requestID: "id\"\\\n\x01é", route: "r<>&", method: "GET", protocol: "h2", status: 503, tier: "gold",
 		client: "ip:192.0.2.1", limit: "denied", breaker: "open", fallback: "open", endpoint: "127.0.0.1:1",
 		duration: 1234567 * time.Nanosecond, upstream: 250 * time.Microsecond, bytesIn: 7, bytesOut: 1 << 40}
 	a.write(e, at)
@@ -267,7 +267,7 @@ func TestAccessLogLineIsJSON(t *testing.T) {
 		t.Fatalf("%v: %s", err, lines[0])
 	}
 	want := map[string]any{"level": "INFO", "msg": "request", "at": "2026-11-26T01:02:03.456789Z",
-		"request_id": "id\"\\\n\x01é", "route": "r<>&", "method": "GET", "status": 503.0, "tier": "gold",
+		"request_id": "id\"\\\n\x01é", "route": "r<>&", "method": "GET", "protocol": "h2", "status": 503.0, "tier": "gold",
 		"client": a.fingerprint("ip:192.0.2.1"), "limit": "denied", "breaker": "open", "fallback": "open",
 		"upstream": "127.0.0.1:1", "duration_ms": 1.234, "upstream_ms": 0.25, "bytes_in": 7.0, "bytes_out": float64(1 << 40)}
 	for k, v := range want {

@@ -38,6 +38,7 @@ func poolSettings(spec *policy.Upstream, idle time.Duration, set *metrics.Set) u
 		ConnWaitTimeout: spec.ConnWaitTimeout, IdleConnTimeout: spec.IdleConnTimeout,
 		LeastConnections: spec.LeastConnections, RetryBudget: spec.RetryBudget,
 		PassiveFailures: spec.PassiveFailures, PassiveEjection: spec.PassiveEjection, Metrics: set,
+		HTTP2: spec.Protocol != policy.HTTP1,
 	}
 }
 

@@ -66,6 +66,8 @@ type Exchange struct {
 	pumpDone  chan error
 	senderEOF atomic.Bool // the pump read the sender's body to its end
 	awaiting  atomic.Bool // waiting for the response head: uploads extend its deadline
+	h2sent    atomic.Int64          // HTTP/2: body bytes the transport read (on its goroutine)
+	h2bodyErr atomic.Pointer[error] // HTTP/2: the request body's failure
 }
 
 // trip is one request's state in an Exchange; its zero value is a fresh
@@ -89,6 +91,8 @@ type trip struct {
 	pendingBuf *[]byte
 	pendingEOF bool
 	bodyEOF    bool
+
+	h2 h2Trip // HTTP/2 endpoints
 }
 
 var errPumpRunning = errors.New("upstream: body pump running")
@@ -117,6 +121,9 @@ func (e *Exchange) ReadAhead(body io.Reader) (n int, eof bool, err error) {
 // may be called again, on another endpoint.
 func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 	e.t.ep, e.t.req, e.t.interimErr = ep, *req, nil
+	if ep.h2 != nil {
+		return e.roundTripH2(ep, req)
+	}
 	for attempt := 0; ; attempt++ {
 		now := time.Now()
 		c, err := ep.Acquire(now)
@@ -201,7 +208,7 @@ func (e *Exchange) interim(h *fasthttp.ResponseHeader) error {
 }
 
 // Sent returns the request body bytes written upstream so far.
-func (e *Exchange) Sent() int64 { return e.t.sent }
+func (e *Exchange) Sent() int64 { return max(e.t.sent, e.h2sent.Load()) }
 
 // Pumped reports whether an upload was pumped: body bytes may have gone
 // upstream, so the request cannot be replayed.
@@ -297,7 +304,7 @@ func (e *Exchange) closeConn() {
 // head goes anywhere (later chunks can only be cut). Its bytes are served
 // first by Read. A framing error is ErrProtocol.
 func (e *Exchange) Prefetch() error {
-	if e.t.stream == nil || e.Response.Header.ContentLength() != -1 || e.t.conn.R.Buffered() == 0 {
+	if e.t.conn == nil || e.t.stream == nil || e.Response.Header.ContentLength() != -1 || e.t.conn.R.Buffered() == 0 {
 		return nil
 	}
 	e.t.pendingBuf = getBuf()
@@ -315,7 +322,12 @@ func (e *Exchange) HasBody() bool { return e.t.stream != nil }
 
 // Buffered returns the response bytes already read past the head (a body
 // of up to this length can be read without waiting for the network).
-func (e *Exchange) Buffered() int { return e.t.conn.R.Buffered() }
+func (e *Exchange) Buffered() int {
+	if e.t.conn == nil {
+		return 0 // HTTP/2: nothing is read ahead
+	}
+	return e.t.conn.R.Buffered()
+}
 
 // Prefetched reports whether Read has bytes (or the end) in hand.
 func (e *Exchange) Prefetched() bool { return len(e.t.pending) > 0 || e.t.pendingEOF }
@@ -332,6 +344,9 @@ func (e *Exchange) Read(p []byte) (int, error) {
 	if e.t.pendingEOF || e.t.stream == nil {
 		e.t.bodyEOF = true
 		return 0, io.EOF
+	}
+	if e.t.conn == nil {
+		return e.readH2(p)
 	}
 	e.t.conn.ReadTimeout = e.t.ep.s.IOTimeout
 	n, err := e.t.stream.Read(p)
@@ -360,6 +375,10 @@ func (e *Exchange) Tunnel(client net.Conn, idle time.Duration) (up, down int64) 
 // ended cleanly on both sides, else it is closed. It returns the body
 // bytes sent and the upload's error, if it failed.
 func (e *Exchange) Finish(clean bool) (sent int64, uploadErr error) {
+	if e.t.ep != nil && e.t.ep.h2 != nil {
+		e.finishH2()
+		return e.t.sent, e.t.pumpErr
+	}
 	if clean {
 		e.joinPump()
 	} else {
@@ -387,6 +406,8 @@ func (e *Exchange) Reset() {
 	e.Response.Reset()
 	e.senderEOF.Store(false)
 	e.awaiting.Store(false)
+	e.h2sent.Store(0)
+	e.h2bodyErr.Store(nil)
 }
 
 func getBuf() *[]byte { return copyBufPool.Get().(*[]byte) }

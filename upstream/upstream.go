@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
@@ -82,6 +83,11 @@ type Settings struct {
 	// PassiveEjection; 0 turns passive ejection off.
 	PassiveFailures int
 	PassiveEjection time.Duration
+	// HTTP2 speaks HTTP/2 to the endpoints: prior-knowledge h2c to
+	// http:// ones, h2 by ALPN to https:// ones (see h2.go). Requests are
+	// streams over few connections; MaxConnections caps the streams in
+	// flight per endpoint.
+	HTTP2 bool
 	// Metrics is where sidecar_upstream_dials_total is counted. Default: a
 	// set of its own.
 	Metrics *metrics.Set
@@ -142,6 +148,9 @@ func New(s Settings) (*Upstream, error) {
 			if e.tls.ServerName == "" {
 				e.tls.ServerName = pu.Hostname() // SNI and verification: the URL's host
 			}
+		}
+		if s.HTTP2 {
+			e.h2 = newH2Transport(e)
 		}
 		e.healthy.Store(true)
 		u.endpoints = append(u.endpoints, e)
@@ -270,7 +279,8 @@ type Endpoint struct {
 	idle   []*Conn // LIFO: the most recently used connection is the warmest
 	closed bool
 
-	tls          *tls.Config  // https endpoint; nil: plain TCP
+	tls          *tls.Config     // https endpoint; nil: plain TCP
+	h2           *http.Transport // HTTP2 endpoints: the client that holds their connections
 	healthy      atomic.Bool  // active health checks' verdict (true without checks)
 	fails        atomic.Int32 // consecutive failures (passive health)
 	ejectedUntil atomic.Int64 // unix ns; passive ejection
@@ -309,19 +319,8 @@ func (ep *Endpoint) Idle() int {
 // there is one, a new one otherwise; Release gives it back. The wait for a
 // slot is bounded by ConnWaitTimeout (ErrBusy).
 func (ep *Endpoint) Acquire(now time.Time) (*Conn, error) {
-	select {
-	case ep.busy <- struct{}{}:
-	default:
-		if ep.s.ConnWaitTimeout <= 0 {
-			return nil, ErrBusy
-		}
-		t := time.NewTimer(ep.s.ConnWaitTimeout)
-		select {
-		case ep.busy <- struct{}{}:
-			t.Stop()
-		case <-t.C:
-			return nil, ErrBusy
-		}
+	if err := ep.takeSlot(); err != nil {
+		return nil, err
 	}
 	if c := ep.popIdle(now); c != nil {
 		return c, nil
@@ -332,6 +331,27 @@ func (ep *Endpoint) Acquire(now time.Time) (*Conn, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// takeSlot takes a busy slot, waiting at most ConnWaitTimeout (ErrBusy);
+// <-ep.busy gives it back.
+func (ep *Endpoint) takeSlot() error {
+	select {
+	case ep.busy <- struct{}{}:
+		return nil
+	default:
+	}
+	if ep.s.ConnWaitTimeout <= 0 {
+		return ErrBusy
+	}
+	t := time.NewTimer(ep.s.ConnWaitTimeout)
+	defer t.Stop()
+	select {
+	case ep.busy <- struct{}{}:
+		return nil
+	case <-t.C:
+		return ErrBusy
+	}
 }
 
 func (ep *Endpoint) popIdle(now time.Time) *Conn {
@@ -407,6 +427,12 @@ func (ep *Endpoint) Release(c *Conn, reusable bool, now time.Time) {
 // closeIdle closes pooled connections unused since before cutoff; a zero
 // cutoff closes them all and retires the endpoint (after a reload).
 func (ep *Endpoint) closeIdle(cutoff time.Time) {
+	if ep.h2 != nil {
+		if cutoff.IsZero() {
+			ep.h2.CloseIdleConnections() // the transport reaps idle ones itself (IdleConnTimeout)
+		}
+		return
+	}
 	ep.mu.Lock()
 	keep := ep.idle[:0]
 	for _, c := range ep.idle {

@@ -1,0 +1,233 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/sidecar-proxy/sidecar/policy"
+)
+
+// The HTTP/2 front-end. fasthttp has no HTTP/2, so HTTP/2 (h2 by ALPN,
+// prior-knowledge h2c) is served by Go's net/http, and ServeHTTP adapts
+// each stream to the one request path: the stream's head becomes a
+// fasthttp request head, its body the request body stream, and the
+// exchange runs on a fasthttp.RequestCtx whose "connection" is the stream
+// (h2Stream: addresses, TLS state, deadlines and writes go to the
+// stream). Routing, identity, limits, the circuit and bulkhead, the
+// upstream pools and their health are therefore the same objects for
+// both protocols, and so are the metrics and the access log.
+
+// NewHTTP2Server returns the net/http server for the proxy listener's
+// HTTP/2 connections (see frontend/listen, which hands it the TLS ones
+// that chose h2 by ALPN and, with server.h2c, the plaintext ones that
+// open with the HTTP/2 preface). Its TLSConfig stays nil: connections
+// come handshaken.
+func (p *Proxy) NewHTTP2Server(srv *policy.Server) *http.Server {
+	var protocols http.Protocols
+	protocols.SetHTTP2(true)
+	protocols.SetUnencryptedHTTP2(srv.H2C)
+	return &http.Server{
+		Handler:           p,
+		Protocols:         &protocols,
+		ReadHeaderTimeout: srv.HeaderTimeout,
+		IdleTimeout:       srv.IdleTimeout,
+		MaxHeaderBytes:    srv.MaxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams: 250,
+			// The protocol's default frame size, not net/http's 1 MiB: what
+			// clients (and h2spec) assume before they read our SETTINGS.
+			MaxReadFrameSize: 16 << 10,
+		},
+	}
+}
+
+// h2Stream is one HTTP/2 stream seen as the net.Conn of a RequestCtx.
+type h2Stream struct {
+	ctx    fasthttp.RequestCtx
+	w      http.ResponseWriter
+	rc     *http.ResponseController
+	r      *http.Request
+	remote net.Addr
+	local  net.Addr
+	err    error // the first write error: the client reset the stream or went away
+}
+
+// h2TLSStream is an h2Stream over TLS: it also has the TLS state, which
+// is how fasthttp (IsTLS, TLSConnectionState) tells a TLS connection.
+type h2TLSStream struct{ *h2Stream }
+
+func (s h2TLSStream) Handshake() error                     { return nil }
+func (s h2TLSStream) ConnectionState() tls.ConnectionState { return *s.r.TLS }
+
+var h2StreamPool = sync.Pool{New: func() any { return new(h2Stream) }}
+
+// ServeHTTP serves one HTTP/2 request (the http.Handler of the HTTP/2
+// server).
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if bad := connectionSpecific(r.Header); bad != "" {
+		// RFC 9113 §8.2.2: a request with a connection-specific field is
+		// malformed; net/http lets them through (golang/go#26321).
+		p.m.badReqs.Inc()
+		http.Error(w, `{"error":"malformed request: connection-specific field `+bad+` in HTTP/2"}`, http.StatusBadRequest)
+		return
+	}
+	s := h2StreamPool.Get().(*h2Stream)
+	s.w, s.r, s.rc, s.err = w, r, http.NewResponseController(w), nil
+	s.remote, _ = net.ResolveTCPAddr("tcp", r.RemoteAddr)
+	s.local, _ = r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	ctx := &s.ctx
+	ctx.Request.Reset()
+	ctx.Response.Reset()
+	ctx.ResetUserValues()
+	var conn net.Conn = s
+	if r.TLS != nil {
+		conn = h2TLSStream{s}
+	}
+	ctx.Init2(conn, nil, false)
+
+	h := &ctx.Request.Header
+	h.SetMethod(r.Method)
+	h.SetRequestURI(r.RequestURI)
+	h.SetProtocol("HTTP/1.1")
+	h.SetHost(r.Host)
+	for k, vs := range r.Header {
+		for _, v := range vs {
+			h.Add(k, v)
+		}
+	}
+	switch {
+	case r.Body == nil || r.Body == http.NoBody:
+	case r.ContentLength >= 0:
+		ctx.Request.SetBodyStream(r.Body, int(r.ContentLength))
+	default:
+		ctx.Request.SetBodyStream(r.Body, -1)
+	}
+
+	p.Handler(ctx)
+	s.respond()
+
+	s.w, s.r, s.rc, s.remote, s.local = nil, nil, nil, nil, nil
+	ctx.Request.Reset()
+	ctx.Response.Reset()
+	h2StreamPool.Put(s)
+}
+
+// respond writes the response the request path made to the stream: the
+// head, then the body as it streams (each write flushed: HTTP/2 flow
+// control is the backpressure), then the upstream's trailers.
+func (s *h2Stream) respond() {
+	resp := &s.ctx.Response
+	wh := s.w.Header()
+	for k, v := range resp.Header.All() {
+		switch string(k) {
+		case fasthttp.HeaderConnection, fasthttp.HeaderTransferEncoding, "Keep-Alive", "Proxy-Connection", fasthttp.HeaderContentLength:
+			continue // connection-specific: HTTP/2 frames the body itself
+		}
+		wh.Add(string(k), string(v))
+	}
+	x, streamed := resp.BodyStream().(*exchange)
+	if !streamed {
+		if !resp.SkipBody {
+			wh.Set(fasthttp.HeaderContentLength, strconv.Itoa(len(resp.Body())))
+		}
+		s.w.WriteHeader(resp.StatusCode())
+		_, _ = s.w.Write(resp.Body())
+		return
+	}
+	if cl := resp.Header.ContentLength(); cl >= 0 {
+		wh.Set(fasthttp.HeaderContentLength, strconv.Itoa(cl))
+	}
+	s.w.WriteHeader(resp.StatusCode())
+	_, err := x.WriteTo(s)
+	if err == nil {
+		for k, vs := range x.up.Trailer() {
+			for _, v := range vs {
+				wh.Add(http.TrailerPrefix+k, v)
+			}
+		}
+	}
+	_ = x.CloseWithError(err)
+}
+
+// Write writes body bytes to the stream and flushes them.
+func (s *h2Stream) Write(b []byte) (int, error) {
+	if s.err != nil {
+		return 0, s.err
+	}
+	n, err := s.w.Write(b)
+	if err == nil {
+		err = s.rc.Flush()
+	}
+	s.err = err
+	return n, err
+}
+
+// writeInterim sends an interim (1xx) response on the stream.
+func (s *h2Stream) writeInterim(h *fasthttp.ResponseHeader) {
+	wh := s.w.Header()
+	var names []string
+	for k, v := range h.All() {
+		if string(k) == fasthttp.HeaderContentLength || string(k) == fasthttp.HeaderConnection {
+			continue
+		}
+		names = append(names, string(k))
+		wh.Add(string(k), string(v))
+	}
+	s.w.WriteHeader(h.StatusCode())
+	for _, k := range names {
+		wh.Del(k) // they were the interim response's, not the final one's
+	}
+}
+
+func (s *h2Stream) Read([]byte) (int, error)           { return 0, io.EOF } // the body comes as the request's body stream
+func (s *h2Stream) Close() error                       { return nil }       // the server ends the stream
+func (s *h2Stream) LocalAddr() net.Addr                { return s.local }
+func (s *h2Stream) RemoteAddr() net.Addr               { return s.remote }
+func (s *h2Stream) SetDeadline(t time.Time) error      { return s.SetReadDeadline(t) }
+func (s *h2Stream) SetReadDeadline(t time.Time) error  { return s.rc.SetReadDeadline(t) }
+func (s *h2Stream) SetWriteDeadline(t time.Time) error { return s.rc.SetWriteDeadline(t) }
+
+// connectionSpecific names a field HTTP/2 forbids in a request (RFC 9113
+// §8.2.2), or returns "".
+func connectionSpecific(h http.Header) string {
+	for _, k := range [...]string{"Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade"} {
+		if _, ok := h[k]; ok {
+			return k
+		}
+	}
+	if te, ok := h["Te"]; ok && (len(te) != 1 || !strings.EqualFold(strings.TrimSpace(te[0]), "trailers")) {
+		return "TE"
+	}
+	return ""
+}
+
+// clientProtocol is the index in protocolNames of the protocol ctx's
+// client spoke.
+func clientProtocol(ctx *fasthttp.RequestCtx) int {
+	if clientStream(ctx) != nil {
+		return 1
+	}
+	return 0
+}
+
+// clientStream returns the HTTP/2 stream a request came on, or nil for an
+// HTTP/1.1 connection.
+func clientStream(ctx *fasthttp.RequestCtx) *h2Stream {
+	switch c := ctx.Conn().(type) {
+	case *h2Stream:
+		return c
+	case h2TLSStream:
+		return c.h2Stream
+	}
+	return nil
+}
