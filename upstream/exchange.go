@@ -64,8 +64,8 @@ type Exchange struct {
 	// What outlives a request: the pump's channel, and flags the pump
 	// goroutine shares (atomics).
 	pumpDone  chan error
-	senderEOF atomic.Bool // the pump read the sender's body to its end
-	awaiting  atomic.Bool // waiting for the response head: uploads extend its deadline
+	senderEOF atomic.Bool           // the pump read the sender's body to its end
+	awaiting  atomic.Bool           // waiting for the response head: uploads extend its deadline
 	h2sent    atomic.Int64          // HTTP/2: body bytes the transport read (on its goroutine)
 	h2bodyErr atomic.Pointer[error] // HTTP/2: the request body's failure
 }

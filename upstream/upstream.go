@@ -281,9 +281,9 @@ type Endpoint struct {
 
 	tls          *tls.Config     // https endpoint; nil: plain TCP
 	h2           *http.Transport // HTTP2 endpoints: the client that holds their connections
-	healthy      atomic.Bool  // active health checks' verdict (true without checks)
-	fails        atomic.Int32 // consecutive failures (passive health)
-	ejectedUntil atomic.Int64 // unix ns; passive ejection
+	healthy      atomic.Bool     // active health checks' verdict (true without checks)
+	fails        atomic.Int32    // consecutive failures (passive health)
+	ejectedUntil atomic.Int64    // unix ns; passive ejection
 }
 
 // Addr is the endpoint's host:port.
