@@ -31,6 +31,9 @@ deps-test:
 	@command -v docker-compose >/dev/null || { apt-get update -q && $(APT_INSTALL) --no-install-recommends docker-compose; }
 	@# a real CGI-style backend for the identity tests: Python's wsgiref
 	@command -v python3 >/dev/null || { apt-get update -q && $(APT_INSTALL) --no-install-recommends python3; }
+	@# h2spec, the HTTP/2 conformance suite, into GOPATH's bin, where test/h2spec_test.go also looks
+	@command -v h2spec >/dev/null || [ -x "$$($(GO) env GOPATH | cut -d: -f1)/bin/h2spec" ] || \
+		GOBIN="$$($(GO) env GOPATH | cut -d: -f1)/bin" $(GO) install github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible
 
 # timed,NAME,COMMAND runs COMMAND and prints its wall time (go test also
 # prints each package's).

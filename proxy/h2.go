@@ -114,18 +114,25 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	p.Handler(ctx)
-	s.respond()
+	cut := s.respond()
 
 	s.w, s.r, s.rc, s.remote, s.local = nil, nil, nil, nil, nil
 	ctx.Request.Reset()
 	ctx.Response.Reset()
 	h2StreamPool.Put(s)
+	if cut {
+		// A body cut short (the upstream failed mid-body) must not end
+		// like a whole one: RST_STREAM, not END_STREAM, as an HTTP/1.1
+		// client gets no last chunk.
+		panic(http.ErrAbortHandler)
+	}
 }
 
 // respond writes the response the request path made to the stream: the
 // head, then the body as it streams (each write flushed: HTTP/2 flow
-// control is the backpressure), then the upstream's trailers.
-func (s *h2Stream) respond() {
+// control is the backpressure), then the upstream's trailers. cut
+// reports a streamed body that ended with an error.
+func (s *h2Stream) respond() (cut bool) {
 	resp := &s.ctx.Response
 	wh := s.w.Header()
 	for k, v := range resp.Header.All() {
@@ -156,7 +163,12 @@ func (s *h2Stream) respond() {
 			}
 		}
 	}
-	_ = x.CloseWithError(err)
+	// End the exchange with the write's error, but leave its release to
+	// ServeHTTP's Response.Reset, which closes the body stream (x) once
+	// more through CloseWithError: finish runs once, and x goes back to
+	// its pool only when nothing refers to it any longer.
+	x.finish(err)
+	return err != nil
 }
 
 // Write writes body bytes to the stream and flushes them.
