@@ -76,7 +76,9 @@ var h2StreamPool = sync.Pool{New: func() any { return new(h2Stream) }}
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if bad := connectionSpecific(r.Header); bad != "" {
 		// RFC 9113 §8.2.2: a request with a connection-specific field is
-		// malformed; net/http lets them through (golang/go#26321).
+		// malformed. net/http (Go 1.26) answers those with 400 before the
+		// handler runs; this keeps the guarantee if it ever lets one by
+		// (it used to: golang/go#26321).
 		p.m.badReqs.Inc()
 		http.Error(w, `{"error":"malformed request: connection-specific field `+bad+` in HTTP/2"}`, http.StatusBadRequest)
 		return
