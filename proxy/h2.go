@@ -103,6 +103,9 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.SetProtocol("HTTP/1.1")
 	h.SetHost(r.Host)
 	for k, vs := range r.Header {
+		if k == "Host" {
+			continue // :authority is the authority (r.Host); a second one is not taken from a field
+		}
 		for _, v := range vs {
 			h.Add(k, v)
 		}
