@@ -47,6 +47,7 @@ func main() {
 	onlyLimits := flag.Bool("only-limits", false, "run only the configuration table (rate limits, breaker, everything on) and streaming")
 	flag.StringVar(&profileDir, "profiles", "", "directory for CPU and allocation profiles of each configuration (go tool pprof)")
 	onlyStream := flag.Bool("only-stream", false, "run only the 1 GiB streaming table")
+	onlyH2 := flag.Bool("only-h2", false, "run only the HTTP/2 table")
 	svg := flag.String("svg", "docs/bench.svg", "where to write the chart of throughput and p99 per configuration (empty: none)")
 	flag.Parse()
 
@@ -105,7 +106,7 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	fmt.Printf("| scenario | direct req/s | sidecar req/s | sidecar/direct | target | bare fasthttp/direct | bare + the sidecar's 6 upstream headers/direct | nginx/direct | direct p50 / p99 | sidecar p50 / p99 | core 1 busy: direct / sidecar / bare / bare + headers / nginx |\n")
 	fmt.Printf("|---|---|---|---|---|---|---|---|---|---|---|\n")
 	failed := false
-	if *onlyLimits || *onlyStream {
+	if *onlyLimits || *onlyStream || *onlyH2 {
 		scenarios = nil
 	}
 	for _, sc := range scenarios {
@@ -161,6 +162,12 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	if profileDir != "" {
 		procs.Check(os.MkdirAll(profileDir, 0o755))
 		fmt.Printf("configuration i's profiles: %s/cpu-i.pprof and allocs-i.pprof (i from 0: plain, memory, Redis, breaker, everything on memory, Redis)\n", profileDir)
+	}
+	if !*onlyStream && !*onlyLimits {
+		h2Bench(dir, sidecarBin, backendAddr, backend.Process.Pid, *conns, *dur, *runs)
+	}
+	if *onlyH2 {
+		return
 	}
 	var results []configResult
 	if !*onlyStream {
