@@ -165,6 +165,7 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	}
 	if !*onlyStream && !*onlyLimits {
 		h2Bench(dir, sidecarBin, backendAddr, backend.Process.Pid, *conns, *dur, *runs)
+		grpcBench(dir, sidecarBin, *runs)
 	}
 	if *onlyH2 {
 		return
