@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"sort"
 	"sync"
 	"time"
@@ -38,22 +37,8 @@ func grpcBench(dir, sidecarBin string, runs int) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	addr, admin := procs.FreeAddr(), procs.FreeAddr()
-	cfg := filepath.Join(dir, "sidecar-grpc.toml")
-	procs.Check(os.WriteFile(cfg, fmt.Appendf(nil, `[server]
-listen = %q
-admin_listen = %q
-h2c = true
-max_body_bytes = 0
-[upstreams.grpc]
-url = "http://%s"
-protocol = "h2c"
-[[routes]]
-upstream = "grpc"
-`, addr, admin, beAddr), 0o600))
-	sc := start(sidecarBin, []string{"GOMAXPROCS=1"}, "0", "-config", cfg, "-log-level", "warn")
+	addr, sc := startH2C(dir, sidecarBin, "grpc", "url = \"http://"+beAddr+"\"\nprotocol = \"h2c\"\n")
 	defer procs.Stop(sc)
-	procs.WaitHTTP("http://" + admin + "/readyz")
 
 	type row struct {
 		unary, mbps []float64

@@ -24,20 +24,8 @@ func h2Bench(dir, sidecarBin, backendAddr string, backendPid, conns int, d time.
 		fmt.Println("h2load not installed (apt-get install nghttp2-client): HTTP/2 table skipped")
 		return
 	}
-	addr, admin := procs.FreeAddr(), procs.FreeAddr()
-	cfg := filepath.Join(dir, "sidecar-h2.toml")
-	procs.Check(os.WriteFile(cfg, fmt.Appendf(nil, `[server]
-listen = %q
-admin_listen = %q
-h2c = true
-[upstreams.bench]
-url = "http://%s"
-[[routes]]
-upstream = "bench"
-`, addr, admin, backendAddr), 0o600))
-	sc := start(sidecarBin, []string{"GOMAXPROCS=1"}, "0", "-config", cfg, "-log-level", "warn")
+	addr, sc := startH2C(dir, sidecarBin, "h2", "url = \"http://"+backendAddr+"\"\n")
 	defer procs.Stop(sc)
-	procs.WaitHTTP("http://" + admin + "/readyz")
 	// NGINX keeps an HTTP/2 connection for 1000 requests by default
 	// (keepalive_requests); h2load does not reconnect, so lift it.
 	ngxAddr, stopNginx := startNginxH2(dir, backendAddr)
@@ -73,6 +61,18 @@ upstream = "bench"
 		us, _ := meters[i].perRequest()
 		fmt.Printf("| %s | %.0f | %.1f µs |\n", t.name, median(samples[i]).rps, us)
 	}
+}
+
+// startH2C runs a sidecar on CPU 0 with h2c on, in front of one upstream
+// (its table's lines given), and returns its address once ready.
+func startH2C(dir, sidecarBin, name, upstream string) (string, *exec.Cmd) {
+	addr, admin := procs.FreeAddr(), procs.FreeAddr()
+	cfg := filepath.Join(dir, "sidecar-"+name+".toml")
+	procs.Check(os.WriteFile(cfg, fmt.Appendf(nil, "[server]\nlisten = %q\nadmin_listen = %q\nh2c = true\nmax_body_bytes = 0\n"+
+		"[upstreams.bench]\n%s[[routes]]\nupstream = \"bench\"\n", addr, admin, upstream), 0o600))
+	sc := start(sidecarBin, []string{"GOMAXPROCS=1"}, "0", "-config", cfg, "-log-level", "warn")
+	procs.WaitHTTP("http://" + admin + "/readyz")
+	return addr, sc
 }
 
 var (
