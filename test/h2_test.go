@@ -825,3 +825,32 @@ func TestH2CutUpstreamBodyIsAnError(t *testing.T) {
 		})
 	}
 }
+
+// Over HTTP/2 the fields the sidecar writes are written last and once, as
+// over HTTP/1.1: a client's copies (any spelling) of the identity and
+// X-Forwarded-For do not reach the backend, and a forged tier buys nothing.
+func TestH2ClientCannotForgeIdentity(t *testing.T) {
+	type seen struct{ tier, client, xff string }
+	got := make(chan seen, 1)
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		got <- seen{strings.Join(r.Header.Values("X-Sidecar-Tier"), ","), strings.Join(r.Header.Values("X-Sidecar-Client"), ","),
+			strings.Join(r.Header.Values("X-Forwarded-For"), ",")}
+	})
+	sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(be.url(), ""))
+	req, _ := http.NewRequest("GET", sc.url("/who"), nil)
+	req.Header["X-Sidecar-Tier"] = []string{"premium"}
+	req.Header["X_sidecar_client"] = []string{"key:admin"}
+	req.Header["X-Forwarded-For"] = []string{"203.0.113.7"}
+	resp, err := h2cClient().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.ProtoMajor != 2 {
+		t.Fatalf("spoke HTTP/%d, want 2", resp.ProtoMajor)
+	}
+	s := <-got
+	if s.tier != "anonymous" || s.client != "ip:127.0.0.1" || s.xff != "127.0.0.1" {
+		t.Errorf("the backend saw tier %q client %q X-Forwarded-For %q", s.tier, s.client, s.xff)
+	}
+}
