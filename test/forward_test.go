@@ -376,21 +376,7 @@ func TestWebSocketUpgradePassesThrough(t *testing.T) {
 		}
 	})
 	sc := startSidecar(t, routeTo(be.url(), ""))
-	c, err := net.Dial("tcp", sc.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-	br := bufio.NewReader(c)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if resp.StatusCode != 101 || resp.Header.Get("Upgrade") != "websocket" {
-		t.Fatalf("got %d %v", resp.StatusCode, resp.Header)
-	}
+	c, br := openWebSocket(t, sc.Addr)
 	for _, msg := range []string{"hello\n", "second frame\n"} {
 		io.WriteString(c, msg)
 		got, err := br.ReadString('\n')
@@ -478,17 +464,7 @@ func TestTunnelHalfCloseFromUpstream(t *testing.T) {
 		got <- string(b)
 	})
 	sc := startSidecar(t, routeTo(be.url(), ""))
-	c, err := net.Dial("tcp", sc.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-	br := bufio.NewReader(c)
-	if resp, err := http.ReadResponse(br, nil); err != nil || resp.StatusCode != 101 {
-		t.Fatalf("upgrade: %v %v", resp, err)
-	}
+	c, br := openWebSocket(t, sc.Addr)
 	if rest, err := io.ReadAll(br); err != nil || string(rest) != "bye\n" {
 		t.Fatalf("upstream's direction: %q %v, want bye and EOF", rest, err)
 	}
@@ -504,4 +480,27 @@ func TestTunnelHalfCloseFromUpstream(t *testing.T) {
 	case <-time.After(6 * time.Second):
 		t.Error("the upstream never saw the client's end")
 	}
+}
+
+// openWebSocket sends a WebSocket upgrade to the sidecar at addr and
+// returns the tunnel once its 101 is read (the connection is closed when
+// the test ends).
+func openWebSocket(t *testing.T, addr string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 101 || resp.Header.Get("Upgrade") != "websocket" {
+		t.Fatalf("got %d %v", resp.StatusCode, resp.Header)
+	}
+	return c, br
 }
