@@ -173,6 +173,17 @@ func (a *Admitter) Limit(r *Request, route *policy.Route, d *Decision) error {
 	return nil
 }
 
+// Refund gives back the request that Limit admitted with d and charged to
+// the client's limit, when it was then not served at all (overload
+// protection shed it): the client's next request gets its place. at is
+// when Limit decided. A decision that charged nothing (exempt, unlimited,
+// denied, shadow-denied) has nothing to give back.
+func (a *Admitter) Refund(d *Decision, at time.Time) {
+	if d.Limited && d.Limit.Allowed {
+		a.lim.Refund(string(d.scratch), d.Rule, d.Source, at)
+	}
+}
+
 // chargeFailure counts a failed identification against the address, and
 // reports whether that took it over the limit.
 func (a *Admitter) chargeFailure(key string, anon *policy.Tier, d *Decision) (refused bool) {

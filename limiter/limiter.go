@@ -501,6 +501,13 @@ func (l *Limiter) fallback(key string, rule Rule, now time.Time) Decision {
 	case FailDeny:
 		return Decision{Limit: rule.Limit, RetryAfter: l.s.Cooldown, ResetAfter: l.s.Cooldown}
 	}
+	d := l.mem.AllowAt(key, l.localShare(rule), now, 1)
+	d.Limit = rule.Limit
+	return d
+}
+
+// localShare is this replica's share of rule under FailLocal.
+func (l *Limiter) localShare(rule Rule) Rule {
 	share := rule
 	if n := int(l.replicas.Load()); n > 1 {
 		share.Limit = max(1, rule.Limit/n)
@@ -508,9 +515,7 @@ func (l *Limiter) fallback(key string, rule Rule, now time.Time) Decision {
 			share.Burst = max(1, share.Burst/n)
 		}
 	}
-	d := l.mem.AllowAt(key, share, now, 1)
-	d.Limit = rule.Limit
-	return d
+	return share
 }
 
 func (l *Limiter) replicasKey() string { return "{" + l.s.KeyPrefix + ":replicas}" }

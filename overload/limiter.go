@@ -264,8 +264,13 @@ func (l *Limiter) Queued() int {
 // The zero Token, returned with every error, releases nothing.
 type Token struct {
 	l        *Limiter
-	inFlight int // requests in flight when it was admitted, itself included
+	inFlight int  // requests in flight when it was admitted, itself included
+	queued   bool // it waited in the queue before it was admitted
 }
+
+// Queued reports whether the request waited for its slot (the wait is
+// worth measuring); a request admitted at once did not.
+func (t Token) Queued() bool { return t.queued }
 
 // Acquire admits a request of the given priority (higher is more
 // important) or returns why not.
@@ -338,7 +343,7 @@ func (l *Limiter) wait(ctx context.Context, w *waiter, timeout time.Duration) (T
 	if shed != 0 {
 		return Token{}, shed
 	}
-	return Token{l: l, inFlight: inFlight}, nil
+	return Token{l: l, inFlight: inFlight, queued: true}, nil
 }
 
 func (l *Limiter) putWaiter(w *waiter) {

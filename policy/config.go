@@ -129,6 +129,12 @@ type TierFile struct {
 	// Mode is "enforce" (default) or "shadow": decisions are computed,
 	// counted, logged and sent as headers, but nothing is blocked.
 	Mode *string `toml:"mode"`
+	// Priority orders the tier's requests under overload protection,
+	// 0..100, higher first: at an upstream's limit lower priorities are
+	// shed first, and the highest configured priority alone may use the
+	// reserved share. Default 0 (the lowest), also for requests without
+	// a tier table.
+	Priority *int `toml:"priority"`
 }
 
 // RateLimitFile is [rate_limit].
@@ -353,8 +359,37 @@ type UpstreamFile struct {
 	// default with the defaults of BreakerFile.
 	Breaker *BreakerFile `toml:"breaker"`
 	// Fallback answers for the upstream when its circuit is open, its
-	// bulkhead full, or it fails. Default: the core's 502/503/504.
+	// bulkhead full, it sheds, or it fails. Default: the core's
+	// 502/503/504.
 	Fallback *FallbackFile `toml:"fallback"`
+	// Overload turns on overload protection: an adaptive concurrency
+	// limit in front of the bulkhead, with a short queue ordered by tier
+	// priority. Default: off (no table).
+	Overload *OverloadFile `toml:"overload"`
+}
+
+// OverloadFile is [upstreams.NAME.overload]. Its defaults are the overload
+// package's Default* constants, each reasoned there.
+type OverloadFile struct {
+	// Enabled = false turns it off and keeps the table. Default true: the
+	// table's presence turns overload protection on.
+	Enabled *bool `toml:"enabled"`
+	// MinLimit and MaxLimit bound the adaptive limit of requests in
+	// flight. Defaults 10 and 1000.
+	MinLimit *int `toml:"min_limit"`
+	MaxLimit *int `toml:"max_limit"`
+	// InitialLimit is where the limit starts when the sidecar starts (a
+	// reload keeps the learned limit). Default 100.
+	InitialLimit *int `toml:"initial_limit"`
+	// QueueTimeout is the longest a request waits for a slot at the limit
+	// before it is shed. Default 50ms.
+	QueueTimeout *Duration `toml:"queue_timeout"`
+	// QueueSize is how many requests may wait; 0 sheds at once at the
+	// limit. Default 1000.
+	QueueSize *int `toml:"queue_size"`
+	// Reserved is the share of the limit only the highest-priority tier
+	// may use, in [0, 1). Default 0.1.
+	Reserved *float64 `toml:"reserved"`
 }
 
 // HealthCheckFile is [upstreams.NAME.health_check].

@@ -3,6 +3,8 @@ package policy
 import (
 	"crypto/tls"
 	"time"
+
+	"github.com/sidecar-proxy/sidecar/overload"
 )
 
 // The exported defaults, kept for the packages that use them (the proxy
@@ -25,6 +27,11 @@ const (
 	DefaultUpstreamMaxIdle  = 128
 	DefaultConnWaitTimeout  = 100 * time.Millisecond
 	DefaultIdleConnTimeout  = 30 * time.Second
+
+	// DefaultPriority is a tier's priority under overload protection
+	// when it sets none, and that of a request without a tier table:
+	// the lowest.
+	DefaultPriority = 0
 )
 
 // DefaultTrustedOnlyHeaders is server.trusted_only_headers' default: the
@@ -60,6 +67,10 @@ var defaults = struct {
 	// HealthCheck is an [upstreams.NAME.health_check] table that sets
 	// nothing.
 	HealthCheck HealthCheck
+	// Overload is an [upstreams.NAME.overload] table that sets nothing:
+	// the overload package's recommended settings (TopPriority comes
+	// from the tiers).
+	Overload overload.Settings
 	// Fallback is an [upstreams.NAME.fallback] table that sets nothing;
 	// Body is used only when none of body, body_file and upstream is set.
 	Fallback Fallback
@@ -125,6 +136,7 @@ var defaults = struct {
 		HealthyThreshold:   2,
 		UnhealthyThreshold: 3,
 	},
+	Overload: overload.DefaultSettings(),
 	Fallback: Fallback{
 		Status:      503,
 		ContentType: "application/json",
@@ -132,7 +144,7 @@ var defaults = struct {
 	},
 	Route:     Route{PathPrefix: "/"}, // any host, any method, limited, the tier's mode
 	RouteName: "route%d",
-	Tier:      Tier{},
+	Tier:      Tier{Priority: DefaultPriority},
 	Identity: Identity{
 		APIKeyHeader:      "X-API-Key",
 		AnonymousTier:     "anonymous",

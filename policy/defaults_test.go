@@ -130,6 +130,7 @@ var shippedExamples = map[string]string{
 	"tiers.internal":                    "an example tier",
 	"tiers.*.limit":                     "the example tiers: with no [tiers] nothing is limited",
 	"tiers.*.window":                    "the example tiers",
+	"tiers.premium.priority":            "the example tiers' priorities (default 0)",
 	"redis.addrs":                       `example; required with store = "redis", no default`,
 	"redis.master_name":                 "example; sentinel only",
 	"redis.username_env":                "example; default: no username",
@@ -147,6 +148,7 @@ var shippedTableBase = map[string][]string{
 	"identity.jwt":               {"algorithm", "secret_env"},
 	"upstreams.app.health_check": nil,
 	"upstreams.app.fallback":     nil,
+	"upstreams.app.overload":     nil,
 }
 
 // sidecar.toml shows these lists abbreviated with "...": what it lists
@@ -225,7 +227,7 @@ func checkDocs(t *testing.T, goFile, tomlFile string) {
 	tables := map[string]string{ // File type → a table of that type in sidecar.toml
 		"ServerFile": "server", "TLSFile": "server.tls", "UpstreamFile": "upstreams.app",
 		"HealthCheckFile": "upstreams.app.health_check", "BreakerFile": "upstreams.app.breaker",
-		"FallbackFile": "upstreams.app.fallback", "RouteFile": "routes", "IdentityFile": "identity",
+		"FallbackFile": "upstreams.app.fallback", "OverloadFile": "upstreams.app.overload", "RouteFile": "routes", "IdentityFile": "identity",
 		"JWTFile": "identity.jwt", "TierFile": "tiers.anonymous", "RateLimitFile": "rate_limit",
 		"RedisFile": "redis", "AccessLogFile": "access_log",
 	}

@@ -69,6 +69,8 @@ type Tier struct {
 	Shadow    bool
 	// Unlimited tiers (unlimited = true) are never rate limited.
 	Unlimited bool
+	// Priority under overload protection, 0..100, higher first.
+	Priority int
 }
 
 // Client is who a request comes from, as far as the sidecar can verify.

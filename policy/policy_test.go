@@ -17,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sidecar-proxy/sidecar/overload"
 )
 
 const minimal = `
@@ -174,6 +176,62 @@ func TestProblems(t *testing.T) {
 	f("[rate_limit]\nlease_duration = \"5ms\"\n"+minimal, "rate_limit.lease_duration", 2, "between 10ms and 1m")
 	f("[rate_limit]\nlease_duration = \"2m\"\n"+minimal, "rate_limit.lease_duration", 2, "between 10ms and 1m")
 	f("[rate_limit]\nleases = true\n"+minimal, "rate_limit.leases", 2, "unknown key")
+
+	// [upstreams.NAME.overload] and tier priorities.
+	const ol = minimal + "[upstreams.app.overload]\n"
+	f(ol+"min_limit = 0\n", "upstreams.app.overload.min_limit", 8, "between 1 and")
+	f(ol+"min_limit = 50\nmax_limit = 20\n", "upstreams.app.overload.max_limit", 9, "must not be below min_limit 50")
+	f(ol+"max_limit = 50\ninitial_limit = 80\n", "upstreams.app.overload.initial_limit", 9, "within min_limit 10 and max_limit 50")
+	f(ol+"queue_timeout = \"0s\"\n", "upstreams.app.overload.queue_timeout", 8, "greater than zero")
+	f(ol+"queue_size = -1\n", "upstreams.app.overload.queue_size", 8, "between 0 and")
+	f(ol+"reserved = 1.0\n", "upstreams.app.overload.reserved", 8, "below 1, got 1")
+	f(ol+"reserved = nan\n", "upstreams.app.overload.reserved", 8, "got NaN")
+	f(ol+"min_limit = 1\nreserved = 0.1\n", "upstreams.app.overload.reserved", 9, "leaves the lower priorities no slot")
+	f(ol+"limit = 5\n", "upstreams.app.overload.limit", 8, "unknown key")
+	f(minimal+"[tiers.anonymous]\nlimit = 1\nwindow = \"1s\"\npriority = 101\n", "tiers.anonymous.priority", 10, "between 0 and 100")
+}
+
+// An overload table turns protection on with the overload package's
+// recommended settings; keys it sets replace them; TopPriority is the
+// highest tier priority; enabled = false turns it off.
+func TestOverloadSettings(t *testing.T) {
+	s, err := Parse("t.toml", []byte(minimal))
+	if err != nil || s.Upstreams["app"].Overload != nil {
+		t.Fatalf("no table: overload %+v, err %v; want off", s.Upstreams["app"].Overload, err)
+	}
+	s, err = Parse("t.toml", []byte(minimal+`
+[upstreams.app.overload]
+max_limit = 50
+queue_timeout = "20ms"
+[tiers.anonymous]
+limit = 1
+window = "1s"
+[tiers.premium]
+limit = 1
+window = "1s"
+priority = 70
+[tiers.batch]
+unlimited = true
+priority = 5
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := overload.DefaultSettings()
+	want.MaxLimit, want.InitialLimit, want.QueueTimeout, want.TopPriority = 50, 50, 20*time.Millisecond, 70
+	if got := *s.Upstreams["app"].Overload; got != want {
+		t.Errorf("overload settings %+v, want %+v", got, want)
+	}
+	if p := s.Tiers["batch"].Priority; p != 5 {
+		t.Errorf("unlimited tier priority %d, want 5", p)
+	}
+	if p := s.Tiers["anonymous"].Priority; p != 0 {
+		t.Errorf("default priority %d, want 0", p)
+	}
+	s, err = Parse("t.toml", []byte(minimal+"[upstreams.app.overload]\nenabled = false\nmin_limit = 5\n"))
+	if err != nil || s.Upstreams["app"].Overload != nil {
+		t.Errorf("enabled = false: overload %+v, err %v; want off", s.Upstreams["app"].Overload, err)
+	}
 }
 
 // The three Redis modes compile into what limiter.NewRedisClient needs,

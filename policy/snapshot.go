@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"reflect"
 	"time"
+
+	"github.com/sidecar-proxy/sidecar/overload"
 )
 
 // Snapshot is a validated, compiled config. It is immutable: the proxy
@@ -183,12 +185,17 @@ type Upstream struct {
 	ServerName string
 	CAPEM      string    `json:"-"` // in TLSSource by hash
 	Fallback   *Fallback // nil: errors get the core's statuses
+	// Overload is the overload protection's settings (TopPriority the
+	// highest tier priority), nil when off. It is left out of the
+	// Fingerprint: changing it updates the upstream's limiter in place
+	// (keeping what it learned) instead of rebuilding its pools.
+	Overload *overload.Settings `json:"-"`
 	// TLSSource is what TLSConfig was built from: the server name and the
 	// CA file's path and SHA-256 (a parsed x509.CertPool never compares
 	// equal to another, even of the same file).
 	TLSSource string
-	// Fingerprint is the SHA-256 of every setting above (TLSConfig by its
-	// TLSSource): equal fingerprints, equal upstreams. Set by the loader.
+	// Fingerprint is the SHA-256 of every setting above but Overload
+	// (TLSConfig by its TLSSource): equal fingerprints, equal upstreams. Set by the loader.
 	Fingerprint [32]byte `json:"-"`
 }
 

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2/unstable"
+
+	"github.com/sidecar-proxy/sidecar/overload"
 )
 
 // The bounds of server.max_header_bytes. Defaults are in defaults.go.
@@ -116,6 +118,15 @@ func (v *validator) compile(f *File) *Snapshot {
 		}
 	}
 	s.Tiers = v.tiers(f)
+	top := defaults.Tier.Priority
+	for _, t := range s.Tiers {
+		top = max(top, t.Priority)
+	}
+	for _, u := range s.Upstreams {
+		if u.Overload != nil {
+			u.Overload.TopPriority = top
+		}
+	}
 	v.accessLog(&f.AccessLog, &s.AccessLog)
 	v.rateLimit(&f.RateLimit, &s.RateLimit)
 	v.redis(&f.Redis, &s.Redis, s.RateLimit.Store == StoreRedis)
@@ -326,7 +337,47 @@ func (v *validator) upstream(name string, f *UpstreamFile) *Upstream {
 	}
 	u.RequiredForReady = or(f.RequiredForReadiness, def.RequiredForReady)
 	u.TLSConfig = v.upstreamTLS(key, f, u)
+	if f.Overload != nil && or(f.Overload.Enabled, true) {
+		u.Overload = v.overload(key+".overload", f.Overload)
+	}
 	return u
+}
+
+// overload validates [upstreams.NAME.overload]; compile sets TopPriority
+// once the tiers are known.
+func (v *validator) overload(key string, f *OverloadFile) *overload.Settings {
+	def := &defaults.Overload
+	problems := len(v.problems)
+	o := &overload.Settings{
+		MinLimit:     v.intRange(key+".min_limit", f.MinLimit, def.MinLimit, 1, 1_000_000),
+		MaxLimit:     v.intRange(key+".max_limit", f.MaxLimit, def.MaxLimit, 1, 1_000_000),
+		QueueTimeout: v.duration(key+".queue_timeout", f.QueueTimeout, def.QueueTimeout, false),
+		QueueSize:    v.intRange(key+".queue_size", f.QueueSize, def.QueueSize, 0, 1_000_000),
+		Reserved:     def.Reserved,
+	}
+	// An initial limit left out follows the bounds given, so that
+	// max_limit = 50 alone does not need initial_limit too.
+	o.InitialLimit = v.intRange(key+".initial_limit", f.InitialLimit, min(max(def.InitialLimit, o.MinLimit), o.MaxLimit), 1, 1_000_000)
+	if o.MaxLimit < o.MinLimit {
+		v.addf(key+".max_limit", "must not be below min_limit %d, got %d", o.MinLimit, o.MaxLimit)
+	} else if o.InitialLimit < o.MinLimit || o.InitialLimit > o.MaxLimit {
+		v.addf(key+".initial_limit", "must be within min_limit %d and max_limit %d, got %d", o.MinLimit, o.MaxLimit, o.InitialLimit)
+	}
+	if f.Reserved != nil {
+		if r := *f.Reserved; r >= 0 && r < 1 {
+			o.Reserved = r
+		} else {
+			v.addf(key+".reserved", "must be at least 0 and below 1, got %v", r)
+		}
+	}
+	if len(v.problems) == problems {
+		// What is left is how the keys combine: a reserved share that
+		// leaves the lower priorities nothing at min_limit.
+		if err := o.Validate(); err != nil {
+			v.addf(key+".reserved", "%v of min_limit %d leaves the lower priorities no slot; lower reserved or raise min_limit", o.Reserved, o.MinLimit)
+		}
+	}
+	return o
 }
 
 // upstreamTLS builds the client TLS config of an upstream with https
@@ -569,6 +620,7 @@ func (v *validator) tiers(f *File) map[string]*Tier {
 		*t = defaults.Tier
 		t.Name = name
 		t.Unlimited = or(tf.Unlimited, t.Unlimited)
+		t.Priority = v.intRange(key+".priority", tf.Priority, t.Priority, 0, 100)
 		if t.Unlimited {
 			if tf.Limit != nil || tf.Window != nil || tf.Burst != nil || tf.Algorithm != nil || tf.Mode != nil {
 				v.addf(key+".unlimited", "an unlimited tier takes no limit, window, burst, algorithm or mode")

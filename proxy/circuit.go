@@ -78,7 +78,7 @@ func (p *Proxy) circuit(name string, spec *policy.Breaker) (*breaker.Breaker, er
 	return b, nil
 }
 
-var fallbackReasons = [...]string{"open", "saturated", "timeout", "error"}
+var fallbackReasons = [...]string{"open", "saturated", "shed", "timeout", "error"}
 
 // errFallback ends a request whose upstream failed (or whose circuit or
 // bulkhead refused it) and has a fallback: answer serves it, for the
@@ -94,6 +94,7 @@ func (x *exchange) enterCircuit() error {
 		if errors.Is(err, breaker.ErrSaturated) {
 			x.r.up.rejected.Inc()
 		}
+		x.leaveOverload(time.Now()) // refused here: the upstream was not asked
 		return x.fallBack(answerFor(err).reason, retry)
 	}
 	x.r.ticket = t
@@ -111,6 +112,7 @@ func (x *exchange) fallBack(reason string, retry time.Duration) error {
 	x.r.fallback, x.r.retryAfter = reason, retry
 	if fb := x.r.up.spec.Fallback; fb != nil && fb.Upstream != "" && first && x.up.Sent() == 0 && !x.up.Pumped() {
 		if alt := x.r.st.upstreams[fb.Upstream]; alt != nil {
+			x.leaveOverload(time.Now()) // the slot was the failing upstream's
 			x.r.ticket.Done()
 			x.r.ticket = breaker.Ticket{}
 			x.up.Response.Reset()
@@ -154,6 +156,7 @@ var fallbackAnswers = [len(fallbackReasons)]struct {
 }{
 	{fasthttp.StatusServiceUnavailable, "upstream circuit open"},
 	{fasthttp.StatusServiceUnavailable, "upstream saturated"},
+	{fasthttp.StatusServiceUnavailable, "upstream overloaded"},
 	{fasthttp.StatusGatewayTimeout, "upstream timed out"},
 	{fasthttp.StatusBadGateway, "upstream unavailable"},
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/sidecar-proxy/sidecar/admission"
 	"github.com/sidecar-proxy/sidecar/breaker"
+	"github.com/sidecar-proxy/sidecar/overload"
 	"github.com/sidecar-proxy/sidecar/policy"
 	"github.com/sidecar-proxy/sidecar/upstream"
 )
@@ -63,9 +64,11 @@ type request struct {
 
 	// Admission.
 	rl        decision // the rate-limit decision, for the response headers
+	charged   bool     // the rate limit counted this request (x.dec describes it): a refund is due if it is shed
 	tier      string   // the client's tier, once identified (from config or a verified token)
 	peer      netip.Addr
 	badTarget bool           // a request target that cannot be honoured (400): see originForm, state.match
+	overload  overload.Token // the slot of the upstream's concurrency limit, with overload protection
 	ticket    breaker.Ticket // the bulkhead slot and circuit verdict, if the upstream has a breaker
 
 	// Upstream.
@@ -77,6 +80,8 @@ type request struct {
 	upStart    time.Time     // the first attempt upstream began
 	upEnd      time.Time     // the upstream's part ended (response complete, or failed)
 	upErr      error         // the response body failed upstream
+	upLatency  time.Duration // the upstream's time to answer (or time out), overload's sample
+	upDropped  bool          // with upLatency: it timed out
 	fallback   string        // X-Sidecar-Fallback of this response, if any
 	retryAfter time.Duration // with fallback: its Retry-After
 	deadline   time.Time     // a gRPC client's deadline (grpc-timeout), if it sent one
@@ -188,7 +193,8 @@ func (x *exchange) begin() {
 }
 
 // admit checks the request itself, then runs admission: identity and the
-// rate limit, then the route's place in its circuit and bulkhead.
+// rate limit, a slot of the upstream's concurrency limit (overload
+// protection), then the route's place in its circuit and bulkhead.
 func (x *exchange) admit() error {
 	h := &x.r.ctx.Request.Header
 	if testHookServe != nil {
@@ -209,6 +215,9 @@ func (x *exchange) admit() error {
 		return err
 	}
 	x.r.up = x.r.rt.up
+	if err := x.enterOverload(); err != nil || x.r.fallback != "" {
+		return err // shed: the fallback answers, or the fallback upstream takes it
+	}
 	return x.enterCircuit()
 }
 
@@ -294,18 +303,24 @@ func (x *exchange) send() error {
 		x.r.send.ResponseTimeout = max(min(x.r.send.ResponseTimeout, time.Until(x.r.deadline)), time.Millisecond)
 	}
 	x.r.ep = pool.Pick(nil, time.Now())
+	tried := x.r.upStart
 	for attempt := 0; ; attempt++ {
 		if x.r.up.spec.RewriteHost || len(h.Host()) == 0 {
 			h.SetHost(x.r.ep.Addr()) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
 		}
 		err := x.up.RoundTrip(x.r.ep, &x.r.send)
+		now := time.Now()
 		if err == nil {
+			x.r.upLatency = now.Sub(tried)
 			failed := failureStatus(x.r.up.spec, x.up.Response.StatusCode())
-			x.r.up.outcome(x.r.ep, failed, time.Now(), x.p.log.Warn)
+			x.r.up.outcome(x.r.ep, failed, now, x.p.log.Warn)
 			if x.r.up.spec.Breaker != nil {
-				x.r.ticket.Report(failed, time.Now())
+				x.r.ticket.Report(failed, now)
 			}
 			return nil
+		}
+		if errors.Is(err, ErrResponseTimeout) {
+			x.r.upLatency, x.r.upDropped = now.Sub(tried), true
 		}
 		x.r.up.m.errorInc(err)
 		if clientSide(err) || errors.Is(err, ErrUpstreamBusy) { // a full pool is not the upstream's fault
@@ -315,6 +330,7 @@ func (x *exchange) send() error {
 		if x.retryable(err, attempt) {
 			x.r.up.m.retries.Inc()
 			x.r.ep = pool.Pick(x.r.ep, time.Now())
+			tried = time.Now()
 			continue
 		}
 		x.r.ticket.Report(true, time.Now())
@@ -645,8 +661,10 @@ func (x *exchange) finish(clientErr error) {
 	if x.r.upErr != nil {
 		x.r.up.m.errorInc(x.r.upErr)
 	}
+	now := time.Now()
+	x.leaveOverload(now)
 	x.r.ticket.Done()
-	x.record(time.Now())
+	x.record(now)
 }
 
 func (x *exchange) record(now time.Time) {

@@ -30,6 +30,7 @@ import (
 	"github.com/sidecar-proxy/sidecar/admission"
 	"github.com/sidecar-proxy/sidecar/breaker"
 	"github.com/sidecar-proxy/sidecar/health"
+	"github.com/sidecar-proxy/sidecar/overload"
 	"github.com/sidecar-proxy/sidecar/policy"
 )
 
@@ -62,8 +63,12 @@ type Proxy struct {
 	lastShadowLog      atomic.Int64
 	lastUnknownTierLog atomic.Int64 // minutes
 	circuits           circuits
-	access             *accessLog
-	active             *activeClients
+	// overloads are the upstreams' overload limiters by name, kept
+	// across reloads; overloadMetrics their series. Apply owns both.
+	overloads       map[string]*overload.Limiter
+	overloadMetrics map[string]*overloadMetrics
+	access          *accessLog
+	active          *activeClients
 }
 
 // state is everything the handler needs, built from one snapshot.
@@ -77,7 +82,8 @@ type state struct {
 	// apiKeyField matches identity.api_key_header in any spelling.
 	filter      *requestFilter
 	apiKeyField *fieldSet
-	adm         *admission.Admitter // route, identity, limits
+	adm         *admission.Admitter         // route, identity, limits
+	overload    map[string]*overloadRuntime // by upstream name; absent: off
 }
 
 type routeRuntime struct {
@@ -86,6 +92,7 @@ type routeRuntime struct {
 	m     *routeMetrics
 	rl    *tierCounters
 	brk   *breaker.Breaker // the route's own circuit (own_circuit), or nil
+	ol    *overloadRuntime // the upstream's overload protection, or nil
 }
 
 // New builds a Proxy serving snap.
@@ -97,7 +104,8 @@ func New(snap *policy.Snapshot, s Settings) (*Proxy, error) {
 		s.Metrics = metrics.NewSet()
 		metrics.RegisterSet(s.Metrics)
 	}
-	p := &Proxy{log: s.Logger, set: s.Metrics, ids: newRequestIDs(), stop: make(chan struct{})}
+	p := &Proxy{log: s.Logger, set: s.Metrics, ids: newRequestIDs(), stop: make(chan struct{}),
+		overloads: map[string]*overload.Limiter{}, overloadMetrics: map[string]*overloadMetrics{}}
 	p.circuits = circuits{set: s.Metrics, m: map[string]*atomic.Pointer[breaker.Breaker]{}}
 	p.m = newProxyMetrics(s.Metrics)
 	p.active = newActiveClients(s.Metrics)
@@ -169,6 +177,28 @@ func (p *Proxy) Apply(snap *policy.Snapshot) error {
 		st.routes = append(st.routes, rr)
 	}
 	st.noRoute = newRouteMetrics(p.set, "none", nil)
+	// Overload limiters are updated after everything else that can fail
+	// (only their Validate errors can, which policy has ruled out), so a
+	// failed Apply leaves them as they were.
+	st.overload = make(map[string]*overloadRuntime)
+	for name, spec := range snap.Upstreams {
+		o, err := p.overloadFor(name, spec.Overload)
+		if err != nil {
+			st.closeNew(old)
+			return fmt.Errorf("proxy: upstream %s: overload: %w", name, err)
+		}
+		if o != nil {
+			st.overload[name] = o
+		}
+	}
+	for name := range p.overloads {
+		if snap.Upstreams[name] == nil {
+			delete(p.overloads, name) // removed: a later upstream of that name starts afresh
+		}
+	}
+	for i := range st.routes {
+		st.routes[i].ol = st.overload[st.routes[i].route.Upstream]
+	}
 	if old != nil && old.rl.sameConfig(snap) {
 		st.rl = old.rl // limits carry over
 	} else {

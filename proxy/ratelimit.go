@@ -113,6 +113,7 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) error {
 	}
 	d := &x.dec
 	err := x.r.st.adm.Limit(x.credentials(h), x.r.rt.route, d)
+	x.r.charged = d.Limited && d.Limit.Allowed
 	x.clientID, x.r.tier = append(x.clientID[:0], d.ClientID...), d.Tier
 	if d.Limited {
 		// q is the limit per window whatever the algorithm (a GCRA
@@ -146,6 +147,20 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) error {
 		return ErrRateLimited
 	}
 	return nil
+}
+
+// refundRateLimit gives the request back to the client's rate limit: it
+// was admitted and charged, then shed before it reached the upstream. The
+// RateLimit headers of the answer count it as given back. A request whose
+// limit the 100-continue handler decided is not refunded (its decision
+// was made before this exchange and is not kept).
+func (x *exchange) refundRateLimit() {
+	if !x.r.charged {
+		return
+	}
+	x.r.st.adm.Refund(&x.dec, x.r.start)
+	x.r.charged = false
+	x.r.rl.d.Remaining = min(x.r.rl.d.Remaining+1, x.r.rl.d.Limit)
 }
 
 // credentials collects the request's credential lines in one pass over

@@ -13,6 +13,9 @@ import (
 // timeout. fasthttp hands the client connection over after the handler
 // returns (Hijack), without writing a response of its own.
 func (x *exchange) tunnel() {
+	// The upgrade is answered: a tunnel, which may last hours, holds no
+	// slot of the concurrency limit.
+	x.leaveOverload(time.Now())
 	head := append([]byte(nil), x.up.Response.Header.Header()...) // the response is reset before the hijack runs
 	x.hijack(head, func(client net.Conn, idle time.Duration) error {
 		up, down := x.up.Tunnel(client, idle)
