@@ -48,6 +48,7 @@ func main() {
 	flag.StringVar(&profileDir, "profiles", "", "directory for CPU and allocation profiles of each configuration (go tool pprof)")
 	onlyStream := flag.Bool("only-stream", false, "run only the 1 GiB streaming table")
 	onlyH2 := flag.Bool("only-h2", false, "run only the HTTP/2 table")
+	onlyOverload := flag.Bool("only-overload", false, "run only the overload scenario (issue 16)")
 	svg := flag.String("svg", "docs/bench.svg", "where to write the chart of throughput and p99 per configuration (empty: none)")
 	flag.Parse()
 
@@ -58,6 +59,12 @@ func main() {
 	procs.Run("go", "build", "-o", sidecarBin, ".")
 	procs.Run("go", "build", "-o", backendBin, "./bench/backend")
 	procs.Run("go", "build", "-o", bareBin, "./bench/bare")
+	if *onlyOverload {
+		if !overloadBench(dir, sidecarBin) {
+			fmt.Println("\nsome overload targets were missed in this run")
+		}
+		return
+	}
 
 	backendAddr, proxyAddr, adminAddr, bareAddr, bareHAddr := procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr(), procs.FreeAddr()
 	backend := start(backendBin, []string{"GOMAXPROCS=1"}, "1", "-addr", backendAddr, "-kind", *kind)
@@ -182,6 +189,9 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 		failed = true
 	}
 	if !*onlyStream && !leaseBench(dir, sidecarBin, backendAddr) {
+		failed = true
+	}
+	if !*onlyStream && !*onlyLimits && !overloadBench(dir, sidecarBin) {
 		failed = true
 	}
 	if *svg != "" && len(results) > 0 {

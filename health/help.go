@@ -36,9 +36,16 @@ var help = map[string]string{
 	// Circuit breakers and bulkheads (proxy/circuit.go).
 	"sidecar_breaker_state":             "Circuit breaker state: 0 closed, 1 open, 2 half-open (the next request probes).",
 	"sidecar_breaker_transitions_total": "Circuit breaker transitions, by circuit and the state entered (open, closed).",
-	"sidecar_fallbacks_total":           "Fallback responses served instead of the upstream's, by upstream and reason (open, saturated, timeout, error).",
+	"sidecar_fallbacks_total":           "Fallback responses served instead of the upstream's, by upstream and reason (open, saturated, shed, timeout, error).",
 	"sidecar_bulkhead_in_flight":        "Bulkhead slots taken now, by circuit.",
 	"sidecar_bulkhead_rejections_total": "Requests refused because the upstream's bulkhead was full.",
+
+	// Overload protection (proxy/overload.go, overload/).
+	"sidecar_overload_limit":              "The upstream's adaptive concurrency limit now (0: overload protection was turned off for it).",
+	"sidecar_overload_in_flight":          "Requests holding a slot of the upstream's concurrency limit now.",
+	"sidecar_overload_queued":             "Requests waiting for a slot of the upstream's concurrency limit now.",
+	"sidecar_overload_shed_total":         "Requests shed by overload protection (503, X-Sidecar-Fallback: shed) without reaching the upstream, by upstream and tier (none: the request had no tier).",
+	"sidecar_overload_queue_wait_seconds": "Time requests that waited for a slot of the upstream's concurrency limit spent waiting, whether then admitted or shed, by upstream.",
 
 	// Rate limiting (proxy/ratelimit.go, limiter/).
 	"sidecar_ratelimit_decisions_total":        "Rate limit decisions, by route, tier, result (allowed, denied, shadow_denied) and source (memory, store, deny_cache, store_error_fallback, lease).",

@@ -19,11 +19,11 @@
 //
 // The limit follows Netflix concurrency-limits' Gradient2 (Gradient2Limit.java,
 // https://github.com/Netflix/concurrency-limits/blob/main/concurrency-limits-core/src/main/java/com/netflix/concurrency/limits/limit/Gradient2Limit.java,
-// as of the main branch at 78a74b98, January 2026) over the 1 s sample windows of
+// as of the main branch at 78a74b98, January 2026) over the sample windows of
 // its WindowedLimit (limit/WindowedLimit.java, window/ImmutableAverageSampleWindow.java),
 // the pairing that project's README shows. Each window of at least 10
 // samples gives a short RTT, its mean latency; a long RTT is an
-// exponential average of those over ~600 windows. Then
+// exponential average of those over ten minutes. Then
 //
 //	gradient = clamp(1.5 × long/short, 0.5, 1)
 //	limit    = 0.8 × limit + 0.2 × (gradient × limit + growth)
@@ -37,7 +37,10 @@
 // other and the drop itself does not change the limit (Gradient2 ignores
 // didDrop; AIMD and Vegas are the algorithms that back off on it).
 //
-// Two deliberate departures, both explained in gradient2.go: growth is
+// Three deliberate departures, all explained in gradient2.go: windows
+// are 100 ms (Envoy adaptive_concurrency's update interval), not Java's
+// 1 s, so that the limit finds an overloaded upstream's level in seconds
+// rather than tens of seconds; growth is
 // max(4, ⌊√limit⌋), Java's SquareRootFunction.create(4) (the default of
 // its GradientLimit) instead of Gradient2's constant 4, so that the limit
 // can climb to hundreds in minutes rather than tens of minutes; and

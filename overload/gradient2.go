@@ -18,9 +18,10 @@ const (
 	// smoothing is how much of each new estimate replaces the limit.
 	smoothing = 0.2
 	// longWindow and longWarmup shape the long RTT (ExpAvgMeasurement(600,
-	// 10)): the plain mean of the first 10 windows, then an exponential
-	// average with factor 2/(600+1), i.e. some ten minutes of 1 s windows.
-	longWindow = 600
+	// 10) over 1 s windows in Java): the plain mean of the first 10
+	// windows, then an exponential average over some ten minutes, which
+	// at our 100 ms windows is 6000 of them (factor 2/(6000+1)).
+	longWindow = int(10 * time.Minute / windowMax)
 	longWarmup = 10
 	// driftRatio and driftDecay are the drift recovery: while the long RTT
 	// is over twice the short one (latency came back down after a long
@@ -34,10 +35,17 @@ const (
 
 	// A sample window closes at the first sample after
 	// clamp(2 × its fastest sample, windowMin, windowMax) and counts only
-	// if it holds windowSamples samples (WindowedLimit's defaults: 1 s,
-	// 1 s, 10): under 10 requests a second the limit does not move.
-	windowMin     = time.Second
-	windowMax     = time.Second
+	// if it holds windowSamples samples. WindowedLimit's defaults are 1 s,
+	// 1 s and 10; ours are 100 ms, Envoy adaptive_concurrency's
+	// concurrency_update_interval. At 1 s, with the limit cut by at most
+	// 10 % a window, an upstream that can take 16 needs ~17 s to bring a
+	// limit of 100 down to it, shedding nothing and queueing 84 requests
+	// at the upstream all the while; at 100 ms it takes ~2 s. Growth is
+	// per window too, so the limit also climbs ten times faster (0.8 a
+	// window at small limits: 8/s). Under 100 requests a second (10 a
+	// window) the limit does not move.
+	windowMin     = 100 * time.Millisecond
+	windowMax     = 100 * time.Millisecond
 	windowSamples = 10
 	// minSampleRTT drops latencies that cannot be a round trip (zero, a
 	// clock step). WindowedLimit's minRttThreshold is 100 µs, but a
@@ -51,15 +59,16 @@ const (
 // before smoothing: max(4, ⌊√limit⌋), concurrency-limits'
 // SquareRootFunction.create(4), the default of its GradientLimit.
 // Gradient2's own default is a constant 4, which after smoothing grows the
-// limit by 0.8 a window (a second): 20 minutes from 20 to 1000. With √ it
-// grows by ~2/s at 100 and ~6/s at 1000, as Envoy's adaptive_concurrency
-// (+√limit) does, while at small limits it is the same 4.
+// limit by 0.8 a window: 1225 windows from 20 to 1000 (20 minutes of
+// Java's 1 s windows, 2 of ours). With √ it grows by ~2 a window at 100
+// and ~6 at 1000, as Envoy's adaptive_concurrency (+√limit) does, while at
+// small limits it is the same 4.
 func growth(limit float64) float64 {
 	return max(growthFloor, math.Floor(math.Sqrt(limit)))
 }
 
-// gradient2 is the Gradient2 concurrency-limit controller over 1 s sample
-// windows. It is not safe for concurrent use: the Limiter that owns it
+// gradient2 is the Gradient2 concurrency-limit controller over 100 ms
+// sample windows. It is not safe for concurrent use: the Limiter that owns it
 // calls it under its lock. Time is only what the caller passes in.
 type gradient2 struct {
 	minLimit, maxLimit float64
@@ -150,7 +159,7 @@ func (g *gradient2) update(short float64, inFlight int) {
 		g.longSum += short
 		g.long = g.longSum / float64(g.longCount)
 	} else {
-		const factor = 2.0 / (longWindow + 1)
+		const factor = 2.0 / float64(longWindow+1)
 		g.long = g.long*(1-factor) + short*factor
 	}
 	long := g.long // the gradient uses the value before the drift decay, as Java does

@@ -7,8 +7,8 @@ import (
 
 var t0 = time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
 
-// driver feeds a gradient2 on a fake clock: ten samples a second, 100 ms
-// apart, so that each window closes on its eleventh sample.
+// driver feeds a gradient2 on a fake clock: ten samples a window, a tenth
+// of a window apart, so that each window closes on its eleventh sample.
 type driver struct {
 	t   testing.TB
 	g   gradient2
@@ -29,7 +29,7 @@ func (d *driver) windows(n int, latency time.Duration, busy float64, dropped boo
 		if samples > 20*n {
 			d.t.Fatalf("%d samples closed only %d of %d windows", samples, closed, n)
 		}
-		d.now = d.now.Add(100 * time.Millisecond)
+		d.now = d.now.Add(windowMax / 10)
 		before := d.g.win.n
 		d.g.sample(latency, int(busy*d.g.limit+0.5), dropped, d.now)
 		if d.g.win.n == 0 && before >= windowSamples {
@@ -156,9 +156,9 @@ func TestGradient2StaysWithinBounds(t *testing.T) {
 func TestGradient2DriftRecovery(t *testing.T) {
 	d := newDriver(t, 5, 1000, 100)
 	d.windows(10, 10*time.Millisecond, 1, false)
-	d.windows(3000, 50*time.Millisecond, 1, false)
+	d.windows(3*longWindow, 50*time.Millisecond, 1, false)
 	if d.g.long < float64(45*time.Millisecond) {
-		t.Fatalf("long RTT %v after 3000 windows at 50 ms", time.Duration(d.g.long))
+		t.Fatalf("long RTT %v after %d windows at 50 ms", time.Duration(d.g.long), 3*longWindow)
 	}
 	d.windows(30, 10*time.Millisecond, 1, false)
 	if d.g.long > float64(2*10*time.Millisecond)*1.01 {

@@ -28,13 +28,15 @@ const (
 	// (1024): above it those bound concurrency anyway.
 	DefaultMaxLimit = 1000
 	// DefaultInitialLimit is where a new Limiter starts (a reload keeps
-	// the learned limit). It is five times Gradient2's own 20 because the
-	// limit shrinks far faster than it grows: down by up to 10 % a
-	// second, up by max(4, √limit) × 0.2 a second (~1.4/s at 50). From
-	// 20, an upstream that needs 100 in flight would see requests shed
-	// for a minute after every restart; from 100, an upstream whose
-	// latency triples is brought down to 20 in ~20 s.
-	DefaultInitialLimit = 100
+	// the learned limit): Gradient2's own 20. A limit above what the
+	// upstream can take is paid for at the start of the first overload,
+	// by every priority: an upstream of 8 workers with 100 admitted
+	// queues 92 of them, and the latency of all is 12 × its own until
+	// the limit comes down (10 % a window, ~2 s). Starting low costs an
+	// upstream that needs more some queueing or shedding while the limit
+	// climbs (0.8 a window up to 16, then 0.2 × √limit: from 20 to 100
+	// in ~5 s of busy windows).
+	DefaultInitialLimit = 20
 	// DefaultQueueTimeout bounds how long a request waits for a slot.
 	// Waiting is only worth it for the slots that free up within a small
 	// fraction of a typical response time budget; past that a fast 503

@@ -371,9 +371,9 @@ func TestLimiterLearns(t *testing.T) {
 	}
 	// 100 windows; each request is replaced as it ends, so in flight stays
 	// at the limit.
-	run := func(latency time.Duration, seconds int) {
-		for range seconds * 20 {
-			now = now.Add(50 * time.Millisecond)
+	run := func(latency time.Duration, windows int) {
+		for range windows * 20 {
+			now = now.Add(windowMax / 20)
 			fill()
 			toks[0].Done(latency, false, now)
 			toks = toks[1:]
@@ -382,11 +382,11 @@ func TestLimiterLearns(t *testing.T) {
 	run(10*time.Millisecond, 100)
 	grown := l.Limit()
 	if grown < 60 {
-		t.Fatalf("limit %d after 100 busy seconds at a steady latency, from 20", grown)
+		t.Fatalf("limit %d after 100 busy windows at a steady latency, from 20", grown)
 	}
 	run(20*time.Millisecond, 20)
 	if got := l.Limit(); got > grown*3/4 {
-		t.Errorf("limit %d 20 s after latency doubled, from %d", got, grown)
+		t.Errorf("limit %d 20 windows after latency doubled, from %d", got, grown)
 	}
 	for _, tok := range toks {
 		tok.Ignore()

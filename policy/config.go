@@ -379,7 +379,7 @@ type OverloadFile struct {
 	MinLimit *int `toml:"min_limit"`
 	MaxLimit *int `toml:"max_limit"`
 	// InitialLimit is where the limit starts when the sidecar starts (a
-	// reload keeps the learned limit). Default 100.
+	// reload keeps the learned limit). Default 20.
 	InitialLimit *int `toml:"initial_limit"`
 	// QueueTimeout is the longest a request waits for a slot at the limit
 	// before it is shed. Default 50ms.

@@ -201,7 +201,7 @@ func TestOverloadSettings(t *testing.T) {
 	}
 	s, err = Parse("t.toml", []byte(minimal+`
 [upstreams.app.overload]
-max_limit = 50
+max_limit = 15
 queue_timeout = "20ms"
 [tiers.anonymous]
 limit = 1
@@ -218,7 +218,8 @@ priority = 5
 		t.Fatal(err)
 	}
 	want := overload.DefaultSettings()
-	want.MaxLimit, want.InitialLimit, want.QueueTimeout, want.TopPriority = 50, 50, 20*time.Millisecond, 70
+	// The initial limit left out follows the bounds: 20 capped at 15.
+	want.MaxLimit, want.InitialLimit, want.QueueTimeout, want.TopPriority = 15, 15, 20*time.Millisecond, 70
 	if got := *s.Upstreams["app"].Overload; got != want {
 		t.Errorf("overload settings %+v, want %+v", got, want)
 	}

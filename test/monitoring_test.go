@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -50,7 +51,14 @@ var seriesRE = regexp.MustCompile(`\b(?:sidecar|go|process)_[a-z0-9_]+\b`)
 // sidecar that uses the features they watch.
 func TestDashboardAndAlertsQueryExportedSeries(t *testing.T) {
 	rs := redistest.Start(t)
-	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	hold := make(chan struct{})
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/busy/hold" {
+			<-hold
+		}
+	})
+	release := sync.OnceFunc(func() { close(hold) })
+	t.Cleanup(release) // before the backend's: a failed test does not leave it waiting
 	sc := startSidecar(t, fmt.Sprintf(`
 [rate_limit]
 store = "redis"
@@ -73,14 +81,38 @@ name = "dead"
 path_prefix = "/dead"
 upstream = "dead"
 rate_limit_exempt = true
+[upstreams.busy]
+url = %q
+[upstreams.busy.overload]
+min_limit = 1
+max_limit = 1
+initial_limit = 1
+reserved = 0
+queue_size = 0
+[[routes]]
+name = "busy"
+path_prefix = "/busy"
+upstream = "busy"
+rate_limit_exempt = true
 [[routes]]
 name = "app"
 upstream = "app"
-`, rs.Addr, be.url(), freeAddr(t)))
+`, rs.Addr, be.url(), freeAddr(t), be.url()))
 	for i := 0; i < 5; i++ { // allowed, then denied
 		get(t, sc.url("/"), nil)
 	}
-	get(t, sc.url("/dead"), nil)       // a refused upstream: an upstream error and a fallback
+	get(t, sc.url("/dead"), nil) // a refused upstream: an upstream error and a fallback
+	// One request holds busy's only slot: the next is shed.
+	held := make(chan answer, 1)
+	go func() { held <- send(sc.url("/busy/hold"), "") }()
+	waitMetric(t, sc, `sidecar_overload_in_flight{upstream="busy"}`, 1)
+	if a := send(sc.url("/busy/x"), ""); !a.shed() {
+		t.Errorf("a request beyond busy's limit of 1: %+v, want 503 shed", a)
+	}
+	release()
+	if a := <-held; a.err != nil || a.status != 200 {
+		t.Errorf("the request holding busy's slot: %+v, want 200", a)
+	}
 	time.Sleep(300 * time.Millisecond) // a few health checks
 	names := exportedNames(t, sc)
 
