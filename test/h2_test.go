@@ -626,6 +626,41 @@ upstream = "app"
 		t.Logf("DEADLINE_EXCEEDED after %v: %q", took.Round(time.Millisecond), h.Get("Grpc-Message"))
 	})
 
+	t.Run("shed", func(t *testing.T) {
+		// One slot, no queue: a request the backend holds takes it, and
+		// a gRPC call then is shed with UNAVAILABLE, not an HTTP 503.
+		release := make(chan struct{})
+		hold := h2cBackend(t, func(w http.ResponseWriter, r *http.Request) {
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			case <-time.After(10 * time.Second):
+			}
+		})
+		defer close(release)
+		sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(hold, `protocol = "h2c"
+[upstreams.app.overload]
+min_limit = 1
+max_limit = 1
+initial_limit = 1
+reserved = 0.0
+queue_size = 0
+`))
+		go func() {
+			if resp, err := h2cClient().Get(sc.url("/hold")); err == nil {
+				resp.Body.Close()
+			}
+		}()
+		waitMetric(t, sc, `sidecar_overload_in_flight{upstream="app"}`, 1)
+		c := grpcclient.Dial(t, sc.Addr, nil)
+		f := unaryFailure(t, c, &testpb.SimpleRequest{})
+		f.local(t, codes.Unavailable)
+		if fb := first(f.md, "x-sidecar-fallback"); fb != "shed" {
+			t.Errorf("x-sidecar-fallback %q, want shed", fb)
+		}
+		t.Logf("shed: %q after %v", f.st.Message(), f.elapsed.Round(time.Millisecond))
+	})
+
 	t.Run("upstream down, then circuit open", func(t *testing.T) {
 		sc := startSidecar(t, grpcConfig(freeAddr(t), "", "[upstreams.app.breaker]\nconsecutive_failures = 3\nsleep_window = \"30s\"\n"))
 		c := grpcclient.Dial(t, sc.Addr, nil)
