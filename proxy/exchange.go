@@ -151,6 +151,10 @@ func (p *Proxy) recovered(ctx *fasthttp.RequestCtx, x *exchange, gen uint64, r a
 		x.up.Finish(false) // its connection is closed, an upload cut
 		if !x.r.done {
 			x.r.done = true
+			// The slots it holds go back: a leaked one would lower the
+			// upstream's capacity for good.
+			x.r.overload.Ignore()
+			x.r.ticket.Done()
 			p.m.inFlight.Add(-1)
 		}
 	}
@@ -167,8 +171,9 @@ func (x *exchange) idHeader() string {
 	return x.r.srv.RequestIDHeader
 }
 
-// testHookServe, when set by a test, runs at the start of every request.
-var testHookServe func(*fasthttp.RequestCtx)
+// testHookServe, when set by a test, runs at the start of every request;
+// testHookAdmitted once it is admitted (it holds its slots).
+var testHookServe, testHookAdmitted func(*fasthttp.RequestCtx)
 
 // begin loads the policy and the request's identity for the exchange.
 func (x *exchange) begin() {
@@ -227,6 +232,9 @@ func (x *exchange) admit() error {
 // upstream's.
 func (x *exchange) prepare() error {
 	ctx := x.r.ctx
+	if testHookAdmitted != nil {
+		testHookAdmitted(ctx)
+	}
 	h := &ctx.Request.Header
 	cl := h.ContentLength()
 	limit := x.r.srv.MaxBodyBytes

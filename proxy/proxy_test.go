@@ -97,6 +97,40 @@ func TestPanicIsRecoveredCountedAndServingContinues(t *testing.T) {
 	}
 }
 
+// A panic after admission gives back the slots it held: with one overload
+// slot and a bulkhead of one, the next request is still served.
+func TestPanicReleasesItsSlots(t *testing.T) {
+	defer slog.SetDefault(slog.Default())
+	slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	addr, _, _ := startProxy(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "fine") }, `
+[upstreams.app.overload]
+min_limit = 1
+max_limit = 1
+initial_limit = 1
+reserved = 0.0
+queue_size = 0
+[upstreams.app.breaker]
+max_concurrent = 1
+`)
+	testHookAdmitted = func(ctx *fasthttp.RequestCtx) {
+		if string(ctx.Path()) == "/panic" {
+			panic("boom")
+		}
+	}
+	defer func() { testHookAdmitted = nil }()
+	for _, path := range []string{"/panic", "/panic", "/after"} {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if want := map[bool]int{true: 500, false: 200}[path == "/panic"]; resp.StatusCode != want {
+			t.Fatalf("%s: %d %q (fallback %q), want %d", path, resp.StatusCode, b, resp.Header.Get("X-Sidecar-Fallback"), want)
+		}
+	}
+}
+
 type lockedBuffer struct {
 	mu sync.Mutex
 	b  strings.Builder
