@@ -889,3 +889,30 @@ func TestH2ClientCannotForgeIdentity(t *testing.T) {
 		t.Errorf("the backend saw tier %q client %q X-Forwarded-For %q", s.tier, s.client, s.xff)
 	}
 }
+
+// An HTTP/2 upstream's trailers reach an HTTP/2 client whatever the
+// body's size, an empty one with Content-Length: 0 included (small
+// bodies from HTTP/1.1 upstreams are read whole before answering; an
+// HTTP/2 one is streamed, so its trailers, which follow the body, are
+// not lost).
+func TestH2TrailersAfterSmallBodies(t *testing.T) {
+	be := h2cBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.Atoi(r.URL.Query().Get("n"))
+		w.Header().Set("Content-Length", strconv.Itoa(n))
+		w.WriteHeader(200)
+		_, _ = w.Write(bytes.Repeat([]byte("x"), n))
+		w.Header().Set(http.TrailerPrefix+"X-Checksum", "n="+strconv.Itoa(n))
+	})
+	sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(be, `protocol = "h2c"`))
+	for _, n := range []int{0, 10, 60 << 10, 200 << 10} {
+		resp, err := h2cClient().Get(sc.url("/?n=" + strconv.Itoa(n)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if len(b) != n || resp.Trailer.Get("X-Checksum") != "n="+strconv.Itoa(n) {
+			t.Errorf("%d-byte body: got %d bytes, trailers %v", n, len(b), resp.Trailer)
+		}
+	}
+}

@@ -321,10 +321,12 @@ func (e *Exchange) Prefetch() error {
 func (e *Exchange) HasBody() bool { return e.t.stream != nil }
 
 // Buffered returns the response bytes already read past the head (a body
-// of up to this length can be read without waiting for the network).
+// of up to this length can be read without waiting for the network), or
+// -1 for an HTTP/2 response: its body is read through the stream, whose
+// trailers come after it (Trailer), so it is never read ahead.
 func (e *Exchange) Buffered() int {
 	if e.t.conn == nil {
-		return 0 // HTTP/2: nothing is read ahead
+		return -1
 	}
 	return e.t.conn.R.Buffered()
 }
