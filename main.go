@@ -194,7 +194,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 	lag := health.StartLagProbe(set, 100*time.Millisecond)
 	defer lag.Stop()
 	srv := px.NewServer(&snap.Server)
-	set.GetOrCreateGauge(`sidecar_open_connections`, func() float64 { return float64(srv.GetOpenConnectionsCount()) })
+	set.GetOrCreateGauge(`sidecar_open_connections`, func() float64 { return float64(int(srv.GetOpenConnectionsCount()) + px.H2Connections()) })
 
 	listenTCP := net.Listen
 	if snap.Server.ReusePort {
@@ -246,7 +246,7 @@ func serve(o options, snap *policy.Snapshot, log *slog.Logger, stdout, stderr io
 		fmt.Fprintf(stderr, "sidecar: server.listen: %v\n", err)
 		return 1
 	}
-	h2 := px.NewHTTP2Server(&snap.Server)
+	h2 := px.NewHTTP2Server(&snap.Server, srv.GetOpenConnectionsCount)
 	aln, err := net.Listen("tcp", snap.Server.AdminListen)
 	if err != nil {
 		ln.Close()

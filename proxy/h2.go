@@ -31,7 +31,7 @@ import (
 // that chose h2 by ALPN and, with server.h2c, the plaintext ones that
 // open with the HTTP/2 preface). Its TLSConfig stays nil: connections
 // come handshaken.
-func (p *Proxy) NewHTTP2Server(srv *policy.Server) *http.Server {
+func (p *Proxy) NewHTTP2Server(srv *policy.Server, http1Conns func() int32) *http.Server {
 	var protocols http.Protocols
 	protocols.SetHTTP2(true)
 	protocols.SetUnencryptedHTTP2(srv.H2C)
@@ -42,6 +42,7 @@ func (p *Proxy) NewHTTP2Server(srv *policy.Server) *http.Server {
 		IdleTimeout:       srv.IdleTimeout,
 		MaxHeaderBytes:    srv.MaxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+		ConnState:         p.h2ConnState(srv.MaxConnections, http1Conns),
 		HTTP2: &http.HTTP2Config{
 			MaxConcurrentStreams: 250,
 			// The protocol's default frame size, not net/http's 1 MiB: what
@@ -50,6 +51,29 @@ func (p *Proxy) NewHTTP2Server(srv *policy.Server) *http.Server {
 		},
 	}
 }
+
+// h2ConnState counts the HTTP/2 connections and holds server.max_connections
+// over both protocols: a new HTTP/2 connection that would take the open
+// ones (its own and fasthttp's HTTP/1.1 ones, http1Conns) past max is
+// closed at once, as fasthttp closes an HTTP/1.1 one past its Concurrency.
+// (fasthttp counts only its own, so HTTP/1.1 may still reach max beside
+// the HTTP/2 connections: the bound on both together is 2 × max at worst.)
+func (p *Proxy) h2ConnState(max int, http1Conns func() int32) func(net.Conn, http.ConnState) {
+	return func(c net.Conn, st http.ConnState) {
+		switch st {
+		case http.StateNew:
+			if n := int(p.h2Conns.Add(1)); max > 0 && n+int(http1Conns()) > max {
+				p.m.connsRefused.Inc()
+				_ = c.Close()
+			}
+		case http.StateClosed, http.StateHijacked:
+			p.h2Conns.Add(-1)
+		}
+	}
+}
+
+// H2Connections is the number of HTTP/2 client connections open now.
+func (p *Proxy) H2Connections() int { return int(p.h2Conns.Load()) }
 
 // h2Stream is one HTTP/2 stream seen as the net.Conn of a RequestCtx.
 type h2Stream struct {

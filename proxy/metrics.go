@@ -49,6 +49,8 @@ type proxyMetrics struct {
 	inFlight  atomic.Int64
 	panics    *metrics.Counter
 	badReqs   *metrics.Counter
+	// connsRefused counts HTTP/2 connections closed past max_connections.
+	connsRefused *metrics.Counter
 	protocols [len(protocolNames)]*metrics.Counter
 	// identity counts identification problems by reason.
 	identity [identityReasons]*metrics.Counter
@@ -74,6 +76,7 @@ func newProxyMetrics(set *metrics.Set) *proxyMetrics {
 	set.GetOrCreateGauge(`sidecar_requests_in_flight`, func() float64 { return float64(m.inFlight.Load()) })
 	m.panics = set.GetOrCreateCounter(`sidecar_panics_recovered_total`)
 	m.badReqs = set.GetOrCreateCounter(`sidecar_requests_rejected_total{reason="malformed"}`)
+	m.connsRefused = set.GetOrCreateCounter(`sidecar_connections_refused_total{protocol="h2"}`)
 	for i, name := range protocolNames {
 		m.protocols[i] = set.GetOrCreateCounter(fmt.Sprintf(`sidecar_requests_by_protocol_total{protocol=%q}`, name))
 	}

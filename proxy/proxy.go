@@ -68,6 +68,7 @@ type Proxy struct {
 	overloads       map[string]*overload.Limiter
 	overloadMetrics map[string]*overloadMetrics
 	access          *accessLog
+	h2Conns         atomic.Int64 // HTTP/2 client connections open (h2ConnState)
 	active          *activeClients
 }
 

@@ -916,3 +916,40 @@ func TestH2TrailersAfterSmallBodies(t *testing.T) {
 		}
 	}
 }
+
+// server.max_connections holds for HTTP/2 connections too, counting the
+// HTTP/1.1 ones open beside them: past it a new HTTP/2 connection is
+// closed at once (each would carry up to 250 streams).
+func TestH2MaxConnections(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	sc := startSidecar(t, "[server]\nh2c = true\nmax_connections = 2\n"+routeTo(be.url(), ""))
+	get := func(c *http.Client) error {
+		resp, err := c.Get(sc.url("/"))
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		return err
+	}
+	h1 := h1Client(nil)
+	defer h1.CloseIdleConnections()
+	a, b := h2cClient(), h2cClient()
+	if err := get(h1); err != nil {
+		t.Fatal(err)
+	}
+	if err := get(a); err != nil {
+		t.Fatalf("the second connection (HTTP/2 beside one HTTP/1.1): %v", err)
+	}
+	if err := get(b); err == nil {
+		t.Fatal("a third connection (HTTP/2) with max_connections = 2 was served")
+	}
+	waitMetric(t, sc, `sidecar_connections_refused_total{protocol="h2"}`, 1)
+	a.CloseIdleConnections()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if err := get(b); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("after one HTTP/2 connection closed, a new one still fails: %v", err)
+		}
+	}
+}
