@@ -114,6 +114,8 @@ type Limiter struct {
 	store  *redisStore
 	calls  chan *call
 	denied denyCache
+	// gcraRefunds counts the GCRA refunds in flight (refundToStore).
+	gcraRefunds atomic.Int32
 	// leases holds this replica's leases and the request rates that size
 	// them, for at most MaxLeaseKeys clients; nil unless Settings.Lease
 	// and Redis.

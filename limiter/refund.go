@@ -52,6 +52,9 @@ func (l *Limiter) refundToLease(key string, rule Rule, nowMs int64) bool {
 	return true
 }
 
+// maxGCRARefunds bounds the GCRA refunds in flight to Redis.
+const maxGCRARefunds = 64
+
 // refundToStore gives one unit back to Redis: for a sliding window, from
 // the sub-window the admission was recorded in (at's by the local clock;
 // a skew of a sub-window takes it from a neighbour, which only moves when
@@ -59,7 +62,14 @@ func (l *Limiter) refundToLease(key string, rule Rule, nowMs int64) bool {
 // cost −1, which moves the client's TAT back by one emission interval.
 func (l *Limiter) refundToStore(key string, rule Rule, at time.Time) {
 	if rule.Algorithm == GCRA {
+		// Refunds come in bursts (an overload sheds many at once): at
+		// most maxGCRARefunds run at a time, the rest stay counted.
+		if l.gcraRefunds.Add(1) > maxGCRARefunds {
+			l.gcraRefunds.Add(-1)
+			return
+		}
 		go func() {
+			defer l.gcraRefunds.Add(-1)
 			ctx, cancel := context.WithTimeout(context.Background(), l.s.StoreTimeout)
 			defer cancel()
 			l.m.commands.Inc()

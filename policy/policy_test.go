@@ -188,6 +188,8 @@ func TestProblems(t *testing.T) {
 	f(ol+"reserved = nan\n", "upstreams.app.overload.reserved", 8, "got NaN")
 	f(ol+"min_limit = 1\nreserved = 0.1\n", "upstreams.app.overload.reserved", 9, "leaves the lower priorities no slot")
 	f(ol+"limit = 5\n", "upstreams.app.overload.limit", 8, "unknown key")
+	f(ol+"queue_timeout = \"2m\"\n", "upstreams.app.overload.queue_timeout", 8, "at most 1m")
+	f(ol+"enabled = false\nreserved = 7.0\n", "upstreams.app.overload.reserved", 9, "below 1")
 	f(minimal+"[tiers.anonymous]\nlimit = 1\nwindow = \"1s\"\npriority = 101\n", "tiers.anonymous.priority", 10, "between 0 and 100")
 }
 
@@ -228,6 +230,9 @@ priority = 5
 	}
 	if p := s.Tiers["anonymous"].Priority; p != 0 {
 		t.Errorf("default priority %d, want 0", p)
+	}
+	if _, err := Parse("t.toml", []byte(minimal+"[upstreams.app.overload]\nqueue_size = 0\nqueue_timeout = \"0s\"\n")); err != nil {
+		t.Errorf("no queue and no queue timeout: %v", err)
 	}
 	s, err = Parse("t.toml", []byte(minimal+"[upstreams.app.overload]\nenabled = false\nmin_limit = 5\n"))
 	if err != nil || s.Upstreams["app"].Overload != nil {

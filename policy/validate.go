@@ -337,8 +337,12 @@ func (v *validator) upstream(name string, f *UpstreamFile) *Upstream {
 	}
 	u.RequiredForReady = or(f.RequiredForReadiness, def.RequiredForReady)
 	u.TLSConfig = v.upstreamTLS(key, f, u)
-	if f.Overload != nil && or(f.Overload.Enabled, true) {
-		u.Overload = v.overload(key+".overload", f.Overload)
+	if f.Overload != nil {
+		// Validated even when off, so that turning it on later cannot
+		// find a broken table.
+		if o := v.overload(key+".overload", f.Overload); or(f.Overload.Enabled, true) {
+			u.Overload = o
+		}
 	}
 	return u
 }
@@ -351,9 +355,14 @@ func (v *validator) overload(key string, f *OverloadFile) *overload.Settings {
 	o := &overload.Settings{
 		MinLimit:     v.intRange(key+".min_limit", f.MinLimit, def.MinLimit, 1, 1_000_000),
 		MaxLimit:     v.intRange(key+".max_limit", f.MaxLimit, def.MaxLimit, 1, 1_000_000),
-		QueueTimeout: v.duration(key+".queue_timeout", f.QueueTimeout, def.QueueTimeout, false),
-		QueueSize:    v.intRange(key+".queue_size", f.QueueSize, def.QueueSize, 0, 1_000_000),
+		QueueSize: v.intRange(key+".queue_size", f.QueueSize, def.QueueSize, 0, 1_000_000),
 		Reserved:     def.Reserved,
+	}
+	// A wait longer than a minute is no longer a queue in front of a
+	// response timeout; without a queue there is no wait at all.
+	o.QueueTimeout = v.duration(key+".queue_timeout", f.QueueTimeout, def.QueueTimeout, o.QueueSize == 0)
+	if o.QueueTimeout > time.Minute {
+		v.addf(key+".queue_timeout", "must be at most 1m, got %v", o.QueueTimeout)
 	}
 	// An initial limit left out follows the bounds given, so that
 	// max_limit = 50 alone does not need initial_limit too.

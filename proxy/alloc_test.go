@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"testing"
+	"time"
 
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
@@ -115,5 +116,40 @@ func TestAccessLogWriteDoesNotAllocate(t *testing.T) {
 	a.write(e, now)
 	if allocs := testing.AllocsPerRun(1000, func() { a.batch.Reset(); a.write(e, now) }); allocs != 0 {
 		t.Errorf("%v allocations per access-log line", allocs)
+	}
+}
+
+// Taking and giving back an overload slot allocates nothing, with
+// protection off and on.
+func TestOverloadSlotAllocatesNothing(t *testing.T) {
+	for _, on := range []string{"", "[upstreams.app.overload]\n"} {
+		snap, err := policy.Parse("t", []byte("[tiers.anonymous]\nlimit = 1000000000\nwindow = \"1m\"\n[upstreams.app]\nurl = \"http://127.0.0.1:1\"\n"+on+"[[routes]]\nupstream = \"app\"\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := New(snap, Settings{Metrics: metrics.NewSet(), AccessLog: io.Discard})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		var ctx fasthttp.RequestCtx
+		ctx.Init2(nopConn{}, nil, false)
+		ctx.Request.Header.SetRequestURI("/x")
+		ctx.Request.Header.SetHost("x")
+		x := new(exchange)
+		x.p, x.r.ctx = p, &ctx
+		x.begin()
+		x.r.up = x.r.rt.up
+		allocs := testing.AllocsPerRun(1000, func() {
+			x.r.upLatency = time.Millisecond
+			if err := x.enterOverload(); err != nil {
+				t.Fatal(err)
+			}
+			x.leaveOverload(time.Now())
+		})
+		t.Logf("overload %q: %v allocs", on, allocs)
+		if allocs != 0 {
+			t.Errorf("allocs %v", allocs)
+		}
 	}
 }

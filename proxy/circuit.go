@@ -117,7 +117,9 @@ func (x *exchange) fallBack(reason string, retry time.Duration) error {
 			x.r.ticket = breaker.Ticket{}
 			x.up.Response.Reset()
 			x.r.up = alt
-			return nil
+			// The fallback upstream's own limit applies (shed there, the
+			// request is answered: no second reroute).
+			return x.takeSlot(x.r.st.overload[alt.spec.Name])
 		}
 	}
 	return errFallback

@@ -65,6 +65,7 @@ type request struct {
 	// Admission.
 	rl        decision // the rate-limit decision, for the response headers
 	charged   bool     // the rate limit counted this request (x.dec describes it): a refund is due if it is shed
+	priority  int      // the verified tier's priority (policy.DefaultPriority without a tier table)
 	tier      string   // the client's tier, once identified (from config or a verified token)
 	peer      netip.Addr
 	badTarget bool           // a request target that cannot be honoured (400): see originForm, state.match
@@ -153,8 +154,10 @@ func (p *Proxy) recovered(ctx *fasthttp.RequestCtx, x *exchange, gen uint64, r a
 			x.r.done = true
 			// The slots it holds go back: a leaked one would lower the
 			// upstream's capacity for good.
-			x.r.overload.Ignore()
-			x.r.ticket.Done()
+			tok, ticket := x.r.overload, x.r.ticket
+			x.r.overload, x.r.ticket = overload.Token{}, breaker.Ticket{}
+			tok.Ignore()
+			ticket.Done()
 			p.m.inFlight.Add(-1)
 		}
 	}
@@ -302,8 +305,12 @@ func (x *exchange) send() error {
 	h := &x.r.ctx.Request.Header
 	pool := x.r.up.pool
 	pool.EarnRetry()
+	var tried time.Time // this attempt's start, for overload's latency sample
 	if x.r.upStart.IsZero() {
 		x.r.upStart = time.Now()
+		tried = x.r.upStart
+	} else {
+		tried = time.Now() // the fallback upstream's first attempt
 	}
 	x.r.send.ResponseTimeout = x.r.up.spec.ResponseTimeout
 	if !x.r.deadline.IsZero() {
@@ -311,7 +318,6 @@ func (x *exchange) send() error {
 		x.r.send.ResponseTimeout = max(min(x.r.send.ResponseTimeout, time.Until(x.r.deadline)), time.Millisecond)
 	}
 	x.r.ep = pool.Pick(nil, time.Now())
-	tried := x.r.upStart
 	for attempt := 0; ; attempt++ {
 		if x.r.up.spec.RewriteHost || len(h.Host()) == 0 {
 			h.SetHost(x.r.ep.Addr()) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
@@ -319,7 +325,9 @@ func (x *exchange) send() error {
 		err := x.up.RoundTrip(x.r.ep, &x.r.send)
 		now := time.Now()
 		if err == nil {
-			x.r.upLatency = now.Sub(tried)
+			if x.sampled() {
+				x.r.upLatency, x.r.upDropped = now.Sub(tried), false
+			}
 			failed := failureStatus(x.r.up.spec, x.up.Response.StatusCode())
 			x.r.up.outcome(x.r.ep, failed, now, x.p.log.Warn)
 			if x.r.up.spec.Breaker != nil {
@@ -327,7 +335,7 @@ func (x *exchange) send() error {
 			}
 			return nil
 		}
-		if errors.Is(err, ErrResponseTimeout) {
+		if errors.Is(err, ErrResponseTimeout) && x.sampled() {
 			x.r.upLatency, x.r.upDropped = now.Sub(tried), true
 		}
 		x.r.up.m.errorInc(err)
@@ -344,6 +352,14 @@ func (x *exchange) send() error {
 		x.r.ticket.Report(true, time.Now())
 		return err
 	}
+}
+
+// sampled reports whether the upstream's time to answer measures the
+// upstream alone: the request had no body, or a small one sent with the
+// head. A streamed upload's time is the client's too: sampled, a few slow
+// uploaders would pass for a slow upstream and drag its limit down.
+func (x *exchange) sampled() bool {
+	return x.r.body == nil || x.r.send.BodyLen >= 0 && x.r.send.BodyLen <= upstream.SyncBodyLimit
 }
 
 // failureStatus: the breaker's failure statuses, or 502, 503 and 504.
@@ -544,6 +560,10 @@ func (x *exchange) respond() error {
 		x.r.direct = true
 		ctx.Response.ImmediateHeaderFlush = true
 	}
+	// The upstream has answered: the stream that follows is the client's
+	// pace, not the upstream's, and a slow reader must not hold a slot of
+	// the concurrency limit (the bulkhead still counts it to the end).
+	x.leaveOverload(time.Now())
 	x.r.handedOff = true // fasthttp writes the body and calls CloseWithError
 	ctx.Response.SetBodyStream(x, cl)
 	return nil

@@ -45,13 +45,13 @@ var addedBuckets = metrics.ExponentialBuckets(0.00001, 2, 16)
 
 // proxyMetrics are the process-wide series of the forwarding path.
 type proxyMetrics struct {
-	set       *metrics.Set
-	inFlight  atomic.Int64
-	panics    *metrics.Counter
-	badReqs   *metrics.Counter
+	set      *metrics.Set
+	inFlight atomic.Int64
+	panics   *metrics.Counter
+	badReqs  *metrics.Counter
 	// connsRefused counts HTTP/2 connections closed past max_connections.
 	connsRefused *metrics.Counter
-	protocols [len(protocolNames)]*metrics.Counter
+	protocols    [len(protocolNames)]*metrics.Counter
 	// identity counts identification problems by reason.
 	identity [identityReasons]*metrics.Counter
 }

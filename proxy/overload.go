@@ -9,7 +9,6 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 
 	"github.com/sidecar-proxy/sidecar/overload"
-	"github.com/sidecar-proxy/sidecar/policy"
 )
 
 // Overload protection (package overload) in the request path: after the
@@ -95,35 +94,39 @@ func (m *overloadMetrics) shedInc(tier string) {
 	c.Inc()
 }
 
-// enterOverload takes a slot of the upstream's concurrency limit for the
-// request, by its tier's priority. Shed, it goes to the upstream's
-// fallback like a refused circuit (errFallback, or rerouted to the
-// fallback upstream: then x.r.fallback is set and admit goes no further).
-func (x *exchange) enterOverload() error {
-	o := x.r.rt.ol
+// enterOverload takes a slot of the route's upstream's concurrency limit
+// for the request (see takeSlot).
+func (x *exchange) enterOverload() error { return x.takeSlot(x.r.rt.ol) }
+
+// takeSlot takes a slot of o (an upstream's overload protection, nil for
+// none) by the request's tier priority. Shed, the request goes to the
+// upstream's fallback like a refused circuit: errFallback, answered here
+// and given back to the client's rate limit; or rerouted to the fallback
+// upstream (nil, x.r.fallback set), which takes a slot of its own limit.
+func (x *exchange) takeSlot(o *overloadRuntime) error {
 	if o == nil {
 		return nil
 	}
-	priority := policy.DefaultPriority
-	if t := x.dec.TierTable; t != nil {
-		priority = t.Priority
-	}
 	start := time.Now()
-	tok, err := o.lim.Acquire(x.r.ctx, priority)
+	tok, err := o.lim.Acquire(x.r.ctx, x.r.priority)
 	if tok.Queued() || errors.Is(err, overload.ShedQueueTimeout) || errors.Is(err, overload.ShedEvicted) {
 		o.m.wait.Update(time.Since(start).Seconds())
 	}
-	if err != nil { // shed, or the server is shutting down
-		tier := x.r.tier
-		if tier == "" {
-			tier = tierNone
-		}
-		o.m.shedInc(tier)
-		x.refundRateLimit()
-		return x.fallBack("shed", time.Second)
+	if err == nil {
+		x.r.overload = tok
+		return nil
 	}
-	x.r.overload = tok
-	return nil
+	// Shed, or the server is shutting down.
+	tier := x.r.tier
+	if tier == "" {
+		tier = tierNone
+	}
+	o.m.shedInc(tier)
+	err = x.fallBack("shed", time.Second)
+	if errors.Is(err, errFallback) {
+		x.refundRateLimit() // answered here: the upstream never saw it
+	}
+	return err
 }
 
 // leaveOverload releases the request's slot: with the upstream's latency

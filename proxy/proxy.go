@@ -433,7 +433,7 @@ func (p *Proxy) expect(ctx *fasthttp.RequestCtx) int {
 		x.release()
 		return ctx.Response.StatusCode()
 	}
-	ctx.SetUserValue(decisionKey, &expectVerdict{rl: x.r.rl, clientID: append([]byte(nil), x.clientID...), tier: x.r.tier})
+	ctx.SetUserValue(decisionKey, &expectVerdict{rl: x.r.rl, clientID: append([]byte(nil), x.clientID...), tier: x.r.tier, priority: x.r.priority})
 	p.m.inFlight.Add(-1)
 	x.release()
 	return fasthttp.StatusContinue

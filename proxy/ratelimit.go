@@ -93,6 +93,7 @@ type expectVerdict struct {
 	rl       decision
 	clientID []byte
 	tier     string
+	priority int
 }
 
 var decisionKey = "sidecar.decision"
@@ -106,7 +107,7 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) error {
 	if ctx.Request.MayContinue() {
 		// The expect handler decided already, before the body was sent.
 		if v, ok := ctx.UserValue(decisionKey).(*expectVerdict); ok {
-			x.r.rl, x.r.tier = v.rl, v.tier
+			x.r.rl, x.r.tier, x.r.priority = v.rl, v.tier, v.priority
 			x.clientID = append(x.clientID[:0], v.clientID...)
 			return nil
 		}
@@ -115,6 +116,9 @@ func (x *exchange) limit(h *fasthttp.RequestHeader) error {
 	err := x.r.st.adm.Limit(x.credentials(h), x.r.rt.route, d)
 	x.r.charged = d.Limited && d.Limit.Allowed
 	x.clientID, x.r.tier = append(x.clientID[:0], d.ClientID...), d.Tier
+	if d.TierTable != nil {
+		x.r.priority = d.TierTable.Priority
+	}
 	if d.Limited {
 		// q is the limit per window whatever the algorithm (a GCRA
 		// decision's Limit is its bucket depth, the burst).

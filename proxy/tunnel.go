@@ -29,6 +29,7 @@ func (x *exchange) tunnel() {
 // which cannot read chunked framing (RFC 9112 §7.1): the head goes without
 // Content-Length, the body follows, and closing the connection ends it.
 func (x *exchange) closeDelimited() {
+	x.leaveOverload(time.Now()) // as for a streamed body (respond)
 	rh := &x.r.ctx.Response.Header
 	rh.SetConnectionClose()
 	rh.SetContentLength(-2)
