@@ -353,10 +353,10 @@ func (v *validator) overload(key string, f *OverloadFile) *overload.Settings {
 	def := &defaults.Overload
 	problems := len(v.problems)
 	o := &overload.Settings{
-		MinLimit:     v.intRange(key+".min_limit", f.MinLimit, def.MinLimit, 1, 1_000_000),
-		MaxLimit:     v.intRange(key+".max_limit", f.MaxLimit, def.MaxLimit, 1, 1_000_000),
+		MinLimit:  v.intRange(key+".min_limit", f.MinLimit, def.MinLimit, 1, 1_000_000),
+		MaxLimit:  v.intRange(key+".max_limit", f.MaxLimit, def.MaxLimit, 1, 1_000_000),
 		QueueSize: v.intRange(key+".queue_size", f.QueueSize, def.QueueSize, 0, 1_000_000),
-		Reserved:     def.Reserved,
+		Reserved:  def.Reserved,
 	}
 	// A wait longer than a minute is no longer a queue in front of a
 	// response timeout; without a queue there is no wait at all.
