@@ -63,6 +63,7 @@ soak: deps-test
 deps-bench:
 	@command -v wrk >/dev/null || { apt-get update -q && $(APT_INSTALL) wrk; }
 	@command -v nginx >/dev/null || { apt-get update -q && $(APT_INSTALL) nginx-light || $(APT_INSTALL) nginx; } || true
+	@command -v haproxy >/dev/null || { apt-get update -q && $(APT_INSTALL) haproxy; } || true
 	@command -v taskset >/dev/null || { apt-get update -q && $(APT_INSTALL) util-linux; }
 	@command -v h2load >/dev/null || { apt-get update -q && $(APT_INSTALL) nghttp2-client; } || true
 

@@ -243,7 +243,7 @@ func streamBench(dir, sidecarBin, backendBin string) bool {
 	// NGINX in its streaming mode (no request or response buffering, which
 	// would spool 1 GiB to disk) on the same core: the reference for what
 	// a proxy reaches on this machine.
-	nginxAddr, stopNginx := startNginx(dir, "nginx-stream", backendAddr, "proxy_request_buffering off; proxy_buffering off; ")
+	nginxAddr, _, stopNginx := startNginx(dir, "nginx-stream", backendAddr, "proxy_request_buffering off; proxy_buffering off; ")
 	defer stopNginx()
 
 	const gib = 1 << 30

@@ -37,6 +37,12 @@ type sample struct {
 	rps, p50, p99 float64
 	requests      float64       // completed in the run
 	wrkCPU        time.Duration // processor time wrk itself used
+	// Set by callers that meter the run (cpuBench): the proxy's processor
+	// time per request in µs; the share of wrk's measured time the proxy
+	// kept its core busy, and the backend and wrk core 1, in %; the share
+	// of the run's wall time core 0 ran anything else (other processes,
+	// interrupts, time stolen by the hypervisor), in %.
+	proxyUs, proxyBusy, core1Busy, core0Other float64
 }
 
 func main() {
@@ -49,6 +55,8 @@ func main() {
 	onlyStream := flag.Bool("only-stream", false, "run only the 1 GiB streaming table")
 	onlyH2 := flag.Bool("only-h2", false, "run only the HTTP/2 table")
 	onlyOverload := flag.Bool("only-overload", false, "run only the overload scenario (issue 16)")
+	onlyCPU := flag.Bool("only-cpu", false, "run only the CPU-per-request table against NGINX and HAProxy (issue 17)")
+	cpuDur := flag.Duration("cpu-d", 3*time.Second, "duration of each wrk run of the CPU-per-request table")
 	svg := flag.String("svg", "docs/bench.svg", "where to write the chart of throughput and p99 per configuration (empty: none)")
 	flag.Parse()
 
@@ -62,6 +70,12 @@ func main() {
 	if *onlyOverload {
 		if !overloadBench(dir, sidecarBin) {
 			fmt.Println("\nsome overload targets were missed in this run")
+		}
+		return
+	}
+	if *onlyCPU {
+		if !cpuBench(dir, sidecarBin, backendBin, bareBin, *cpuDur, *runs) {
+			fmt.Println("\nsome CPU-per-request targets were missed in this run")
 		}
 		return
 	}
@@ -79,7 +93,7 @@ func main() {
 
 	// NGINX, when installed, as the reference proxy everyone knows: one
 	// worker on CPU 0, keep-alive upstream connections, default buffering.
-	nginxAddr, stopNginx := startNginx(dir, "nginx", backendAddr, "")
+	nginxAddr, _, stopNginx := startNginx(dir, "nginx", backendAddr, "")
 	defer stopNginx()
 
 	cfg := filepath.Join(dir, "sidecar.toml")
@@ -194,6 +208,9 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 	if !*onlyStream && !*onlyLimits && !overloadBench(dir, sidecarBin) {
 		failed = true
 	}
+	if !*onlyStream && !*onlyLimits && !cpuBench(dir, sidecarBin, backendBin, bareBin, *cpuDur, *runs) {
+		failed = true
+	}
 	if *svg != "" && len(results) > 0 {
 		procs.Check(os.WriteFile(*svg, chart(results), 0o644))
 		fmt.Printf("\nchart of throughput and p99 per configuration written to %s\n", *svg)
@@ -255,7 +272,8 @@ func wrk(url, script string, conns int, d time.Duration) sample {
 // the proxy (core 0) and of core 1 (the backend and wrk), so that a table
 // can say what each request cost each core and how busy each core was.
 type cpuMeter struct {
-	backendPid, proxyPid int // proxyPid 0: direct, no proxy
+	backendPid, proxyPid int  // proxyPid 0: direct, no proxy
+	proxyTree            bool // meter proxyPid's descendants too (NGINX's workers)
 	proxy, core1         time.Duration
 	requests             float64
 	wall                 time.Duration
@@ -263,15 +281,19 @@ type cpuMeter struct {
 
 // run measures one wrk run.
 func (m *cpuMeter) run(f func() sample) sample {
+	proxyCPU := procs.CPU
+	if m.proxyTree {
+		proxyCPU = procs.TreeCPU
+	}
 	var p0 time.Duration
 	if m.proxyPid > 0 {
-		p0 = procs.CPU(m.proxyPid)
+		p0 = proxyCPU(m.proxyPid)
 	}
 	b0 := procs.CPU(m.backendPid)
 	start := time.Now() // wall time of the whole run, wrk's start-up included, as its CPU is
 	s := f()
 	if m.proxyPid > 0 {
-		m.proxy += procs.CPU(m.proxyPid) - p0
+		m.proxy += proxyCPU(m.proxyPid) - p0
 	}
 	m.core1 += procs.CPU(m.backendPid) - b0 + s.wrkCPU
 	m.requests += s.requests
@@ -304,19 +326,24 @@ func median(ss []sample) sample {
 		rps: pick(func(s sample) float64 { return s.rps }),
 		p50: pick(func(s sample) float64 { return s.p50 }),
 		p99: pick(func(s sample) float64 { return s.p99 }),
+
+		proxyUs:    pick(func(s sample) float64 { return s.proxyUs }),
+		proxyBusy:  pick(func(s sample) float64 { return s.proxyBusy }),
+		core1Busy:  pick(func(s sample) float64 { return s.core1Busy }),
+		core0Other: pick(func(s sample) float64 { return s.core0Other }),
 	}
 }
 
 // startNginx runs NGINX, when installed, with one worker on CPU 0 in front
 // of backendAddr (keep-alive upstream connections, directives added to the
-// location), and returns its address ("" when not installed) and how to
-// stop it.
-func startNginx(dir, name, backendAddr, location string) (string, func()) {
+// location), and returns its address ("" when not installed), the master
+// process's pid (its worker is a child) and how to stop it.
+func startNginx(dir, name, backendAddr, location string) (addr string, pid int, stop func()) {
 	path, err := exec.LookPath("nginx")
 	if err != nil {
-		return "", func() {}
+		return "", 0, func() {}
 	}
-	addr := procs.FreeAddr()
+	addr = procs.FreeAddr()
 	conf := filepath.Join(dir, name+".conf")
 	procs.Check(os.WriteFile(conf, fmt.Appendf(nil, `worker_processes 1;
 daemon off;
@@ -337,7 +364,7 @@ http {
 `, dir, name, backendAddr, addr, location), 0o600))
 	ngx := start(path, nil, "0", "-c", conf)
 	procs.WaitHTTP("http://" + addr + "/small")
-	return addr, func() { procs.Stop(ngx) }
+	return addr, ngx.Process.Pid, func() { procs.Stop(ngx) }
 }
 
 // startRedis runs a redis-server without persistence on a free port,

@@ -1,8 +1,9 @@
 // Command backend is the upstream that `make bench` measures against. It
-// serves the same endpoints (and, with net/http, /bytes?n= and /sink for
-// streaming) either with net/http (-kind nethttp: what
-// a typical Go application is) or with fasthttp (-kind fasthttp: a backend
-// about twice as fast, which leaves the proxy nowhere to hide).
+// serves the same endpoints (/small: 13 B, /100: 100 B, /64k: 64 KiB,
+// /echo: the request body back; with net/http also /bytes?n= and /sink for
+// streaming) either with net/http (-kind nethttp: what a typical Go
+// application is) or with fasthttp (-kind fasthttp: a backend about twice
+// as fast, which leaves the proxy nowhere to hide).
 package main
 
 import (
@@ -46,6 +47,9 @@ func netHTTP(w http.ResponseWriter, r *http.Request) {
 	case "/small":
 		w.Header().Set("Content-Type", "text/plain")
 		w.Write(small)
+	case "/100":
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Write(big[:100])
 	case "/64k":
 		w.Header().Set("Content-Type", "application/octet-stream")
 		w.Write(big)
@@ -79,6 +83,9 @@ func fastHTTP(ctx *fasthttp.RequestCtx) {
 	case "/small":
 		ctx.SetContentType("text/plain")
 		ctx.SetBody(small)
+	case "/100":
+		ctx.SetContentType("application/octet-stream")
+		ctx.SetBody(big[:100])
 	case "/64k":
 		ctx.SetContentType("application/octet-stream")
 		ctx.SetBody(big)

@@ -84,14 +84,54 @@ func StatusKB(pid int, field string) int64 {
 // CPU is the processor time (user and system, all threads) the process
 // has used so far, from /proc/PID/stat (clock ticks of 10 ms).
 func CPU(pid int) time.Duration {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	_, cpu, err := stat(pid)
 	Check(err)
+	return cpu
+}
+
+// TreeCPU is CPU of pid and of all its descendants alive now: what a
+// server that forks its workers (NGINX's master and worker processes) has
+// used. Descendants are found by their parent pid in /proc/*/stat; a
+// process that vanishes while /proc is read is left out.
+func TreeCPU(pid int) time.Duration {
+	total := CPU(pid)
+	ents, err := os.ReadDir("/proc")
+	Check(err)
+	children := map[int][]int{}
+	cpus := map[int]time.Duration{}
+	for _, e := range ents {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if ppid, cpu, err := stat(p); err == nil {
+			children[ppid] = append(children[ppid], p)
+			cpus[p] = cpu
+		}
+	}
+	for todo := children[pid]; len(todo) > 0; todo = todo[1:] {
+		total += cpus[todo[0]]
+		todo = append(todo, children[todo[0]]...)
+	}
+	return total
+}
+
+// stat reads a process's parent pid and processor time from /proc/PID/stat.
+func stat(pid int) (ppid int, cpu time.Duration, err error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, 0, err
+	}
 	// Fields after the command name, which is in parentheses and may hold
-	// spaces: state is field 3, utime 14 and stime 15.
+	// spaces: state is field 3, ppid 4, utime 14 and stime 15.
 	f := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
+	if len(f) < 13 {
+		return 0, 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+	}
+	ppid, _ = strconv.Atoi(f[1])
 	utime, _ := strconv.ParseInt(f[11], 10, 64)
 	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(utime+stime) * 10 * time.Millisecond
+	return ppid, time.Duration(utime+stime) * 10 * time.Millisecond, nil
 }
 
 // OpenFDs counts the process's open file descriptors.
