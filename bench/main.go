@@ -55,6 +55,7 @@ func main() {
 	onlyStream := flag.Bool("only-stream", false, "run only the 1 GiB streaming table")
 	onlyH2 := flag.Bool("only-h2", false, "run only the HTTP/2 table")
 	onlyOverload := flag.Bool("only-overload", false, "run only the overload scenario (issue 16)")
+	onlyProfile := flag.Bool("only-profile", false, "run only the CPU profile table of docs/PERFORMANCE.md (kept in -profiles, else a temporary directory)")
 	onlyCPU := flag.Bool("only-cpu", false, "run only the CPU-per-request table against NGINX and HAProxy (issue 17)")
 	cpuDur := flag.Duration("cpu-d", 3*time.Second, "duration of each wrk run of the CPU-per-request table")
 	svg := flag.String("svg", "docs/bench.svg", "where to write the chart of throughput and p99 per configuration (empty: none)")
@@ -67,6 +68,15 @@ func main() {
 	procs.Run("go", "build", "-o", sidecarBin, ".")
 	procs.Run("go", "build", "-o", backendBin, "./bench/backend")
 	procs.Run("go", "build", "-o", bareBin, "./bench/bare")
+	if *onlyProfile {
+		pdir := dir
+		if profileDir != "" {
+			procs.Check(os.MkdirAll(profileDir, 0o755))
+			pdir = profileDir
+		}
+		profileBench(pdir, sidecarBin, backendBin, bareBin)
+		return
+	}
 	if *onlyOverload {
 		if !overloadBench(dir, sidecarBin) {
 			fmt.Println("\nsome overload targets were missed in this run")

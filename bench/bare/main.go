@@ -9,6 +9,9 @@ package main
 import (
 	"flag"
 	"log"
+	"net/http"
+	_ "net/http/pprof" // -pprof: profiles for docs/PERFORMANCE.md
+	"time"
 
 	"github.com/valyala/fasthttp"
 )
@@ -17,7 +20,14 @@ func main() {
 	addr := flag.String("addr", "127.0.0.1:18082", "listen address")
 	upstream := flag.String("upstream", "127.0.0.1:18081", "upstream host:port")
 	headers := flag.Bool("headers", false, "add the sidecar's six upstream headers to each request")
+	pprof := flag.String("pprof", "", "serve /debug/pprof on this address (off by default)")
 	flag.Parse()
+	if *pprof != "" {
+		go func() {
+			srv := &http.Server{Addr: *pprof, ReadHeaderTimeout: 10 * time.Second}
+			log.Print(srv.ListenAndServe())
+		}()
+	}
 	client := &fasthttp.HostClient{Addr: *upstream, MaxConns: 1024}
 	handler := func(ctx *fasthttp.RequestCtx) {
 		req := fasthttp.AcquireRequest()
