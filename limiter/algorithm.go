@@ -97,7 +97,7 @@ func geometry(window time.Duration) (w, k int64) {
 
 // slide applies one decision for cost requests at nowMs to a window's
 // buckets (ascending by idx) and returns the buckets to keep. This is the
-// reference implementation; slidingWindowLua is the same in Redis.
+// reference implementation; windowBatchLua's slide is the same in Redis.
 func slide(buckets []bucket, rule Rule, nowMs int64, cost int64) ([]bucket, Decision) {
 	w, k := geometry(rule.Window)
 	cur := nowMs / w

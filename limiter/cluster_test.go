@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -105,6 +107,60 @@ func TestRedisCluster(t *testing.T) {
 		}
 	})
 
+	t.Run("mixed batches", func(t *testing.T) { checkMixedBatches(t, store, "mixed", 150) })
+
+	t.Run("slots as the cluster computes them", func(t *testing.T) {
+		for i := range 100 {
+			for _, k := range []string{store.key(fmt.Sprintf("client-%d", i)), fmt.Sprintf("k%d{%d}", i, i*7), fmt.Sprintf("{}k%d", i), fmt.Sprintf("{a%d", i)} {
+				if got, want := clusterSlot(k), cl.Slot(k); int(got) != want {
+					t.Fatalf("clusterSlot(%q) = %d, CLUSTER KEYSLOT %d", k, got, want)
+				}
+			}
+		}
+	})
+
+	t.Run("keys per script call", func(t *testing.T) {
+		// Each client key is its own hash tag, so a batch of random
+		// clients seldom has two in one slot: about one key per call. A
+		// patient client: go-redis sends a node's part of a pipeline again
+		// after a timeout, which would count calls twice here.
+		store := newRedisStore(modeClient(t, RedisOptions{Mode: RedisCluster, Addrs: cl.Addrs()[:1], Timeout: time.Second}), "test")
+		if err := store.loadScript(ctx); err != nil {
+			t.Fatal(err)
+		}
+		rule := Rule{Limit: 1 << 30, Window: time.Minute}
+		for _, size := range []int{16, 128} { // as the benchmark's batches; MaxBatch
+			const batches = 50
+			for _, p := range cl.Primaries() {
+				if _, err := redistest.Do(p, "CONFIG", "RESETSTAT"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			groups := 0
+			for range batches {
+				calls := make([]*call, size)
+				slots := map[uint16]bool{}
+				for i := range calls {
+					calls[i] = &call{key: fmt.Sprintf("random-%d", rand.IntN(10_000)), rule: rule, cost: 1}
+					slots[clusterSlot(store.key(calls[i].key))] = true
+				}
+				groups += len(slots)
+				store.slidingBatch(ctx, calls, 0)
+				for _, c := range calls {
+					if c.err != nil {
+						t.Fatalf("%s: %v", c.key, c.err)
+					}
+				}
+			}
+			calls, usec := evalshaStats(t, cl.Primaries())
+			if int(calls) != groups {
+				t.Errorf("batches of %d: %d script calls for %d slot groups", size, calls, groups)
+			}
+			t.Logf("batches of %d random clients (of 10,000): %.3f keys per script call, %.1f µs of Redis per decision",
+				size, float64(size*batches)/float64(calls), float64(usec)/float64(size*batches))
+		}
+	})
+
 	t.Run("one batch over every shard", func(t *testing.T) {
 		// 300 clients, each twice in the same batch: the pipeline is split
 		// by primary and each primary's part keeps its order.
@@ -152,7 +208,7 @@ func TestRedisCluster(t *testing.T) {
 			}
 		}
 		for _, p := range cl.Primaries() {
-			if v, _ := redistest.Do(p, "SCRIPT", "EXISTS", slidingWindowLua.Hash()); fmt.Sprint(v) != "[1]" {
+			if v, _ := redistest.Do(p, "SCRIPT", "EXISTS", windowBatchLua.Hash()); fmt.Sprint(v) != "[1]" {
 				t.Errorf("script not loaded again on primary %s: %v", p, v)
 			}
 		}
@@ -187,6 +243,76 @@ func TestRedisCluster(t *testing.T) {
 		}
 	})
 
+	t.Run("a slot moving to another primary", func(t *testing.T) {
+		// Two clients of one slot, one of them already moved to the new
+		// primary: their script call is refused (TRYAGAIN), and they are
+		// decided again one client per call, each where its key is (ASK).
+		rule := Rule{Limit: 10, Window: time.Minute}
+		var a, b string
+		seen := map[uint16]string{}
+		for i := 0; a == ""; i++ {
+			k := fmt.Sprintf("moving-%d", i)
+			if other, ok := seen[clusterSlot(store.key(k))]; ok {
+				a, b = other, k
+			}
+			seen[clusterSlot(store.key(k))] = k
+		}
+		slot := cl.Slot(store.key(a))
+		from := cl.PrimaryOf(slot)
+		var to string
+		for _, p := range cl.Primaries() {
+			if p != from {
+				to = p
+				break
+			}
+		}
+		id := func(addr string) string {
+			v, err := redistest.Do(addr, "CLUSTER", "MYID")
+			if err != nil {
+				t.Fatal(err)
+			}
+			return v.(string)
+		}
+		do := func(addr string, args ...string) {
+			t.Helper()
+			if _, err := redistest.Do(addr, args...); err != nil {
+				t.Fatalf("%s %v: %v", addr, args, err)
+			}
+		}
+		decide := func(keys ...string) []*call {
+			var calls []*call
+			for _, k := range keys {
+				calls = append(calls, &call{key: k, rule: rule, cost: 1})
+			}
+			store.slidingBatch(ctx, calls, 0)
+			return calls
+		}
+		decide(a, b) // both keys exist on the old primary
+		fromID, toID := id(from), id(to)
+		host, port, _ := strings.Cut(to, ":")
+		do(to, "CLUSTER", "SETSLOT", strconv.Itoa(slot), "IMPORTING", fromID)
+		do(from, "CLUSTER", "SETSLOT", strconv.Itoa(slot), "MIGRATING", toID)
+		do(from, "MIGRATE", host, port, store.key(a), "0", "5000")
+		if v, err := redistest.Do(from, "EVALSHA", windowBatchLua.Hash(), "2", store.key(a), store.key(b),
+			"0", strconv.Itoa(Subwindows), "0", "10", "60000", "1", "0", "10", "60000", "1"); err == nil || !strings.HasPrefix(err.Error(), "TRYAGAIN") {
+			t.Fatalf("a script call over both keys during the move: %v %v, want TRYAGAIN", v, err)
+		}
+		calls := decide(a, b, a, "elsewhere")
+		for i, want := range []int{8, 8, 7, 9} {
+			if c := calls[i]; c.err != nil || c.d.Remaining != want {
+				t.Errorf("%s during the move: %+v %v, want %d remaining", c.key, c.d, c.err, want)
+			}
+		}
+		do(from, "MIGRATE", host, port, store.key(b), "0", "5000")
+		for _, n := range cl.Primaries() {
+			do(n, "CLUSTER", "SETSLOT", strconv.Itoa(slot), "NODE", toID)
+		}
+		calls = decide(a, b)
+		if calls[0].err != nil || calls[0].d.Remaining != 6 || calls[1].err != nil || calls[1].d.Remaining != 7 {
+			t.Errorf("after the move: %+v %v, %+v %v", calls[0].d, calls[0].err, calls[1].d, calls[1].err)
+		}
+	})
+
 	t.Run("primary killed", func(t *testing.T) {
 		l := New(Settings{Redis: rdb, KeyPrefix: "test", Cooldown: 200 * time.Millisecond, Heartbeat: time.Hour})
 		defer l.Close()
@@ -216,7 +342,7 @@ func TestRedisCluster(t *testing.T) {
 		}
 		promoted := cl.WaitFailover(primary, slot)
 		promotedAt := time.Now()
-		if v, _ := redistest.Do(promoted, "SCRIPT", "EXISTS", slidingWindowLua.Hash()); fmt.Sprint(v) != "[0]" {
+		if v, _ := redistest.Do(promoted, "SCRIPT", "EXISTS", windowBatchLua.Hash()); fmt.Sprint(v) != "[0]" {
 			t.Logf("the promoted replica has the script already (%v)", v)
 		}
 

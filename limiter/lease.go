@@ -18,9 +18,10 @@ package limiter
 //     a store outage too: Redis counted them.
 //   - Give back. Units left when a lease expires (or when its client is
 //     evicted from the table, its rule changes, or the limiter closes) go
-//     back with leaseReturnLua, queued for the batcher, off the request
-//     path: they are subtracted from the sub-window they were recorded in,
-//     unless it has left the window meanwhile (then they expired with it).
+//     back (windowBatchLua's giveBack), queued for the batcher, off the
+//     request path: they are subtracted from the sub-window they were
+//     recorded in, unless it has left the window meanwhile (then they
+//     expired with it).
 //     GCRA units cannot be given back: the leftover of a GCRA lease expires.
 //     Nothing is given back while Redis is being left alone (cool-down):
 //     those units stay counted until they leave the window.
@@ -300,7 +301,7 @@ func (l *Limiter) sweepLeases(nowMs int64) {
 }
 
 // returnAll gives back, once the goroutines have stopped, the units still
-// held and the give-backs still queued, in one pipeline; decisions still
+// held and the give-backs still queued, in one batch; decisions still
 // queued fail (their callers fall back).
 func (l *Limiter) returnAll(ctx context.Context) {
 	var calls []*call

@@ -78,7 +78,8 @@ type Settings struct {
 	// Heartbeat is how often this replica announces itself in Redis; a
 	// replica unseen for 3 heartbeats no longer counts. Default 2 s.
 	Heartbeat time.Duration
-	// MaxBatch caps the decisions sent in one pipeline. Default 128.
+	// MaxBatch caps the decisions sent in one batch: one script call, or
+	// on a cluster one pipeline of a script call per hash slot. Default 128.
 	MaxBatch int
 	// Now is the clock; tests pass a fake one. Default time.Now.
 	Now func() time.Time
@@ -169,6 +170,7 @@ type call struct {
 	d       Decision
 	err     error
 	done    chan struct{}
+	timer   *time.Timer // request's wait for done; nil until the first
 }
 
 var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1)} }}
@@ -398,14 +400,20 @@ func (l *Limiter) request(key string, rule Rule, kind callKind, n int) (d Decisi
 		callPool.Put(c)
 		return Decision{}, 0, 0, errQueueFull
 	}
-	t := time.NewTimer(l.s.StoreTimeout * 2)
+	// The timer goes with the pooled call (a new one allocates). Since Go
+	// 1.23 Reset and Stop leave no stale tick in its channel.
+	if c.timer == nil {
+		c.timer = time.NewTimer(l.s.StoreTimeout * 2)
+	} else {
+		c.timer.Reset(l.s.StoreTimeout * 2)
+	}
 	select {
 	case <-c.done:
-		t.Stop()
+		c.timer.Stop()
 		d, granted, idx, err = c.d, c.granted, c.idx, c.err
 		callPool.Put(c)
 		return d, granted, idx, err
-	case <-t.C:
+	case <-c.timer.C:
 		// The batcher still owns c and will signal it; leave it to the GC.
 		// A lease granted meanwhile is lost: its units stay counted in
 		// Redis until they leave the window (on the side of denying).
@@ -420,7 +428,8 @@ var (
 )
 
 // batcher sends waiting decisions to Redis: each round takes everything
-// queued (up to MaxBatch) and sends it as one pipeline. Under load that is
+// queued (up to MaxBatch) and sends it as one batch (slidingBatch: one
+// script call, or one per hash slot on a cluster). Under load that is
 // many decisions per round trip; when idle, a lone decision goes at once.
 func (l *Limiter) batcher() {
 	defer l.wg.Done()
@@ -442,7 +451,7 @@ func (l *Limiter) batcher() {
 			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), l.s.StoreTimeout)
-		l.m.commands.Inc()                  // one pipeline: one write and one round trip
+		l.m.commands.Inc()                  // one batch: one write and one round trip
 		l.store.slidingBatch(ctx, batch, 0) // each call gets its own decision or error
 		cancel()
 		for _, c := range batch {

@@ -4,159 +4,14 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
 	"io"
 	"net"
-	"strconv"
 	"sync/atomic"
 	"time"
 
 	"github.com/go-redis/redis_rate/v10"
 	"github.com/redis/go-redis/v9"
 )
-
-// slidingWindowLua is slide() in Redis: one key, one round trip. ARGV:
-// limit, window_ms, cost, now (ms; empty for Redis' TIME), Subwindows
-// (luaWindowStart reads the 2nd, 4th and 5th). It returns {allowed,
-// remaining, retry_ms, reset_ms}.
-//
-// With ARGV[6] = "1" it grants a quota lease instead: asked for cost
-// units, it admits g = min(cost, limit - total) of them at once, recorded
-// in the current sub-window exactly as g single admissions would be, and
-// returns {1, remaining, 0, reset_ms, g, sub-window}; when nothing is left
-// it is the denial of one request, {0, remaining, retry_ms, reset_ms, 0,
-// sub-window}. Without ARGV[6] the decisions are those of slide().
-//
-// The key is a string: a 24-byte header (newest sub-window written, total
-// admissions in the window, newest sub-window with an admission) and a
-// ring of k+1 counters, one per sub-window of [cur-k, cur]. A decision
-// reads and writes only the header and the slots it touches (GETRANGE,
-// SETRANGE), so it costs O(sub-windows elapsed since the client's last
-// request), not O(k); a hash with a field per sub-window cost ~14 µs of
-// Redis time per decision for a busy client.
-var slidingWindowLua = redis.NewScript(luaWindowStart + `
-local limit = tonumber(ARGV[1])
-local cost = tonumber(ARGV[3])
-local size = 24 + 8 * ring
-local hdr = redis.call('GETRANGE', key, 0, 23)
-local head, total, last
-local fresh = string.len(hdr) ~= 24 or redis.call('STRLEN', key) ~= size
-if not fresh then
-  head, total, last = struct.unpack('<ddd', hdr)
-  fresh = cur - head >= ring
-end
-local writes = {}
-local function read(idx)
-  local off = 24 + 8 * (idx % ring)
-  if writes[off] then return writes[off] end
-  if fresh then return 0 end
-  return (struct.unpack('<d', redis.call('GETRANGE', key, off, off + 7)))
-end
-if fresh then
-  -- nothing recorded is still inside the window: start afresh
-  head, total, last = cur, 0, -1
-elseif cur > head then
-  -- the sub-windows after head reuse slots of expired ones: clear them
-  for idx = head + 1, cur do
-    local c = read(idx)
-    if c ~= 0 then
-      total = total - c
-      writes[24 + 8 * (idx % ring)] = 0
-    end
-  end
-  head = cur
-end
-local function flush(ttl)
-  if fresh then
-    redis.call('SET', key, string.rep('\0', size), 'PX', ttl)
-  else
-    redis.call('PEXPIRE', key, ttl)
-  end
-  redis.call('SETRANGE', key, 0, struct.pack('<ddd', head, total, last))
-  for off, c in pairs(writes) do
-    redis.call('SETRANGE', key, off, struct.pack('<d', c))
-  end
-end
-local lease = ARGV[6] == '1'
-if lease then
-  -- a partial grant; with nothing left, the denial of one request
-  cost = math.max(1, math.min(cost, limit - total))
-end
-if total + cost > limit then
-  local retry_at = now + window
-  local freed = 0
-  for idx = cur - k, cur do
-    freed = freed + read(idx)
-    if total - freed + cost <= limit then
-      retry_at = (idx + k + 1) * w
-      break
-    end
-  end
-  local reset = 0
-  if last >= 0 and total > 0 then reset = math.max(0, (last + k + 1) * w - now) end
-  if next(writes) ~= nil then flush(math.max(1, reset) + 1) end
-  if lease then
-    return {0, math.max(0, limit - total), math.max(1, retry_at - now), reset, 0, cur}
-  end
-  return {0, math.max(0, limit - total), math.max(1, retry_at - now), reset}
-end
-writes[24 + 8 * (cur % ring)] = read(cur) + cost
-total = total + cost
-last = cur
-local reset = math.max(0, (last + k + 1) * w - now)
-flush(reset + 1)
-if lease then
-  return {1, limit - total, 0, reset, cost, cur}
-end
-return {1, limit - total, 0, reset}
-`)
-
-// leaseReturnLua gives back units of a lease that were not spent:
-// KEYS[1] the client's key; ARGV: the grant's sub-window, window_ms,
-// units, now (ms; empty for Redis' TIME), Subwindows, laid out as
-// slidingWindowLua's for luaWindowStart. It subtracts them from the
-// sub-window the grant was recorded in, and from the total, only while
-// that sub-window still counts: once it has left the window (or its slot
-// was reused, or the key was created afresh since the grant) the units
-// have expired with it and nothing changes. A count never goes below
-// zero, and the key keeps its TTL (SETRANGE does not touch it). It
-// returns the units subtracted.
-var leaseReturnLua = redis.NewScript(luaWindowStart + `
-local idx = tonumber(ARGV[1])
-local units = tonumber(ARGV[3])
-if units <= 0 or idx > cur or cur - idx > k then return 0 end
-if redis.call('STRLEN', key) ~= 24 + 8 * ring then return 0 end
-local head, total, last = struct.unpack('<ddd', redis.call('GETRANGE', key, 0, 23))
-if idx > head or head - idx > k then return 0 end
-local off = 24 + 8 * (idx % ring)
-local c = struct.unpack('<d', redis.call('GETRANGE', key, off, off + 7))
-local r = math.min(units, c, total)
-if r <= 0 then return 0 end
-redis.call('SETRANGE', key, off, struct.pack('<d', c - r))
-redis.call('SETRANGE', key, 0, struct.pack('<ddd', head, total - r, last))
-return r
-`)
-
-// luaWindowStart is the start both window scripts share, with their
-// KEYS and ARGV layout: the client's key from KEYS[1], the window in ms
-// from ARGV[2], now in ms from ARGV[4], or from Redis' TIME when it is
-// empty, and the sub-window geometry as geometry() computes it from
-// ARGV[5] (Subwindows) — width w, k counted sub-windows, a ring of k+1
-// slots, the current sub-window cur.
-const luaWindowStart = `local key = KEYS[1]
-local window = tonumber(ARGV[2])
-local now
-if ARGV[4] ~= '' then
-  now = tonumber(ARGV[4])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local w = math.max(1, math.floor(window / tonumber(ARGV[5])))
-local k = math.floor((window + w - 1) / w)
-local ring = k + 1
-local cur = math.floor(now / w)
-`
 
 // RedisMode is how Redis is deployed.
 type RedisMode uint8
@@ -266,6 +121,7 @@ func NewRedisClient(o RedisOptions) redis.UniversalClient {
 type redisStore struct {
 	rdb     redis.UniversalClient
 	cluster *redis.ClusterClient // rdb, when it is one
+	perKey  bool                 // rdb is a Ring: a script call carries one key
 	gcra    *redis_rate.Limiter
 	prefix  string
 
@@ -275,6 +131,7 @@ type redisStore struct {
 func newRedisStore(rdb redis.UniversalClient, prefix string) *redisStore {
 	s := &redisStore{rdb: rdb, gcra: redis_rate.NewLimiter(rdb), prefix: prefix}
 	s.cluster, _ = rdb.(*redis.ClusterClient)
+	_, s.perKey = rdb.(*redis.Ring)
 	return s
 }
 
@@ -282,53 +139,6 @@ func newRedisStore(rdb redis.UniversalClient, prefix string) *redisStore {
 // decision lives in one slot and the scripts run on Redis Cluster as is.
 func (s *redisStore) key(k string) string {
 	return s.prefix + ":rl:{" + k + "}"
-}
-
-// decisionFromReply converts the sliding-window script's reply; for a
-// lease it also returns the units granted and the sub-window they were
-// recorded in.
-func decisionFromReply(limit int, v any, leased bool) (d Decision, granted int, idx int64, err error) {
-	want := 4
-	if leased {
-		want = 6
-	}
-	n, err := replyInts(v, want)
-	if err != nil {
-		return Decision{}, 0, 0, err
-	}
-	d = Decision{Allowed: n[0] == 1, Limit: limit, Remaining: int(n[1]),
-		RetryAfter: time.Duration(n[2]) * time.Millisecond, ResetAfter: time.Duration(n[3]) * time.Millisecond}
-	if leased {
-		granted, idx = int(n[4]), n[5]
-	}
-	return d, granted, idx, nil
-}
-
-// replyInts reads a script's array reply of want integers.
-func replyInts(v any, want int) ([]int64, error) {
-	arr, ok := v.([]any)
-	if !ok || len(arr) != want {
-		return nil, fmt.Errorf("limiter: unexpected script reply %v", v)
-	}
-	n := make([]int64, want)
-	for i, x := range arr {
-		switch t := x.(type) {
-		case int64:
-			n[i] = t
-		case string:
-			n[i], _ = strconv.ParseInt(t, 10, 64)
-		default:
-			return nil, fmt.Errorf("limiter: unexpected script reply %v", v)
-		}
-	}
-	return n, nil
-}
-
-func nowArg(nowMs int64) string {
-	if nowMs == 0 {
-		return ""
-	}
-	return strconv.FormatInt(nowMs, 10)
 }
 
 // onceMoreIfLost runs call, and once more after reloading a cluster's slot
@@ -386,31 +196,44 @@ func (s *redisStore) gcraRun(ctx context.Context, call func(context.Context, str
 	return d, res.Allowed, nil
 }
 
-// slidingBatch runs many sliding-window decisions in one pipeline: one
-// round trip and one write for all of them (on a cluster, one per primary
-// holding some of the keys, in parallel). nowMs 0 means Redis' clock.
-// Each call gets its own decision or error; calls that failed only
-// because of where they were sent get one more try within ctx:
+// slidingBatch runs many sliding-window calls (decisions, leases,
+// give-backs) in one script call (windowBatchLua): one round trip, one
+// write and one script run for all of them. On a cluster a script's keys
+// must share a hash slot, and each client key is a hash tag of its own:
+// there it is one script call per slot, which for a batch of different
+// clients is about one per call, in one pipeline per primary holding some
+// of the keys, in parallel. nowMs 0 means Redis' clock. Each call gets its
+// own decision or error; calls that failed only because of where they
+// were sent get one more try within ctx:
 //   - NOSCRIPT: after a restart or failover the script cache is empty
-//     (Redis does not replicate it), and a pipeline of EVALSHA does not
-//     fall back to EVAL: the script is loaded and those calls run again;
-//   - a cluster node that cannot be reached: see refreshCluster.
+//     (Redis does not replicate it), and EVALSHA does not fall back to
+//     EVAL: the script is loaded and those calls run again;
+//   - a cluster node that cannot be reached: see refreshCluster;
+//   - TRYAGAIN: while a cluster moves a slot to another primary, a script
+//     call whose keys (different clients of that slot) are some on one
+//     primary and some on the other is refused, not run; its calls run
+//     again one key per script call, which go-redis sends where each key
+//     is (ASK).
 //
-// Only the failed calls run again, never the whole batch, so a decision
-// that Redis counted is not counted twice. A call whose reply was lost
-// after Redis ran it (a connection cut mid-reply) may be: the error is on
-// the side of denying. For that reason a lease return runs again only
-// after NOSCRIPT (it certainly did not run): counted twice, it would
-// free units that were spent.
+// Only the calls of failed script calls run again, never the whole batch,
+// so a decision that Redis counted is not counted twice (nor a call that
+// failed alone inside a script that ran: its key holds another type, say).
+// A call whose reply was lost after Redis ran it (a connection cut
+// mid-reply) may be: the error is on the side of denying. For that reason
+// a lease return runs again only after NOSCRIPT or TRYAGAIN (it certainly
+// did not run): counted twice, it would free units that were spent.
 func (s *redisStore) slidingBatch(ctx context.Context, calls []*call, nowMs int64) {
-	s.slidingRun(ctx, calls, nowMs)
+	s.slidingRun(ctx, calls, nowMs, false)
 	var again []*call
-	noScript, lost := false, false
+	noScript, lost, split := false, false, false
 	for _, c := range calls {
 		switch {
 		case c.err == nil:
 		case isNoScript(c.err):
 			noScript = true
+			again = append(again, c)
+		case s.cluster != nil && redis.HasErrorPrefix(c.err, "TRYAGAIN"):
+			split = true
 			again = append(again, c)
 		case s.cluster != nil && unreachable(c.err) && c.kind != returnUnits:
 			lost = true
@@ -427,67 +250,51 @@ func (s *redisStore) slidingBatch(ctx context.Context, calls []*call, nowMs int6
 		_ = s.loadScript(ctx) // a shard that fails here fails the rerun
 	}
 	if ctx.Err() == nil {
-		s.slidingRun(ctx, again, nowMs)
+		s.slidingRun(ctx, again, nowMs, split)
 	}
 }
 
-// slidingRun sends one pipeline and gives each call its decision or error.
-func (s *redisStore) slidingRun(ctx context.Context, calls []*call, nowMs int64) {
-	pipe := s.rdb.Pipeline()
-	cmds := make([]*redis.Cmd, len(calls))
-	for i, c := range calls {
-		keys := []string{s.key(c.key)}
-		switch c.kind {
-		case decide:
-			cmds[i] = slidingWindowLua.EvalSha(ctx, pipe, keys,
-				c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs), Subwindows)
-		case lease:
-			cmds[i] = slidingWindowLua.EvalSha(ctx, pipe, keys,
-				c.rule.Limit, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs), Subwindows, "1")
-		case returnUnits:
-			cmds[i] = leaseReturnLua.EvalSha(ctx, pipe, keys,
-				c.idx, c.rule.Window.Milliseconds(), c.cost, nowArg(nowMs), Subwindows)
+// slidingRun sends the calls as one script call, or on a cluster one per
+// hash slot (alone: one per call), all in one pipeline, and gives each
+// call its decision or error. A script call's error is that of each of
+// its calls.
+func (s *redisStore) slidingRun(ctx context.Context, calls []*call, nowMs int64, alone bool) {
+	b := batchPool.Get().(*scriptBatch)
+	defer b.release()
+	b.build(ctx, s, calls, nowMs, alone)
+	var execErr error
+	if len(b.groups) == 1 && s.cluster == nil {
+		execErr = s.rdb.Process(ctx, b.groups[0].cmd)
+	} else {
+		pipe := s.rdb.Pipeline()
+		for _, g := range b.groups {
+			_ = pipe.Process(ctx, g.cmd)
 		}
+		_, execErr = pipe.Exec(ctx)
 	}
 	// Errors are per command, except when no connection could be set up
 	// (a refused password, a failed TLS handshake): then go-redis leaves
 	// the commands unsent, without error or reply, and only Exec says why.
-	_, execErr := pipe.Exec(ctx)
-	for i, c := range calls {
-		err := cmds[i].Err()
-		if err == nil && cmds[i].Val() == nil && execErr != nil {
+	for _, g := range b.groups {
+		err := g.cmd.Err()
+		if err == nil && g.cmd.Val() == nil && execErr != nil {
 			err = execErr
 		}
-		if err != nil {
-			c.err = err
-			continue
-		}
-		switch c.kind {
-		case returnUnits:
-			var n int64
-			n, c.err = cmds[i].Int64()
-			c.granted = int(n)
-		default:
-			c.d, c.granted, c.idx, c.err = decisionFromReply(c.rule.Limit, cmds[i].Val(), c.kind == lease)
-		}
+		b.settle(calls, g, err)
 	}
 }
 
-// loadScript loads the sliding-window scripts where decisions run: the
-// server, or every primary of a cluster.
+// loadScript loads the sliding-window script where decisions run: the
+// server, every primary of a cluster, or every shard of a Ring.
 func (s *redisStore) loadScript(ctx context.Context) error {
-	load := func(ctx context.Context, c redis.Scripter) error {
-		if err := slidingWindowLua.Load(ctx, c).Err(); err != nil {
-			return err
-		}
-		return leaseReturnLua.Load(ctx, c).Err()
+	load := func(ctx context.Context, c *redis.Client) error { return windowBatchLua.Load(ctx, c).Err() }
+	switch rdb := s.rdb.(type) {
+	case *redis.ClusterClient:
+		return rdb.ForEachMaster(ctx, load)
+	case *redis.Ring:
+		return rdb.ForEachShard(ctx, load)
 	}
-	if s.cluster != nil {
-		return s.cluster.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
-			return load(ctx, c)
-		})
-	}
-	return load(ctx, s.rdb)
+	return windowBatchLua.Load(ctx, s.rdb).Err()
 }
 
 // clusterRefreshEvery spaces topology refreshes when many decisions fail

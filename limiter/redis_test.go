@@ -24,10 +24,13 @@ func client(t testing.TB, addr string) redis.UniversalClient {
 }
 
 // The Lua script and the Go reference give the same answers for the same
-// sequence of decisions at the same instants.
+// sequence of decisions at the same instants: one decision per script
+// call, then batches that mix clients, rules, leases and give-backs, with
+// a client several times in one batch.
 func TestRedisScriptMatchesMemory(t *testing.T) {
 	srv := redistest.Start(t)
 	store := newRedisStore(client(t, srv.Addr), "test")
+	t.Run("mixed batches", func(t *testing.T) { checkMixedBatches(t, store, "mixed", 300) })
 	for _, rule := range []Rule{{Limit: 5, Window: time.Second}, {Limit: 60, Window: time.Minute}, {Limit: 7, Window: 333 * time.Millisecond}} {
 		var buckets []bucket
 		now := t0.UnixMilli()
@@ -45,6 +48,93 @@ func TestRedisScriptMatchesMemory(t *testing.T) {
 			}
 		}
 	}
+}
+
+// refKey is the reference state of one client in checkMixedBatches.
+type refKey struct {
+	rule    Rule
+	buckets []bucket
+	grants  []*call // leases granted, whose units may be given back
+}
+
+// checkMixedBatches sends steps batches of 1 to 24 calls at fixed
+// instants: decisions, leases and give-backs for 8 clients under three
+// rules, a client often several times in a batch. Each call's answer must
+// be that of slide() applied call after call in batch order: the same
+// client twice in one batch is two sequential decisions.
+func checkMixedBatches(t *testing.T, store *redisStore, prefix string, steps int) {
+	t.Helper()
+	rules := []Rule{{Limit: 5, Window: time.Second}, {Limit: 60, Window: time.Minute}, {Limit: 7, Window: 333 * time.Millisecond}}
+	ref := map[string]*refKey{}
+	var names []string
+	for i := range 8 {
+		name := fmt.Sprintf("%s-%d", prefix, i)
+		names = append(names, name)
+		ref[name] = &refKey{rule: rules[i%len(rules)]}
+	}
+	now := t0.UnixMilli()
+	kinds := map[callKind]int{}
+	for step := range steps {
+		now += rand.Int64N(150) + 1
+		var calls []*call
+		for range rand.IntN(24) + 1 {
+			name := names[rand.IntN(len(names))]
+			r := ref[name]
+			c := &call{key: name, rule: r.rule, cost: 1}
+			switch p := rand.IntN(10); {
+			case p < 2:
+				c.kind, c.cost = lease, rand.IntN(r.rule.Limit)+1
+			case p < 4 && len(r.grants) > 0:
+				g := r.grants[rand.IntN(len(r.grants))]
+				c.kind, c.cost, c.idx = returnUnits, rand.IntN(g.granted)+1, g.idx
+			}
+			calls = append(calls, c)
+		}
+		store.slidingBatch(context.Background(), calls, now)
+		for i, c := range calls {
+			r := ref[c.key]
+			if c.err != nil {
+				t.Fatalf("step %d call %d (%s, kind %d): %v", step, i, c.key, c.kind, c.err)
+			}
+			kinds[c.kind]++
+			var want Decision
+			wantGranted, wantIdx := 0, c.idx
+			w, k := geometry(r.rule.Window)
+			cur := now / w
+			switch c.kind {
+			case decide:
+				r.buckets, want = slide(r.buckets, r.rule, now, 1)
+			case lease:
+				var total int64
+				for _, b := range r.buckets {
+					if b.idx >= cur-k {
+						total += b.n
+					}
+				}
+				g := max(1, min(int64(c.cost), int64(r.rule.Limit)-total))
+				if r.buckets, want = slide(r.buckets, r.rule, now, g); want.Allowed {
+					wantGranted = int(g)
+					r.grants = append(r.grants, c)
+				}
+				wantIdx = cur
+			case returnUnits:
+				if c.idx <= cur && cur-c.idx <= k {
+					for j := range r.buckets {
+						if b := &r.buckets[j]; b.idx == c.idx {
+							n := min(int64(c.cost), b.n)
+							b.n -= n
+							wantGranted = int(n)
+						}
+					}
+				}
+			}
+			if c.d != want || c.granted != wantGranted || c.idx != wantIdx {
+				t.Fatalf("%v step %d call %d of %d (%s, kind %d, cost %d) at %d: redis %+v granted %d in %d; memory %+v granted %d in %d",
+					r.rule, step, i, len(calls), c.key, c.kind, c.cost, now, c.d, c.granted, c.idx, want, wantGranted, wantIdx)
+			}
+		}
+	}
+	t.Logf("%d batches: %d decisions, %d leases, %d give-backs", steps, kinds[decide], kinds[lease], kinds[returnUnits])
 }
 
 func TestRedisSlidingWindowRealTime(t *testing.T) {
@@ -69,7 +159,9 @@ func TestRedisGCRA(t *testing.T) {
 	srv := redistest.Start(t)
 	l := New(Settings{Redis: client(t, srv.Addr)})
 	defer l.Close()
-	rule := Rule{Limit: 10, Window: time.Second, Algorithm: GCRA, Burst: 4}
+	// A token every 6 s: the 20 calls cannot earn one back, however slow
+	// the machine (at 10 per second, a token regrew after 100 ms).
+	rule := Rule{Limit: 10, Window: time.Minute, Algorithm: GCRA, Burst: 4}
 	allowed := 0
 	for i := 0; i < 20; i++ {
 		if d, _ := l.Allow("gcra", rule); d.Allowed {
@@ -258,5 +350,114 @@ func TestRedisRefusedCredentialsAreTheError(t *testing.T) {
 	c = &call{key: "k", rule: Rule{Limit: 5, Window: time.Second}, cost: 1}
 	if newRedisStore(rdb2, "test").slidingBatch(context.Background(), []*call{c}, t0.UnixMilli()); c.err != nil || !c.d.Allowed {
 		t.Fatalf("with the right password: %v %+v", c.err, c.d)
+	}
+}
+
+// One script call carries a whole batch, but a call that fails in Redis
+// (here: its key holds a list) fails alone: the calls before and after it
+// in the batch, the same client's included, are decided and counted once.
+func TestRedisBatchIsolatesAFailingKey(t *testing.T) {
+	srv := redistest.Start(t)
+	store := newRedisStore(client(t, srv.Addr), "test")
+	if _, err := redistest.Do(srv.Addr, "RPUSH", store.key("list"), "x"); err != nil {
+		t.Fatal(err)
+	}
+	rule := Rule{Limit: 5, Window: time.Minute}
+	var calls []*call
+	for _, k := range []string{"a", "list", "a", "b", "list", "a"} {
+		calls = append(calls, &call{key: k, rule: rule, cost: 1})
+	}
+	calls = append(calls, &call{key: "list", rule: rule, kind: returnUnits, cost: 1, idx: t0.UnixMilli() / 600})
+	store.slidingBatch(context.Background(), calls, t0.UnixMilli())
+	remaining := map[string]int{"a": 5, "b": 5}
+	for i, c := range calls {
+		if c.key == "list" {
+			if c.err == nil || !strings.Contains(c.err.Error(), "WRONGTYPE") || !strings.Contains(c.err.Error(), store.key("list")) {
+				t.Errorf("call %d on a list: %v, want a WRONGTYPE error naming the key", i, c.err)
+			}
+			continue
+		}
+		remaining[c.key]--
+		if c.err != nil || !c.d.Allowed || c.d.Remaining != remaining[c.key] {
+			t.Errorf("call %d (%s): %+v %v, want %d remaining", i, c.key, c.d, c.err, remaining[c.key])
+		}
+	}
+}
+
+// A batch larger than one script call may carry is split, in order: 600
+// decisions of one client count down across the three calls.
+func TestRedisBatchSplitsLargeBatches(t *testing.T) {
+	srv := redistest.Start(t)
+	store := newRedisStore(client(t, srv.Addr), "test")
+	rule := Rule{Limit: 1000, Window: time.Minute}
+	calls := make([]*call, 600)
+	for i := range calls {
+		calls[i] = &call{key: "many", rule: rule, cost: 1}
+	}
+	if err := store.loadScript(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	store.slidingBatch(context.Background(), calls, t0.UnixMilli())
+	for i, c := range calls {
+		if c.err != nil || c.d.Remaining != rule.Limit-1-i {
+			t.Fatalf("decision %d: %+v %v", i, c.d, c.err)
+		}
+	}
+	if calls, _ := evalshaStat(t, srv.Addr); calls != 3 { // 600 = 256 + 256 + 88
+		t.Errorf("%d script calls for 600 decisions, want 3", calls)
+	}
+}
+
+// A Ring routes a command by its first key: there every script call
+// carries one key, and a batch over both shards gets the same answers.
+func TestRedisRing(t *testing.T) {
+	a, b := redistest.Start(t), redistest.Start(t)
+	ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": a.Addr, "b": b.Addr}, MaxRetries: -1})
+	defer ring.Close()
+	store := newRedisStore(ring, "test")
+	if err := store.loadScript(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rule := Rule{Limit: 10, Window: time.Minute}
+	var calls []*call
+	for k := range 40 {
+		for range 2 {
+			calls = append(calls, &call{key: fmt.Sprintf("ring-%d", k), rule: rule, cost: 1})
+		}
+	}
+	store.slidingBatch(context.Background(), calls, t0.UnixMilli())
+	seen := map[string]int{}
+	for _, c := range calls {
+		seen[c.key]++
+		if c.err != nil || c.d.Remaining != rule.Limit-seen[c.key] {
+			t.Fatalf("%s decision %d: %+v %v", c.key, seen[c.key], c.d, c.err)
+		}
+	}
+	ca, _ := evalshaStat(t, a.Addr)
+	cb, _ := evalshaStat(t, b.Addr)
+	if ca == 0 || cb == 0 || ca+cb != 80 {
+		t.Errorf("script calls: %d on one shard, %d on the other, want 80 in all on both", ca, cb)
+	}
+}
+
+// clusterSlot agrees with the cluster specification's examples; the
+// cluster test checks it against CLUSTER KEYSLOT.
+func TestClusterSlot(t *testing.T) {
+	for _, c := range []struct {
+		key  string
+		slot uint16
+	}{
+		{"123456789", 0x31c3 & 16383}, // the spec's CRC16 check value
+		{"foo", 12182},
+		{"{user1000}.following", clusterSlot("user1000")},
+		{"{user1000}.followers", clusterSlot("user1000")},
+		{"foo{}{bar}", crc16("foo{}{bar}") & 16383}, // an empty tag: the whole key
+		{"foo{{bar}}zap", clusterSlot("{bar")},
+		{"foo{bar}{zap}", clusterSlot("bar")},
+		{"{unclosed", crc16("{unclosed") & 16383},
+	} {
+		if got := clusterSlot(c.key); got != c.slot {
+			t.Errorf("clusterSlot(%q) = %d, want %d", c.key, got, c.slot)
+		}
 	}
 }
