@@ -18,6 +18,10 @@ const ChunkRoom = 18
 
 var lastChunk = []byte("0\r\n\r\n")
 
+// headCompany: a first read of fewer body bytes than this is held for one
+// more read, so that the request head leaves with the body (see SendBody).
+const headCompany = 512
+
 // SendBody writes a request body to the connection as it arrives, each
 // read in one write: as it is, or, when chunked, framed as one chunk in
 // place (no copy, and one syscall per read, not three). The data area of
@@ -41,7 +45,11 @@ func (c *Conn) SendBody(src io.Reader, buf []byte, first int, eof, chunked bool,
 			buf[ChunkRoom+n], buf[ChunkRoom+n+1] = '\r', '\n'
 			frame = buf[start : ChunkRoom+n+2]
 		}
-		if c.W.Buffered() > 0 { // the request head
+		if c.W.Buffered() > 0 { // the request head: it leaves with the first data
+			if len(frame) <= c.W.Available() {
+				_, _ = c.W.Write(frame) // into the buffer: cannot fail
+				return c.W.Flush()
+			}
 			if err := c.W.Flush(); err != nil {
 				return err
 			}
@@ -65,8 +73,22 @@ func (c *Conn) SendBody(src io.Reader, buf []byte, first int, eof, chunked bool,
 			return sent, err
 		}
 	}
+	held, waited := 0, false // read but not yet written, once, before the head goes
 	for !eof {
-		n, rerr := src.Read(data)
+		n, rerr := src.Read(data[held:])
+		n += held
+		held = 0
+		if n > 0 && n < headCompany && !waited && c.W.Buffered() > 0 && rerr == nil {
+			// A first read this small is the server's read-ahead (fasthttp
+			// hands over one byte before the rest): read once more before
+			// the head goes, so that head and body leave in one write, not
+			// three. The head waits only for the sender's next bytes.
+			if err := progress(sent+int64(n), false); err != nil {
+				return sent, err
+			}
+			held, waited = n, true
+			continue
+		}
 		if n > 0 {
 			if err := write(n); err != nil {
 				return sent, err

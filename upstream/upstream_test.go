@@ -333,3 +333,69 @@ func TestReadResponse(t *testing.T) {
 		t.Error("ReadError misclassifies")
 	}
 }
+
+// stepReader returns one step per Read, calling before(i) ahead of step i.
+type stepReader struct {
+	steps  []string
+	i      int
+	before func(i int)
+}
+
+func (r *stepReader) Read(p []byte) (int, error) {
+	if r.i == len(r.steps) {
+		return 0, io.EOF
+	}
+	r.before(r.i)
+	n := copy(p, r.steps[r.i])
+	r.i++
+	return n, nil
+}
+
+// A tiny first read (the server's one-byte read-ahead) waits for the next
+// one, and the request head leaves with them: nothing reaches the upstream
+// before the second read, where it used to get the head, then one byte,
+// then the rest, in three writes.
+func TestSendBodyHeadLeavesWithTheBody(t *testing.T) {
+	arrived := make(chan struct{}, 1)
+	got := make(chan string, 1)
+	addr := listen(t, func(c net.Conn) {
+		b := make([]byte, 1)
+		if _, err := c.Read(b); err != nil {
+			return
+		}
+		arrived <- struct{}{}
+		rest, _ := io.ReadAll(c)
+		got <- string(b) + string(rest)
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := u.Endpoints()[0].Acquire(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	const head = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+	_, _ = c.W.WriteString(head)
+	early := false
+	src := &stepReader{steps: []string{"a", "bcde"}, before: func(i int) {
+		if i == 1 {
+			select {
+			case <-arrived:
+				early = true
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	}}
+	buf := make([]byte, ChunkRoom+1024+2)
+	if n, err := c.SendBody(src, buf, 0, false, false, func(int64, bool) error { return nil }); err != nil || n != 5 {
+		t.Fatalf("SendBody: %d bytes, %v", n, err)
+	}
+	u.Endpoints()[0].Release(c, false, time.Now())
+	if body := <-got; body != head+"abcde" {
+		t.Errorf("the upstream got %q", body)
+	}
+	if early {
+		t.Error("the head (or the first byte) went before the second read: head and body in separate writes")
+	}
+}
