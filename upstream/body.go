@@ -24,7 +24,10 @@ const headCompany = 512
 
 // SendBody writes a request body to the connection as it arrives, each
 // read in one write: as it is, or, when chunked, framed as one chunk in
-// place (no copy, and one syscall per read, not three). The data area of
+// place (no copy, and one syscall per read, not three). A request head
+// still in c.W leaves in the first write, with the first data; a first
+// read of fewer than headCompany bytes waits for one more read to join it
+// (fasthttp's read-ahead hands over one byte first). The data area of
 // buf (see ChunkRoom) may already hold first bytes, sent before src is
 // read; eof says src has ended already.
 //
