@@ -108,7 +108,7 @@ const profileOther = "other (runtime, Go's net package, fasthttp internals)"
 // profileCategories, leaf-most first: a syscall made inside an upstream
 // write counts as the syscall, not as the upstream write.
 var profileCategories = []profileCategory{
-	{"syscall: write (to the client and the upstream)", regexp.MustCompile(`^syscall\.write$`)},
+	{"syscall: write (to the client and the upstream)", regexp.MustCompile(`^syscall\.write$|^internal/poll\.\(\*FD\)\.Writev$`)},
 	{"syscall: read (from the client and the upstream)", regexp.MustCompile(`^syscall\.read$`)},
 	{"syscall: peek at a pooled connection before reuse", regexp.MustCompile(`^syscall\.recvfrom$`)},
 	{"epoll (netpoll)", regexp.MustCompile(`^runtime\.netpoll$`)},
