@@ -77,6 +77,11 @@ func send(url, apiKey string) answer {
 	req, _ := http.NewRequest("GET", url, nil)
 	if apiKey != "" {
 		req.Header.Set("X-API-Key", apiKey)
+	} else {
+		// An anonymous client's claims of the top tier, in two spellings:
+		// its priority is its verified tier's, never a field it sends.
+		req.Header.Set("X-Sidecar-Tier", "premium")
+		req.Header["X_sidecar_tier"] = []string{"premium"}
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
