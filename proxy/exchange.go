@@ -631,14 +631,45 @@ func (x *exchange) WriteTo(w io.Writer) (int64, error) {
 	defer copyBufPool.Put(bufp)
 	buf := *bufp
 	if x.r.direct {
-		w = x.r.ctx.Conn() // the head was flushed (ImmediateHeaderFlush): order is kept
-	} else {
-		// fasthttp frames each write as a chunk (size line, data, CRLF) in
-		// its write buffer, which is copyBufSize too: leave room for the
-		// framing, or every full read costs a second write of 8 bytes.
-		buf = buf[:copyBufSize-chunkFraming]
+		// The head was flushed (ImmediateHeaderFlush): order is kept.
+		return x.copyGathered(x.r.ctx.Conn(), buf)
 	}
-	return upstream.Copy(w, x, buf)
+	// fasthttp frames each write as a chunk (size line, data, CRLF) in its
+	// write buffer, which is copyBufSize too: leave room for the framing,
+	// or every full read costs a second write of 8 bytes.
+	return upstream.Copy(w, x, buf[:copyBufSize-chunkFraming])
+}
+
+// copyGathered copies a Content-Length body to the client socket as it
+// arrives, each write carrying what has arrived by then: after a read, the
+// bytes already there (in the upstream reader, or on its socket: one
+// non-blocking peek) are read into the same buffer before the write,
+// never waiting for more. A 64 KiB body that came at once leaves in two
+// writes instead of three (the reader's leftover after the head, then the
+// socket's); a piece that came alone leaves alone, at once.
+func (x *exchange) copyGathered(w io.Writer, buf []byte) (int64, error) {
+	var total int64
+	for {
+		n, err := x.Read(buf)
+		for err == nil && n < len(buf) && x.up.Readable() {
+			var m int
+			m, err = x.Read(buf[n:])
+			n += m
+		}
+		if n > 0 {
+			m, werr := w.Write(buf[:n])
+			total += int64(m)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
 }
 
 // CloseWithError is called by fasthttp once the response is written (or

@@ -33,8 +33,10 @@ type Conn struct {
 	readDeadline  time.Time // as last set on the socket; zero: unknown
 	writeDeadline time.Time
 	raw           syscall.RawConn // nil if the conn has none (TLS): Alive peeks through it
-	peek          func(fd uintptr) bool
+	peek          func(fd uintptr) bool // peekQuiet, made once (a method value per call allocates)
 	quiet         bool
+	peekReady     func(fd uintptr) bool // peekReadable, made once
+	readable      bool
 }
 
 // drifted reports whether the deadline on the socket (cur) is more than
@@ -90,6 +92,30 @@ func (c *Conn) peekQuiet(fd uintptr) bool {
 	var b [1]byte
 	_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 	c.quiet = err == syscall.EAGAIN
+	return true // one look, never wait
+}
+
+// Readable reports, without waiting, whether a read would find bytes: in
+// the reader's buffer, or (plain TCP) on the socket, by one non-blocking
+// peek. A TLS connection answers from its buffer alone.
+func (c *Conn) Readable() bool {
+	if c.R.Buffered() > 0 {
+		return true
+	}
+	if c.raw == nil {
+		return false
+	}
+	if err := c.raw.Read(c.peekReady); err != nil {
+		return false
+	}
+	return c.readable
+}
+
+// peekReadable is Readable's look at the socket.
+func (c *Conn) peekReadable(fd uintptr) bool {
+	var b [1]byte
+	n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	c.readable = err == nil && n > 0
 	return true // one look, never wait
 }
 

@@ -331,6 +331,13 @@ func (e *Exchange) Buffered() int {
 	return e.t.conn.R.Buffered()
 }
 
+// Readable reports, without waiting, whether Read would return bytes now:
+// some are in hand, or have arrived from the upstream (HTTP/1.1 only; an
+// HTTP/2 body says no). For gathering what has arrived into one write.
+func (e *Exchange) Readable() bool {
+	return len(e.t.pending) > 0 || e.t.conn != nil && e.t.stream != nil && !e.t.bodyEOF && e.t.conn.Readable()
+}
+
 // Prefetched reports whether Read has bytes (or the end) in hand.
 func (e *Exchange) Prefetched() bool { return len(e.t.pending) > 0 || e.t.pendingEOF }
 

@@ -389,7 +389,7 @@ func (ep *Endpoint) dial() (*Conn, error) {
 		c.Conn = tc
 	} else if sc, ok := raw.(syscall.Conn); ok {
 		c.raw, _ = sc.SyscallConn() // plain TCP only: Alive peeks at the socket itself
-		c.peek = c.peekQuiet
+		c.peek, c.peekReady = c.peekQuiet, c.peekReadable
 	}
 	c.R = bufio.NewReaderSize(c, 16<<10) // also the largest response head accepted
 	c.W = bufio.NewWriterSize(c, 16<<10)

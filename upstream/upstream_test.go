@@ -399,3 +399,49 @@ func TestSendBodyHeadLeavesWithTheBody(t *testing.T) {
 		t.Error("the head (or the first byte) went before the second read: head and body in separate writes")
 	}
 }
+
+// Readable says, without waiting, whether a read would find bytes: not
+// while the upstream sent nothing, yes once it did (in the reader's buffer
+// or still on the socket), and no again once they are read.
+func TestConnReadable(t *testing.T) {
+	send := make(chan struct{})
+	addr := listen(t, func(c net.Conn) {
+		<-send
+		_, _ = c.Write([]byte("abc"))
+		time.Sleep(time.Second)
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := u.Endpoints()[0].Acquire(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Endpoints()[0].Release(c, false, time.Now())
+	c.ReadTimeout = 5 * time.Second
+	if c.Readable() {
+		t.Fatal("readable before the upstream sent anything")
+	}
+	close(send)
+	deadline := time.Now().Add(2 * time.Second)
+	for !c.Readable() {
+		if time.Now().After(deadline) {
+			t.Fatal("not readable 2 s after the upstream sent 3 bytes")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	b := make([]byte, 1)
+	if _, err := c.R.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Readable() { // two bytes left in the reader's buffer
+		t.Error("not readable with bytes in the reader's buffer")
+	}
+	if _, err := io.ReadFull(c.R, make([]byte, 2)); err != nil {
+		t.Fatal(err)
+	}
+	if c.Readable() {
+		t.Error("readable after everything sent was read")
+	}
+}
