@@ -32,7 +32,7 @@ type Conn struct {
 	lastUsed      time.Time
 	readDeadline  time.Time // as last set on the socket; zero: unknown
 	writeDeadline time.Time
-	raw           syscall.RawConn // nil if the conn has none (TLS): Alive peeks through it
+	raw           syscall.RawConn       // nil if the conn has none (TLS): Alive peeks through it
 	peek          func(fd uintptr) bool // peekQuiet, made once (a method value per call allocates)
 	quiet         bool
 	peekReady     func(fd uintptr) bool // peekReadable, made once
