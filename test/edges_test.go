@@ -230,3 +230,31 @@ func TestSlowSmallUploadLongerThanIdleTimeout(t *testing.T) {
 	// 2.5 s at 500 B/s: 2.5 idle timeouts, one body
 	slowUpload(t, "header_timeout = \"500ms\"\nidle_timeout = \"1s\"\n", 1250)
 }
+
+// A large upload whose first segment is one byte, then a pause: the
+// upstream gets the head at once and its early answer reaches the client.
+// (A held first read, fine for a small body sent before the response is
+// read, kept the head back here until the client sent more: a 504.)
+func TestEarlyAnswerAfterAOneByteStart(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "close")
+		http.Error(w, "no", http.StatusUnauthorized)
+	})
+	sc := startSidecar(t, "[server]\nmax_body_bytes = 0\n"+routeTo(be.url(), ""))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	io.WriteString(c, "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n\r\n")
+	time.Sleep(50 * time.Millisecond)
+	io.WriteString(c, "x")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no early answer: %v", err)
+	}
+	if resp.StatusCode != 401 {
+		t.Fatalf("early answer %d, want the upstream's 401", resp.StatusCode)
+	}
+}

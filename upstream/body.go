@@ -25,9 +25,11 @@ const headCompany = 512
 // SendBody writes a request body to the connection as it arrives, each
 // read in one write: as it is, or, when chunked, framed as one chunk in
 // place (no copy, and one syscall per read, not three). A request head
-// still in c.W leaves in the first write, with the first data; a first
-// read of fewer than headCompany bytes waits for one more read to join it
-// (fasthttp's read-ahead hands over one byte first). The data area of
+// still in c.W leaves in the first write, with the first data; with hold,
+// a first read of fewer than headCompany bytes waits for one more read to
+// join it (fasthttp's read-ahead hands over one byte first). Hold only a
+// body sent before the response is read: a pumped one must reach the
+// upstream at once, which may answer before the body ends. The data area of
 // buf (see ChunkRoom) may already hold first bytes, sent before src is
 // read; eof says src has ended already.
 //
@@ -35,7 +37,7 @@ const headCompany = 512
 // eof true once src has ended); an error it returns ends the copy (the
 // sender's body limit, say), as does a read error of src, wrapped in
 // ErrRequestBody, or a write error. It returns the bytes of body written.
-func (c *Conn) SendBody(src io.Reader, buf []byte, first int, eof, chunked bool, progress func(total int64, eof bool) error) (int64, error) {
+func (c *Conn) SendBody(src io.Reader, buf []byte, first int, eof, chunked, hold bool, progress func(total int64, eof bool) error) (int64, error) {
 	data := buf[ChunkRoom : len(buf)-2]
 	send := func(n int) error {
 		frame := data[:n]
@@ -81,7 +83,7 @@ func (c *Conn) SendBody(src io.Reader, buf []byte, first int, eof, chunked bool,
 		n, rerr := src.Read(data[held:])
 		n += held
 		held = 0
-		if n > 0 && n < headCompany && !waited && c.W.Buffered() > 0 && rerr == nil {
+		if hold && n > 0 && n < headCompany && !waited && c.W.Buffered() > 0 && rerr == nil {
 			// A first read this small is the server's read-ahead (fasthttp
 			// hands over one byte before the rest): read once more before
 			// the head goes, so that head and body leave in one write, not

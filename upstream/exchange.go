@@ -244,7 +244,9 @@ func (e *Exchange) sendBody(c *Conn) error {
 	e.t.first = 0
 	timeout := e.t.req.ResponseTimeout
 	var armed time.Time
-	sent, err := c.SendBody(e.t.req.Body, *e.t.buf, first, e.t.firstEOF, e.t.req.BodyLen < 0, func(total int64, eof bool) error {
+	// A pumped body is not held (see SendBody): the upstream may answer
+	// while the client is still sending, and must get the head at once.
+	sent, err := c.SendBody(e.t.req.Body, *e.t.buf, first, e.t.firstEOF, e.t.req.BodyLen < 0, !e.t.pumped, func(total int64, eof bool) error {
 		if eof {
 			e.senderEOF.Store(true)
 			return nil

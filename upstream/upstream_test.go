@@ -255,7 +255,7 @@ func TestSendBody(t *testing.T) {
 		}
 		buf := make([]byte, ChunkRoom+8+2) // 8 bytes of data per read
 		copy(buf[ChunkRoom:], first)
-		n, err := c.SendBody(src, buf, len(first), false, chunked, progress)
+		n, err := c.SendBody(src, buf, len(first), false, chunked, true, progress)
 		u.Endpoints()[0].Release(c, false, time.Now()) // closes it: the server's ReadAll ends
 		return <-got, n, err
 	}
@@ -388,7 +388,7 @@ func TestSendBodyHeadLeavesWithTheBody(t *testing.T) {
 		}
 	}}
 	buf := make([]byte, ChunkRoom+1024+2)
-	if n, err := c.SendBody(src, buf, 0, false, false, func(int64, bool) error { return nil }); err != nil || n != 5 {
+	if n, err := c.SendBody(src, buf, 0, false, false, true, func(int64, bool) error { return nil }); err != nil || n != 5 {
 		t.Fatalf("SendBody: %d bytes, %v", n, err)
 	}
 	u.Endpoints()[0].Release(c, false, time.Now())
