@@ -48,7 +48,8 @@ type exchange struct {
 	dec      admission.Decision // what it decided
 	fwd      forwardedIn        // a trusted peer's X-Forwarded-*, copied before stripping
 
-	gen uint64 // incremented on release: tells a stale reference
+	gen        uint64      // incremented on release: tells a stale reference
+	upReadable func() bool // up.Readable, made once (see WriteTo)
 }
 
 // request is one request's state in an exchange; its zero value is a
@@ -631,45 +632,18 @@ func (x *exchange) WriteTo(w io.Writer) (int64, error) {
 	defer copyBufPool.Put(bufp)
 	buf := *bufp
 	if x.r.direct {
-		// The head was flushed (ImmediateHeaderFlush): order is kept.
-		return x.copyGathered(x.r.ctx.Conn(), buf)
+		// The head was flushed (ImmediateHeaderFlush): order is kept. Each
+		// write carries what has arrived by then (never waiting for more):
+		// a 64 KiB body that came at once leaves in two writes, not three.
+		if x.upReadable == nil {
+			x.upReadable = x.up.Readable // once per pooled exchange: a method value allocates
+		}
+		return upstream.CopyGathered(x.r.ctx.Conn(), x, buf, x.upReadable)
 	}
 	// fasthttp frames each write as a chunk (size line, data, CRLF) in its
 	// write buffer, which is copyBufSize too: leave room for the framing,
 	// or every full read costs a second write of 8 bytes.
 	return upstream.Copy(w, x, buf[:copyBufSize-chunkFraming])
-}
-
-// copyGathered copies a Content-Length body to the client socket as it
-// arrives, each write carrying what has arrived by then: after a read, the
-// bytes already there (in the upstream reader, or on its socket: one
-// non-blocking peek) are read into the same buffer before the write,
-// never waiting for more. A 64 KiB body that came at once leaves in two
-// writes instead of three (the reader's leftover after the head, then the
-// socket's); a piece that came alone leaves alone, at once.
-func (x *exchange) copyGathered(w io.Writer, buf []byte) (int64, error) {
-	var total int64
-	for {
-		n, err := x.Read(buf)
-		for err == nil && n < len(buf) && x.up.Readable() {
-			var m int
-			m, err = x.Read(buf[n:])
-			n += m
-		}
-		if n > 0 {
-			m, werr := w.Write(buf[:n])
-			total += int64(m)
-			if werr != nil {
-				return total, werr
-			}
-		}
-		if err == io.EOF {
-			return total, nil
-		}
-		if err != nil {
-			return total, err
-		}
-	}
 }
 
 // CloseWithError is called by fasthttp once the response is written (or

@@ -53,9 +53,22 @@ func CopyIdle(dst net.Conn, src io.Reader, idle time.Duration) (int64, error) {
 // hands the copy to src's WriteTo or dst's ReadFrom, so the reads and
 // writes, and their deadlines, stay the caller's.
 func Copy(dst io.Writer, src io.Reader, buf []byte) (int64, error) {
+	return CopyGathered(dst, src, buf, nil)
+}
+
+// CopyGathered is Copy, except that after a read, while more reports that
+// a read would find bytes now (nil: never), they are read into the same
+// buffer before the write: each write carries what has arrived, and the
+// copy never waits for more than the first read.
+func CopyGathered(dst io.Writer, src io.Reader, buf []byte, more func() bool) (int64, error) {
 	var total int64
 	for {
 		n, err := src.Read(buf)
+		for more != nil && err == nil && n < len(buf) && more() {
+			var m int
+			m, err = src.Read(buf[n:])
+			n += m
+		}
 		if n > 0 {
 			m, werr := dst.Write(buf[:n])
 			total += int64(m)
