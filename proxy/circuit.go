@@ -110,7 +110,7 @@ func (x *exchange) fallBack(reason string, retry time.Duration) error {
 	x.r.up.m.fallbackInc(reason)
 	first := x.r.fallback == ""
 	x.r.fallback, x.r.retryAfter = reason, retry
-	if fb := x.r.up.spec.Fallback; fb != nil && fb.Upstream != "" && first && x.up.Sent() == 0 && !x.up.Pumped() {
+	if fb := x.r.up.spec.Fallback; fb != nil && fb.Upstream != "" && first && x.up.Replayable() {
 		if alt := x.r.st.upstreams[fb.Upstream]; alt != nil {
 			x.leaveOverload(time.Now()) // the slot was the failing upstream's
 			x.r.ticket.Done()

@@ -379,7 +379,7 @@ func (x *exchange) retryable(err error, attempt int) bool {
 	}
 	connect := errors.Is(err, ErrConnectRefused) || errors.Is(err, ErrConnectTimeout)
 	switch {
-	case connect && attempt == 0 && x.up.Sent() == 0 && !x.up.Pumped():
+	case connect && attempt == 0 && x.up.Replayable():
 	case attempt < x.r.up.spec.Retries && x.r.body == nil && idempotent(x.method) &&
 		(connect || errors.Is(err, ErrResponseTimeout) || errors.Is(err, ErrUpstreamReset)):
 	default:

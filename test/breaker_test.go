@@ -1,8 +1,10 @@
 package test
 
 import (
+	"bufio"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -393,5 +395,82 @@ upstream = "primary"
 	s := <-got
 	if s.tier != "anonymous" || s.client != "ip:127.0.0.1" || s.xff != "127.0.0.1" || s.body != "the body" {
 		t.Errorf("the fallback upstream saw tier %q client %q X-Forwarded-For %q body %q", s.tier, s.client, s.xff, s.body)
+	}
+}
+
+// TestRerouteNeverSendsAPartBody: a request whose body the sidecar has
+// begun to take from the client is not rerouted to the fallback upstream
+// when the write to the first upstream fails: the bytes taken are gone, and
+// the fallback upstream would get a body missing its start. The primary
+// resets every connection as soon as it is accepted; the client sends one
+// byte of its body, pauses until the reset has reached the sidecar, then
+// the rest, so the sidecar's first write upstream (head and body) fails.
+func TestRerouteNeverSendsAPartBody(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_ = c.(*net.TCPConn).SetLinger(0) // close with a reset
+			c.Close()
+		}
+	}()
+	bodies := make(chan string, 4)
+	readonly := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			b = append(b, " (cut: "+err.Error()+")"...)
+		}
+		bodies <- string(b)
+		io.WriteString(w, "read-only copy")
+	})
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.primary]
+url = "http://%s"
+response_timeout = "2s"
+[upstreams.primary.fallback]
+upstream = "readonly"
+[upstreams.readonly]
+url = %q
+response_timeout = "2s"
+[[routes]]
+upstream = "primary"
+`, ln.Addr(), readonly.url()))
+	// Whether the reset reaches the sidecar before it takes the body's
+	// first byte varies: a few tries hit the case.
+	for try := 0; try < 6; try++ {
+		c, err := net.Dial("tcp", sc.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "POST /write HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\na")
+		time.Sleep(200 * time.Millisecond)
+		io.WriteString(c, "bcdefghij")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		c.Close()
+		t.Logf("try %d: %d %q, X-Sidecar-Fallback %q", try, resp.StatusCode, b, resp.Header.Get("X-Sidecar-Fallback"))
+		select {
+		case got := <-bodies:
+			if got != "abcdefghij" {
+				t.Fatalf("the fallback upstream got body %q; the client got %d %q", got, resp.StatusCode, b)
+			}
+		default:
+			if resp.StatusCode != 502 || resp.Header.Get("X-Sidecar-Fallback") == "" {
+				t.Fatalf("not rerouted: %d %q, X-Sidecar-Fallback %q; want 502 with the reason",
+					resp.StatusCode, b, resp.Header.Get("X-Sidecar-Fallback"))
+			}
+		}
 	}
 }

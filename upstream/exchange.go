@@ -81,6 +81,7 @@ type trip struct {
 	first    int     // bytes of the body in buf's data area, not sent yet
 	firstEOF bool    // the body ended within them
 	sent     int64   // body bytes written upstream (a pump's: read after joining it)
+	taken    bool    // the body's sending began: bytes taken from the sender may be gone
 	pumped   bool    // a pump started: body bytes may have gone upstream
 	pumpErr  error   // the pump's result once joined; errPumpRunning until then
 
@@ -153,13 +154,13 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 			case req.Body == nil:
 				err = c.W.Flush()
 			case req.BodyLen >= 0 && req.BodyLen <= SyncBodyLimit:
-				started = true
+				started, e.t.taken = true, true
 				if err = e.sendBody(c); errors.Is(err, ErrRequestBody) {
 					e.closeConn()
 					return err
 				}
 			default:
-				started = true
+				started, e.t.taken = true, true
 				e.awaiting.Store(true)
 				e.startPump(c)
 			}
@@ -207,12 +208,14 @@ func (e *Exchange) interim(h *fasthttp.ResponseHeader) error {
 	return e.t.interimErr
 }
 
-// Sent returns the request body bytes written upstream so far.
-func (e *Exchange) Sent() int64 { return max(e.t.sent, e.h2sent.Load()) }
-
-// Pumped reports whether an upload was pumped: body bytes may have gone
-// upstream, so the request cannot be replayed.
-func (e *Exchange) Pumped() bool { return e.t.pumped }
+// Replayable reports whether the request can still go whole to another
+// endpoint or upstream: its body's sending has not begun. Bytes read ahead
+// (ReadAhead) stay in the exchange's buffer and go first wherever it is
+// sent next; once sending began, bytes taken from the sender may be gone
+// though none was written (a write that fails at once), so a count of
+// bytes written would not do: a reroute would send a body missing its
+// start.
+func (e *Exchange) Replayable() bool { return !e.t.taken }
 
 // startPump streams the body from its own goroutine, so that the
 // response can be read while the request is still being written.

@@ -196,7 +196,7 @@ func (e *Exchange) newH2Request(ctx context.Context, ep *Endpoint, req *Request)
 		}
 		e.t.h2.body = &h2Body{e: e, first: first, eof: e.t.firstEOF, closed: make(chan struct{})}
 		body = e.t.h2.body
-		e.t.pumped = true
+		e.t.pumped, e.t.taken = true, true
 	}
 	trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, header textproto.MIMEHeader) error {
 		if code == fasthttp.StatusSwitchingProtocols {
