@@ -34,6 +34,7 @@ var hopHeaders = [...]string{
 // headerDeleter is satisfied by fasthttp's RequestHeader and ResponseHeader.
 type headerDeleter interface {
 	Peek(key string) []byte
+	PeekAll(key string) [][]byte
 	Del(key string)
 	DelBytes(key []byte)
 }
@@ -150,7 +151,12 @@ func stripHop(h headerDeleter, present uint16, scratch []byte) []byte {
 		return scratch
 	}
 	if present&1 != 0 { // Connection: drop the fields it lists
-		scratch = append(scratch[:0], h.Peek("Connection")...) // Del mutates the storage Peek points into
+		// Every Connection line: they are one list (RFC 9110 §5.3). Copied
+		// first, as Del mutates the storage the values point into.
+		scratch = scratch[:0]
+		for _, v := range h.PeekAll("Connection") {
+			scratch = append(append(scratch, v...), ',')
+		}
 		for tok := range bytes.SplitSeq(scratch, []byte{','}) {
 			if tok = bytes.TrimSpace(tok); len(tok) > 0 && !bytes.EqualFold(tok, []byte("Host")) {
 				h.DelBytes(tok)
@@ -189,10 +195,12 @@ func hopIndex(k []byte) int {
 // upgradeType returns the protocol a request asks to switch to (RFC 9110
 // §7.8), or nil. Only a request whose Connection lists "upgrade" counts.
 func upgradeType(h *fasthttp.RequestHeader) []byte {
-	if !connectionHas(h.Peek("Connection"), "upgrade") {
-		return nil
+	for _, v := range h.PeekAll("Connection") { // every line: one list (RFC 9110 §5.3)
+		if connectionHas(v, "upgrade") {
+			return h.Peek("Upgrade")
+		}
 	}
-	return h.Peek("Upgrade")
+	return nil
 }
 
 // upgrade returns the protocol list a request asks to switch to when every
@@ -236,7 +244,13 @@ func (st *state) upgrade(h *fasthttp.RequestHeader) ([]byte, bool) {
 // or userinfo (RFC 9110 §4.2.4).
 func originForm(req *fasthttp.Request) bool {
 	uri := req.Header.RequestURI()
-	if len(uri) == 0 || uri[0] == '/' || uri[0] == '*' {
+	if len(uri) > 0 && uri[0] == '/' {
+		// No request-target has a fragment (RFC 9112 §3.2). fasthttp
+		// routes on the path before a '#', a backend may not: for
+		// "/public/x#/../../secret" Go's FileServer serves /secret.
+		return bytes.IndexByte(uri, '#') < 0
+	}
+	if len(uri) == 0 || uri[0] == '*' {
 		return true
 	}
 	i := bytes.Index(uri, []byte("://"))
@@ -405,13 +419,17 @@ var tokenChars = func() (t [256]bool) {
 
 // checkRawHeaders rejects what fasthttp lets through but RFC 9112 forbids
 // and request smugglers use: a field name with spaces or control bytes,
-// a second Host, and Content-Length together with Transfer-Encoding (fasthttp drops the
-// Content-Length and carries on; a front end that disagrees with the back
-// end about where the body ends is how smuggling works, so refuse).
+// a second Host or one that is not host[:port], Content-Length together
+// with Transfer-Encoding (fasthttp drops the Content-Length and carries
+// on), and a Transfer-Encoding that is not chunked (fasthttp reads
+// "identity" as no body and the bytes after the head as the next request;
+// RFC 9112 §6.3 has a server refuse a request whose final coding is not
+// chunked). A front end that disagrees with the back end about where the
+// body ends is how smuggling works, so refuse.
 func checkRawHeaders(h *fasthttp.RequestHeader) bool {
 	raw := h.RawHeaders()
 	chunked := h.ContentLength() == -1
-	hosts := 0
+	hosts, codings := 0, false
 	for len(raw) > 0 {
 		line := raw
 		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
@@ -439,11 +457,72 @@ func checkRawHeaders(h *fasthttp.RequestHeader) bool {
 		if chunked && bytes.EqualFold(name, []byte("Content-Length")) {
 			return false
 		}
+		codings = codings || bytes.EqualFold(name, []byte("Transfer-Encoding"))
 		if bytes.EqualFold(name, []byte("Host")) {
 			if hosts++; hosts > 1 {
 				return false // RFC 9112 §3.2: more than one Host is a 400
 			}
 		}
 	}
+	if codings && !chunked {
+		return false
+	}
+	return len(h.Host()) == 0 || validHost(h.Host())
+}
+
+// validHost reports whether v is uri-host [ ":" port ] (RFC 9110 §7.2,
+// RFC 3986 §3.2.2): an IP literal in brackets, or a name of unreserved,
+// percent-encoded and sub-delim characters, then an optional port of
+// digits. An invalid Host is a 400 (RFC 9112 §3.2): "a.test:80@evil.com"
+// would route as a.test (the port cut at the last colon) and reach a
+// backend that reads its host as evil.com.
+func validHost(v []byte) bool {
+	host, port := v, []byte(nil)
+	if len(v) > 0 && v[0] == '[' {
+		end := bytes.IndexByte(v, ']')
+		if end < 0 {
+			return false
+		}
+		for _, c := range v[1:end] {
+			if !hostChars[c] && c != ':' {
+				return false
+			}
+		}
+		host, port = nil, v[end+1:]
+		if len(port) > 0 {
+			if port[0] != ':' {
+				return false
+			}
+			port = port[1:]
+		}
+	} else if i := bytes.IndexByte(v, ':'); i >= 0 {
+		host, port = v[:i], v[i+1:]
+	}
+	for _, c := range host {
+		if !hostChars[c] {
+			return false
+		}
+	}
+	for _, c := range port {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
 	return true
 }
+
+// hostChars are a reg-name's characters (RFC 3986 §3.2.2): unreserved,
+// '%' of percent-encoding, and sub-delims.
+var hostChars = func() (t [256]bool) {
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for c := 'a'; c <= 'z'; c++ {
+		t[c] = true
+		t[c-'a'+'A'] = true
+	}
+	for _, c := range "-._~%!$&'()*+,;=" {
+		t[c] = true
+	}
+	return t
+}()

@@ -209,6 +209,51 @@ func TestStripHopHeaders(t *testing.T) {
 	}
 }
 
+// Connection lines are one list (RFC 9110 §5.3): a field named in the
+// second line is hop-by-hop too, in a request and in a response.
+func TestStripHopEveryConnectionLine(t *testing.T) {
+	snap, err := policy.Parse("t", []byte("[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n[[routes]]\nupstream = \"a\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h fasthttp.RequestHeader
+	if err := h.Read(bufioReader("GET /c HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nConnection: X-Hop-Only, Keep-Alive\r\n" +
+		"X-Hop-Only: 1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-End: 2\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if string(upgradeType(&h)) != "websocket" {
+		t.Errorf("upgrade named in the third Connection line: %q", upgradeType(&h))
+	}
+	stripRequest(&h, newRequestFilter(snap), false, nil)
+	if v := h.Peek("X-Hop-Only"); len(v) > 0 {
+		t.Errorf("a field named in the second Connection line survived: %q", v)
+	}
+	if string(h.Peek("X-End")) != "2" {
+		t.Error("end-to-end header removed")
+	}
+	var rh fasthttp.ResponseHeader
+	if err := rh.Read(bufioReader("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: X-Internal\r\nX-Internal: secret\r\nContent-Length: 2\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	stripResponseHop(&rh, nil)
+	if v := rh.Peek("X-Internal"); len(v) > 0 {
+		t.Errorf("a response field named in the second Connection line survived: %q", v)
+	}
+}
+
+func TestValidHost(t *testing.T) {
+	for v, want := range map[string]bool{
+		"a.test": true, "a.test:8080": true, "A.Test.": true, "my_service:80": true, "127.0.0.1:1": true,
+		"[::1]": true, "[::1]:80": true, "[fe80::1%25eth0]:80": true, "xn--bcher-kva.example": true, "a.test:": true,
+		"a.test:80@evil.com": false, "a.test:@evil.com": false, "user@a.test": false, "a.test:8x": false,
+		"a test": false, "a/b": false, "[::1": false, "[::1]x": false, "a.test:80:90": false, "a\"b": false,
+	} {
+		if got := validHost([]byte(v)); got != want {
+			t.Errorf("validHost(%q) = %v, want %v", v, got, want)
+		}
+	}
+}
+
 func bufioReader(s string) *bufio.Reader { return bufio.NewReader(strings.NewReader(s)) }
 
 func TestCheckRawHeaders(t *testing.T) {
@@ -233,6 +278,14 @@ func TestCheckRawHeaders(t *testing.T) {
 	f("GET / HTTP/1.1\r\nHost: x\r\nBad\x7fName: 1\r\n\r\n", false)
 	f("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", false)
 	f("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\ncontent-length: 3\r\n\r\n", false)
+	// A coding other than chunked: fasthttp reads "identity" as no body
+	// (RFC 9112 §6.3: 400).
+	f("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n", false)
+	f("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\nContent-Length: 4\r\n\r\n", false)
+	f("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked \r\n\r\n", true)
+	// Host is uri-host [":" port] (RFC 9112 §3.2: else a 400).
+	f("GET / HTTP/1.1\r\nHost: a.test:80@evil.com\r\n\r\n", false)
+	f("GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", true)
 }
 
 func TestRequestIDs(t *testing.T) {

@@ -6,8 +6,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -256,5 +260,93 @@ func TestEarlyAnswerAfterAOneByteStart(t *testing.T) {
 	}
 	if resp.StatusCode != 401 {
 		t.Fatalf("early answer %d, want the upstream's 401", resp.StatusCode)
+	}
+}
+
+// What a hostile client can set so that the sidecar and the backend read
+// one request differently, each refused with 400 before anything reaches
+// the backend (found by a hostile review against the built binary):
+//   - a '#' in an origin-form target: the sidecar routed on the path before
+//     it, Go's FileServer cleaned the whole and served a file outside the
+//     only route;
+//   - Transfer-Encoding: identity: read as no body, the bytes after the
+//     head became a second request (RFC 9112 §6.3: a final coding other
+//     than chunked is a 400);
+//   - a Host with userinfo: routed as a.test, read by a URL parser as
+//     evil.com (RFC 9110 §7.2: uri-host [":" port]).
+//
+// And a field named in a second Connection line is hop-by-hop like one
+// named in the first (RFC 9110 §5.3, §7.6.1).
+func TestRequestsReadTwoWaysAreRefused(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "public"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string]string{"public/ok.txt": "ok\n", "secret.txt": "TOP SECRET\n"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var paths []string
+	var mu sync.Mutex
+	files := http.FileServer(http.Dir(dir))
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		paths = append(paths, r.RequestURI)
+		mu.Unlock()
+		if r.URL.Path == "/hop" {
+			fmt.Fprintf(w, "X-Hop-Only=%q", r.Header.Get("X-Hop-Only"))
+			return
+		}
+		files.ServeHTTP(w, r)
+	})
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.files]
+url = %q
+[[routes]]
+host = "a.test"
+path_prefix = "/public/"
+upstream = "files"
+[[routes]]
+host = "a.test"
+path_prefix = "/hop"
+upstream = "files"
+[[routes]]
+host = "c.test"
+upstream = "files"
+`, be.url()))
+	send := func(req string) (int, string) {
+		resp := rawRequest(t, sc.Addr, strings.ReplaceAll(req, "\n", "\r\n"), 5*time.Second)
+		r, err := http.ReadResponse(bufio.NewReader(strings.NewReader(resp)), nil)
+		if err != nil {
+			t.Fatalf("%q: %v (%q)", req, err, resp)
+		}
+		b, _ := io.ReadAll(r.Body)
+		r.Body.Close()
+		return r.StatusCode, string(b)
+	}
+	if status, body := send("GET /public/ok.txt HTTP/1.1\nHost: a.test\nConnection: close\n\n"); status != 200 || body != "ok\n" {
+		t.Fatalf("the route itself: %d %q", status, body)
+	}
+	for _, req := range []string{
+		"GET /public/x#/../../secret.txt HTTP/1.1\nHost: a.test\nConnection: close\n\n",
+		"POST /public/ok.txt HTTP/1.1\nHost: a.test\nTransfer-Encoding: identity\n\nGET /public/smuggled HTTP/1.1\nHost: a.test\n\n",
+		"POST /public/ok.txt HTTP/1.1\nHost: a.test\nTransfer-Encoding: identity\nContent-Length: 4\n\nabcd",
+		"GET /public/ok.txt HTTP/1.1\nHost: a.test:80@evil.com\nConnection: close\n\n",
+		"GET /public/ok.txt HTTP/1.1\nHost: a.test:@evil.com\nConnection: close\n\n",
+		"GET /public/ok.txt HTTP/1.1\nHost: c.test:80@evil.com\nConnection: close\n\n",
+	} {
+		// The sidecar's own 400 (Go's backend refuses such a Host too).
+		if status, body := send(req); status != 400 || !strings.Contains(body, "malformed request") {
+			t.Errorf("%q: %d %q, want the sidecar's 400", req, status, body)
+		}
+	}
+	if status, body := send("GET /hop HTTP/1.1\nHost: a.test\nConnection: keep-alive\nConnection: X-Hop-Only\nX-Hop-Only: must-not-pass\nConnection: close\n\n"); status != 200 || body != `X-Hop-Only=""` {
+		t.Errorf("a field named in the second Connection line: %d %q", status, body)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []string{"/public/ok.txt", "/hop"}; !slices.Equal(paths, want) {
+		t.Errorf("the backend got %q, want %q", paths, want)
 	}
 }
