@@ -275,7 +275,8 @@ func (x *exchange) prepare() error {
 		}
 	}
 	x.prepareRequest(h, cl)
-	x.r.send = upstream.Request{Header: h, Body: x.r.body, BodyLen: cl, Head: string(x.method) == "HEAD", Sender: x}
+	x.r.send = upstream.Request{Header: h, Body: x.r.body, BodyLen: cl, Head: string(x.method) == "HEAD",
+		Idempotent: idempotent(x.method) || len(h.Peek("Idempotency-Key")) > 0, Sender: x}
 	return nil
 }
 

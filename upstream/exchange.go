@@ -44,6 +44,11 @@ type Request struct {
 	BodyLen int
 	// Head: the response to a HEAD request has no body.
 	Head bool
+	// Idempotent: the request may be sent again after the upstream
+	// closed a reused connection without answering (RFC 9112 §9.3.1: a
+	// proxy must not retry a non-idempotent request on its own; the
+	// upstream may have acted on it before closing).
+	Idempotent bool
 	// ResponseTimeout bounds the wait for the response head; upload
 	// progress extends it, because a long upload is not a slow upstream.
 	ResponseTimeout time.Duration
@@ -127,21 +132,9 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 	}
 	for attempt := 0; ; attempt++ {
 		now := time.Now()
-		c, err := ep.Acquire(now)
+		c, err := acquireLive(ep, now)
 		if err != nil {
 			return err
-		}
-		if c.Reused && !c.Alive() {
-			// Every pooled connection is looked at before use (one
-			// non-blocking peek): one the upstream closed while idle
-			// would cost a body that cannot be replayed, and one it wrote
-			// to unasked is out of step — its next "response" would be
-			// another client's (RFC 9112 §9.3).
-			ep.Release(c, false, now)
-			if attempt < 3 {
-				continue
-			}
-			return ErrReset
 		}
 		e.t.conn = c
 		// Both take effect lazily, at the next network read or write.
@@ -196,10 +189,28 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 		if e.t.interimErr != nil {
 			return e.t.interimErr
 		}
-		if c.Reused && req.Body == nil && attempt == 0 && errors.Is(err, io.EOF) {
+		if c.Reused && req.Body == nil && req.Idempotent && attempt == 0 && errors.Is(err, io.EOF) {
 			continue
 		}
 		return ReadError(err)
+	}
+}
+
+// acquireLive takes a connection to ep. Every pooled connection is looked
+// at before use (one non-blocking peek): one the upstream closed while
+// idle would cost a body that cannot be replayed, and one it wrote to
+// unasked is out of step — its next "response" would be another client's
+// (RFC 9112 §9.3). Each such one is closed and the next taken, until a
+// live one or a fresh dial: after an upstream restart every pooled
+// connection is dead, and none of them is a failure of the request (the
+// pool is finite: the loop ends).
+func acquireLive(ep *Endpoint, now time.Time) (*Conn, error) {
+	for {
+		c, err := ep.Acquire(now)
+		if err != nil || !c.Reused || c.Alive() {
+			return c, err
+		}
+		ep.Release(c, false, now)
 	}
 }
 

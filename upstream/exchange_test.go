@@ -1,0 +1,151 @@
+package upstream
+
+import (
+	"bufio"
+	"errors"
+	"io"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+type nopSender struct{}
+
+func (nopSender) BodyProgress(int64) error               { return nil }
+func (nopSender) StopBody()                              {}
+func (nopSender) Interim(*fasthttp.ResponseHeader) error { return nil }
+
+// roundTrip sends a bodiless request for path with method and reads the
+// whole response; the connection goes back to the pool when it ended
+// cleanly.
+func roundTrip(ep *Endpoint, method, path string, idempotent bool) (string, error) {
+	var h fasthttp.RequestHeader
+	h.SetMethod(method)
+	h.SetRequestURI(path)
+	h.SetHost("up")
+	var e Exchange
+	defer e.Reset()
+	if err := e.RoundTrip(ep, &Request{Header: &h, BodyLen: 0, Idempotent: idempotent, ResponseTimeout: time.Second, Sender: nopSender{}}); err != nil {
+		e.Finish(false)
+		return "", err
+	}
+	b, err := io.ReadAll(readerFunc(e.Read))
+	e.Finish(err == nil)
+	return string(b), err
+}
+
+type readerFunc func([]byte) (int, error)
+
+func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
+
+// A request that is not idempotent is never sent twice on its own (RFC
+// 9112 §9.3.1): when the upstream reads it on a reused connection and
+// closes without answering, it may have acted on it. An idempotent one is
+// sent again on a fresh connection.
+func TestNoReplayOfANonIdempotentRequest(t *testing.T) {
+	var got atomic.Int64 // requests the upstream read after the first of a connection
+	addr := listen(t, func(c net.Conn) {
+		defer c.Close()
+		br := bufio.NewReader(c)
+		for n := 0; ; n++ {
+			var h fasthttp.RequestHeader
+			if err := h.Read(br); err != nil {
+				return
+			}
+			if n > 0 {
+				got.Add(1)
+				return // read it, then close without answering
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	for _, c := range []struct {
+		method     string
+		idempotent bool
+		replayed   bool
+	}{{"POST", false, false}, {"PATCH", false, false}, {"GET", true, true}, {"POST", true, true}} {
+		u, err := New(settings(addr)) // a pool of its own
+		if err != nil {
+			t.Fatal(err)
+		}
+		ep := u.Endpoints()[0]
+		got.Store(0)
+		if _, err := roundTrip(ep, c.method, "/warm", c.idempotent); err != nil {
+			t.Fatal(err)
+		}
+		body, err := roundTrip(ep, c.method, "/charge", c.idempotent)
+		switch {
+		case c.replayed && (err != nil || body != "ok"):
+			t.Errorf("%s (idempotent): %q %v, want it sent again and answered", c.method, body, err)
+		case !c.replayed && !errors.Is(err, ErrReset):
+			t.Errorf("%s: %q %v, want ErrReset", c.method, body, err)
+		}
+		if n := got.Load(); n != 1 {
+			t.Errorf("%s: the upstream read the request on a reused connection %d times, want 1", c.method, n)
+		}
+		u.CloseIdle()
+	}
+}
+
+// After an upstream restart every pooled connection is dead: each is
+// closed on sight and the request goes on a fresh one, however many there
+// are (it failed with ErrReset after four).
+func TestEveryDeadPooledConnectionIsSkipped(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	}()
+	s := settings("http://" + ln.Addr().String())
+	s.MaxConnections, s.MaxIdleConnections = 10, 10
+	u, err := New(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := u.Endpoints()[0]
+	var conns []*Conn
+	for range 8 {
+		c, err := ep.Acquire(time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	for _, c := range conns {
+		ep.Release(c, true, time.Now())
+	}
+	for range 8 { // the upstream restarts: every pooled connection closes
+		(<-accepted).Close()
+	}
+	go func() { // the restarted upstream
+		c := <-accepted
+		defer c.Close()
+		br := bufio.NewReader(c)
+		var h fasthttp.RequestHeader
+		if h.Read(br) == nil {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+		time.Sleep(time.Second)
+	}()
+	time.Sleep(100 * time.Millisecond) // the closes have arrived
+	body, err := roundTrip(ep, "GET", "/", true)
+	if err != nil || body != "ok" {
+		t.Fatalf("after 8 dead pooled connections: %q %v, want the answer on a fresh one", body, err)
+	}
+	if ep.Idle() > 1 {
+		t.Errorf("%d pooled connections left", ep.Idle())
+	}
+}
