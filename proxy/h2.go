@@ -107,6 +107,15 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, `{"error":"malformed request: connection-specific field `+bad+` in HTTP/2"}`, http.StatusBadRequest)
 		return
 	}
+	if !strings.HasPrefix(r.RequestURI, "/") && r.Method != http.MethodConnect && (r.Method != http.MethodOptions || r.RequestURI != "*") {
+		// RFC 9113 §8.3.1: :path is a path and query (or "*"); an
+		// absolute URI there is malformed. Taken as absolute-form, its
+		// authority would override :authority, which a load balancer in
+		// front may have routed by.
+		p.m.badReqs.Inc()
+		http.Error(w, `{"error":"malformed request: :path is not a path"}`, http.StatusBadRequest)
+		return
+	}
 	s := h2StreamPool.Get().(*h2Stream)
 	s.w, s.r, s.rc, s.err = w, r, http.NewResponseController(w), nil
 	s.remote, _ = net.ResolveTCPAddr("tcp", r.RemoteAddr)
@@ -171,9 +180,25 @@ func (s *h2Stream) respond() (cut bool) {
 		}
 		wh.Add(string(k), string(v))
 	}
+	if _, ok := wh["Content-Type"]; !ok {
+		// None from the upstream: none to the client. net/http would
+		// sniff one from the body (text/html for markup), which an
+		// upstream's nosniff is there to prevent.
+		wh["Content-Type"] = nil
+	}
 	x, streamed := resp.BodyStream().(*exchange)
 	if !streamed {
-		if !resp.SkipBody {
+		switch status := resp.StatusCode(); {
+		case s.r.Method == http.MethodHead:
+			// The length the GET would have (RFC 9110 §9.3.2), when the
+			// upstream said it; never the empty body's.
+			if cl := resp.Header.ContentLength(); cl >= 0 {
+				wh.Set(fasthttp.HeaderContentLength, strconv.Itoa(cl))
+			}
+		case status < 200 || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified:
+			// No Content-Length in a 1xx or 204 (RFC 9110 §8.6), nor a
+			// wrong one in a 304.
+		case !resp.SkipBody:
 			wh.Set(fasthttp.HeaderContentLength, strconv.Itoa(len(resp.Body())))
 		}
 		s.w.WriteHeader(resp.StatusCode())

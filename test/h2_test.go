@@ -21,6 +21,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -950,6 +952,112 @@ func TestH2MaxConnections(t *testing.T) {
 			break
 		} else if time.Now().After(deadline) {
 			t.Fatalf("after one HTTP/2 connection closed, a new one still fails: %v", err)
+		}
+	}
+}
+
+// What an HTTP/2 client gets is what an HTTP/1.1 one gets (found by a
+// hostile review): no Content-Type sniffed from the body when the
+// upstream sent none (net/http's would turn markup into text/html past the
+// upstream's nosniff); a HEAD answer with the length the upstream gave,
+// 204 and 304 with none (RFC 9110 §8.6), never the empty body's 0.
+func TestH2ResponseHeadIsTheUpstreams(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/noct":
+			w.Header()["Content-Type"] = nil // Go's server would sniff too
+			w.Header().Set("X-Content-Type-Options", "nosniff")
+			io.WriteString(w, "<html><body><script>alert(1)</script>")
+		case "/head":
+			w.Header().Set("Content-Length", "385")
+			w.WriteHeader(200)
+		case "/204":
+			w.WriteHeader(204)
+		case "/304":
+			w.WriteHeader(304)
+		}
+	})
+	sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(be.url(), ""))
+	for _, c := range []struct {
+		method, path string
+		status       int
+		ct, cl       string // "-": absent
+	}{
+		{"GET", "/noct", 200, "-", "37"},
+		{"HEAD", "/head", 200, "-", "385"},
+		{"GET", "/204", 204, "-", "-"},
+		{"GET", "/304", 304, "-", "-"},
+	} {
+		req, _ := http.NewRequest(c.method, sc.url(c.path), nil)
+		resp, err := h2cClient().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		field := func(k string) string {
+			if v, ok := resp.Header[k]; ok {
+				return strings.Join(v, ",")
+			}
+			return "-"
+		}
+		if resp.ProtoMajor != 2 || resp.StatusCode != c.status || field("Content-Type") != c.ct || field("Content-Length") != c.cl {
+			t.Errorf("%s %s over HTTP/%d: %d, Content-Type %q, Content-Length %q; want %d, %q, %q",
+				c.method, c.path, resp.ProtoMajor, resp.StatusCode, field("Content-Type"), field("Content-Length"), c.status, c.ct, c.cl)
+		}
+	}
+}
+
+// An absolute URI in :path is a malformed HTTP/2 request (RFC 9113
+// §8.3.1), not an absolute-form target whose authority overrides
+// :authority. Sent with a raw framer: Go's client refuses to send one.
+func TestH2AbsolutePathIsRefused(t *testing.T) {
+	var hits atomic.Int64
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { hits.Add(1) })
+	sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(be.url(), ""))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, http2.ClientPreface)
+	fr := http2.NewFramer(c, c)
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", "a.example"}, {":path", "http://b.example/echo"}} {
+		_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+	}
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndStream: true, EndHeaders: true}); err != nil {
+		t.Fatal(err)
+	}
+	dec := hpack.NewDecoder(4096, nil)
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch f := f.(type) {
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				_ = fr.WriteSettingsAck()
+			}
+		case *http2.RSTStreamFrame:
+			if hits.Load() != 0 {
+				t.Errorf("reset (%v), but the backend got the request", f.ErrCode)
+			}
+			return // refused as malformed: fine too
+		case *http2.HeadersFrame:
+			fields, err := dec.DecodeFull(f.HeaderBlockFragment())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fields[0].Name != ":status" || fields[0].Value != "400" || hits.Load() != 0 {
+				t.Errorf("answer %v, backend hits %d; want 400 and none", fields, hits.Load())
+			}
+			return
 		}
 	}
 }
