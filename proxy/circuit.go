@@ -117,12 +117,37 @@ func (x *exchange) fallBack(reason string, retry time.Duration) error {
 			x.r.ticket = breaker.Ticket{}
 			x.up.Response.Reset()
 			x.r.up = alt
-			// The fallback upstream's own limit applies (shed there, the
-			// request is answered: no second reroute).
-			return x.takeSlot(x.r.st.overload[alt.spec.Name])
+			// The fallback upstream's own limit, circuit and bulkhead
+			// apply: a rerouted request is one of its requests (refused
+			// there, the request is answered: no second reroute).
+			if err := x.takeSlot(x.r.st.overload[alt.spec.Name]); err != nil {
+				return err
+			}
+			return x.enterFallbackCircuit(alt)
 		}
 	}
 	return errFallback
+}
+
+// enterFallbackCircuit takes the request's place in the fallback
+// upstream's circuit and bulkhead, whose verdicts it then reports: while
+// that circuit is open the fallback upstream is not contacted either, and
+// its max_concurrent counts rerouted requests too.
+func (x *exchange) enterFallbackCircuit(alt *upstreamRuntime) error {
+	if alt.brk == nil {
+		return nil
+	}
+	t, retry, err := alt.brk.Allow(time.Now())
+	if err != nil {
+		if errors.Is(err, breaker.ErrSaturated) {
+			alt.rejected.Inc()
+		}
+		x.leaveOverload(time.Now()) // refused here: the upstream was not asked
+		x.r.retryAfter = max(x.r.retryAfter, retry)
+		return errFallback
+	}
+	x.r.ticket = t
+	return nil
 }
 
 // serveFallback answers for a failing upstream: with the configured

@@ -474,3 +474,86 @@ upstream = "primary"
 		}
 	}
 }
+
+// A request rerouted to the fallback upstream is one of that upstream's
+// requests: its bulkhead counts it and its open circuit keeps it away
+// (found by a hostile review: rerouted requests skipped both).
+func TestRerouteTakesTheFallbackUpstreamsCircuit(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	down := ln.Addr().String()
+	ln.Close() // the primary refuses connections
+	release := make(chan struct{})
+	var hits atomic.Int64
+	alt := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		switch r.URL.Path {
+		case "/direct/slow":
+			<-release
+		case "/direct/fail":
+			w.WriteHeader(503)
+		}
+	})
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.primary]
+url = "http://%s"
+[upstreams.primary.fallback]
+upstream = "alt"
+[upstreams.alt]
+url = %q
+[upstreams.alt.breaker]
+max_concurrent = 1
+consecutive_failures = 2
+[[routes]]
+path_prefix = "/direct"
+upstream = "alt"
+[[routes]]
+upstream = "primary"
+`, down, alt.url()))
+	get := func(path string) (*http.Response, string) {
+		resp, err := http.Get(sc.url(path))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp, string(b)
+	}
+	if resp, _ := get("/x"); resp.StatusCode != 200 || resp.Header.Get("X-Sidecar-Fallback") != "error" {
+		t.Fatalf("rerouted: %d %q", resp.StatusCode, resp.Header.Get("X-Sidecar-Fallback"))
+	}
+	// The bulkhead: one request in flight at alt fills it.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if resp, err := http.Get(sc.url("/direct/slow")); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	for hits.Load() < 2 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	resp, body := get("/x")
+	close(release)
+	<-done
+	if resp.StatusCode == 200 || hits.Load() != 2 {
+		t.Errorf("rerouted while alt's bulkhead was full: %d %q, alt's requests %d (want 2)", resp.StatusCode, body, hits.Load())
+	}
+	// The circuit: two failures in a row open it.
+	get("/direct/fail")
+	get("/direct/fail")
+	if resp, _ := get("/direct/x"); resp.Header.Get("X-Sidecar-Fallback") != "open" {
+		t.Fatalf("alt's circuit is not open: %d %q", resp.StatusCode, resp.Header.Get("X-Sidecar-Fallback"))
+	}
+	before := hits.Load()
+	for range 3 {
+		if resp, body := get("/x"); resp.StatusCode == 200 {
+			t.Errorf("rerouted to alt while its circuit is open: %d %q", resp.StatusCode, body)
+		}
+	}
+	if n := hits.Load() - before; n != 0 {
+		t.Errorf("alt got %d requests while its circuit was open", n)
+	}
+}
