@@ -7,6 +7,7 @@
 package policy
 
 import (
+	"errors"
 	"fmt"
 	"time"
 )
@@ -20,11 +21,14 @@ type Duration struct{ time.Duration }
 func (d *Duration) UnmarshalText(b []byte) error {
 	v, err := time.ParseDuration(string(b))
 	if err != nil {
-		return fmt.Errorf("invalid duration %q (use Go syntax such as \"500ms\", \"10s\", \"1m\")", b)
+		return fmt.Errorf("%w %q (use Go syntax such as \"500ms\", \"10s\", \"1m\")", errDuration, b)
 	}
 	d.Duration = v
 	return nil
 }
+
+// errDuration is Duration.UnmarshalText's error (see durationNotAString).
+var errDuration = errors.New("invalid duration")
 
 // MarshalText implements encoding.TextMarshaler.
 func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"reflect"
 	"strconv"
 	"strings"
 
@@ -93,6 +94,9 @@ func parse(name string, data []byte, o Overrides) (*Snapshot, error) {
 	dec := toml.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&f); err != nil {
+		if p, ok := durationNotAString(name, data, err); ok {
+			return nil, &Error{Problems: []Problem{p}}
+		}
 		return nil, &Error{Problems: decodeProblems(name, err)}
 	}
 	if p := o.apply(&f, name); p != nil {
@@ -130,11 +134,95 @@ func decodeProblems(name string, err error) []Problem {
 	return []Problem{{File: name, Msg: err.Error()}}
 }
 
+// durationNotAString places the error of a duration written as a number
+// (idle_timeout = 5): go-toml hands a non-string value's text to
+// Duration.UnmarshalText and returns its error without a position, so
+// the key is found here, as the first key the schema (File) types as a
+// Duration whose value is not a string.
+func durationNotAString(name string, data []byte, err error) (Problem, bool) {
+	var de *toml.DecodeError
+	if !errors.Is(err, errDuration) || errors.As(err, &de) {
+		return Problem{}, false
+	}
+	var found Problem
+	walkKeyValues(data, func(key string, at unstable.Position, value *unstable.Node) bool {
+		if value == nil || value.Kind == unstable.String || schemaType(reflect.TypeOf(File{}), key) != reflect.TypeOf(Duration{}) {
+			return true
+		}
+		found = Problem{File: name, Line: at.Line, Col: at.Column, Key: key,
+			Msg: fmt.Sprintf("a duration is a string with a unit, such as \"%ss\" or \"%sms\", not %s", value.Data, value.Data, value.Data)}
+		return false
+	})
+	return found, found.Key != ""
+}
+
+// schemaType is the Go type the TOML key path ("server.idle_timeout",
+// "routes[1].timeout", "upstreams.app.breaker.sleep_window") decodes into
+// within t, or nil when there is none.
+func schemaType(t reflect.Type, key string) reflect.Type {
+	for part := range strings.SplitSeq(key, ".") {
+		name, indexed := strings.CutSuffix(part, "]")
+		if indexed {
+			name, _, _ = strings.Cut(name, "[")
+		}
+		for t.Kind() == reflect.Pointer {
+			t = t.Elem()
+		}
+		switch t.Kind() {
+		case reflect.Map:
+			t = t.Elem() // part is the map's key
+			continue
+		case reflect.Struct:
+		default:
+			return nil
+		}
+		f, ok := fieldByTOMLName(t, name)
+		if !ok {
+			return nil
+		}
+		t = f.Type
+		for t.Kind() == reflect.Pointer {
+			t = t.Elem()
+		}
+		if indexed {
+			if t.Kind() != reflect.Slice {
+				return nil
+			}
+			t = t.Elem()
+		}
+	}
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return t
+}
+
+func fieldByTOMLName(t reflect.Type, name string) (reflect.StructField, bool) {
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if tag, _, _ := strings.Cut(f.Tag.Get("toml"), ","); tag == name {
+			return f, true
+		}
+	}
+	return reflect.StructField{}, false
+}
+
 // indexPositions maps key paths ("server.listen", "routes[1].upstream",
 // "upstreams.app") to where they stand in the document, so that validation
 // errors, which go-toml cannot place, still point at a line.
 func indexPositions(data []byte) map[string]unstable.Position {
 	pos := make(map[string]unstable.Position)
+	walkKeyValues(data, func(key string, at unstable.Position, _ *unstable.Node) bool {
+		pos[key] = at
+		return true
+	})
+	return pos
+}
+
+// walkKeyValues calls visit with the key path, position and value of each
+// table header (value nil) and key/value line of the document, in order,
+// until visit returns false.
+func walkKeyValues(data []byte, visit func(key string, at unstable.Position, value *unstable.Node) bool) {
 	p := unstable.Parser{KeepComments: false}
 	p.Reset(data)
 	arrayIdx := map[string]int{}
@@ -160,7 +248,9 @@ func indexPositions(data []byte) map[string]unstable.Position {
 			table = strings.Join(keyPath(e.Key()), ".")
 			it := e.Key()
 			it.Next()
-			pos[table] = where(it.Node())
+			if !visit(table, where(it.Node()), nil) {
+				return
+			}
 		case unstable.ArrayTable:
 			name := strings.Join(keyPath(e.Key()), ".")
 			idx := arrayIdx[name]
@@ -168,7 +258,9 @@ func indexPositions(data []byte) map[string]unstable.Position {
 			table = name + "[" + strconv.Itoa(idx) + "]"
 			it := e.Key()
 			it.Next()
-			pos[table] = where(it.Node())
+			if !visit(table, where(it.Node()), nil) {
+				return
+			}
 		case unstable.KeyValue:
 			it := e.Key()
 			var first *unstable.Node
@@ -183,10 +275,11 @@ func indexPositions(data []byte) map[string]unstable.Position {
 			if table != "" {
 				k = table + "." + k
 			}
-			pos[k] = where(first)
+			if !visit(k, where(first), e.Value()) {
+				return
+			}
 		}
 	}
-	return pos
 }
 
 func (o Overrides) apply(f *File, name string) *Problem {

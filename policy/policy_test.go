@@ -114,6 +114,10 @@ func TestProblems(t *testing.T) {
 	f("[server]\nlisten = \"127.0.0.1:9090\"\n"+minimal, "server.admin_listen", 1, "must differ")
 	f("[server]\nidle_timeout = \"0s\"\n"+minimal, "server.idle_timeout", 2, "greater than zero")
 	f("[server]\nidle_timeout = \"1 minute\"\n"+minimal, "server.idle_timeout", 2, "invalid duration")
+	// A number for a duration: go-toml gives no position for it.
+	f("[server]\nlimit = 5\nidle_timeout = 5\n"+minimal, "server.idle_timeout", 3, `such as "5s"`)
+	f(minimal+"[upstreams.app.breaker]\nsleep_window = 3.5\n", "upstreams.app.breaker.sleep_window", strings.Count(minimal, "\n")+2, "not 3.5")
+	f(minimal+"[tiers.free]\nlimit = 1\nwindow = true\n", "tiers.free.window", strings.Count(minimal, "\n")+3, "not true")
 	f("[server]\nmax_header_bytes = 10\n"+minimal, "server.max_header_bytes", 2, "between")
 	f("[server]\nmax_body_bytes = -1\n"+minimal, "server.max_body_bytes", 2, "unlimited")
 	f("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"bogus\"]\n"+minimal, "server.trusted_proxies[1]", 2, "CIDR")
