@@ -27,6 +27,7 @@ var (
 	ErrUpstreamTLS     = upstream.ErrTLS
 	ErrClientBody      = upstream.ErrRequestBody
 	ErrClientGone      = errors.New("proxy: writing to the client failed")
+	ErrClientCanceled  = upstream.ErrCanceled
 	ErrRateLimited     = admission.ErrRateLimited
 	ErrUpgradeRefused  = errors.New("proxy: protocol upgrade not allowed")
 )
@@ -56,6 +57,8 @@ var errorAnswers = [...]errorAnswer{
 	{ErrBodyTooLarge, fasthttp.StatusRequestEntityTooLarge, "request body too large", "", ""},
 	{ErrClientBody, fasthttp.StatusBadRequest, "malformed request body", "", ""},
 	{ErrClientGone, fasthttp.StatusBadGateway, "upstream unavailable", "", ""},
+	// NGINX's 499: nobody reads it, the access log and metrics do.
+	{ErrClientCanceled, 499, "client closed request", "", ""},
 	{breaker.ErrOpen, fasthttp.StatusServiceUnavailable, "upstream circuit open", "", "open"},
 	{breaker.ErrSaturated, fasthttp.StatusServiceUnavailable, "upstream saturated", "", "saturated"},
 	{ErrUpstreamBusy, fasthttp.StatusServiceUnavailable, "upstream saturated", "pool_exhausted", "saturated"},
@@ -84,7 +87,8 @@ func answerFor(err error) *errorAnswer {
 // clientSide reports whether err is the client's doing (its body, or its
 // connection), not the upstream's.
 func clientSide(err error) bool {
-	return errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge) || errors.Is(err, ErrClientGone)
+	return errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge) || errors.Is(err, ErrClientGone) ||
+		errors.Is(err, ErrClientCanceled)
 }
 
 // writeError replaces whatever response was being built with a short JSON

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -277,6 +278,11 @@ func (x *exchange) prepare() error {
 	x.prepareRequest(h, cl)
 	x.r.send = upstream.Request{Header: h, Body: x.r.body, BodyLen: cl, Head: string(x.method) == "HEAD",
 		Idempotent: idempotent(x.method) || len(h.Peek("Idempotency-Key")) > 0, Sender: x}
+	if c, ok := x.r.ctx.Conn().(interface{ Context() context.Context }); ok {
+		// An HTTP/2 stream: when its client resets it, the upstream's
+		// work ends too (its slot, bulkhead place and connection freed).
+		x.r.send.Context = c.Context()
+	}
 	return nil
 }
 

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"crypto/tls"
 	"io"
 	"log/slog"
@@ -262,6 +263,10 @@ func (s *h2Stream) RemoteAddr() net.Addr               { return s.remote }
 func (s *h2Stream) SetDeadline(t time.Time) error      { return s.SetReadDeadline(t) }
 func (s *h2Stream) SetReadDeadline(t time.Time) error  { return s.rc.SetReadDeadline(t) }
 func (s *h2Stream) SetWriteDeadline(t time.Time) error { return s.rc.SetWriteDeadline(t) }
+
+// Context is the stream's: done when its client resets it or goes away
+// (the request path gives it to the upstream exchange).
+func (s *h2Stream) Context() context.Context { return s.r.Context() }
 
 // connectionSpecific names a field HTTP/2 forbids in a request (RFC 9113
 // §8.2.2), or returns "".

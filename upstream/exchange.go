@@ -1,10 +1,12 @@
 package upstream
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -53,6 +55,11 @@ type Request struct {
 	// progress extends it, because a long upload is not a slow upstream.
 	ResponseTimeout time.Duration
 	Sender          Sender
+	// Context, when not nil, is the sender's: once it is done (an HTTP/2
+	// client reset its stream or went away) the wait for the response
+	// head ends with ErrCanceled, and the upstream's work with it (its
+	// connection is closed, or its HTTP/2 stream reset).
+	Context context.Context
 }
 
 // Exchange is one request's use of an upstream: the round trip (with the
@@ -87,6 +94,7 @@ type trip struct {
 	firstEOF bool    // the body ended within them
 	sent     int64   // body bytes written upstream (a pump's: read after joining it)
 	taken    bool    // the body's sending began: bytes taken from the sender may be gone
+	canceled bool    // Request.Context ended the round trip: the connection is not pooled
 	pumped   bool    // a pump started: body bytes may have gone upstream
 	pumpErr  error   // the pump's result once joined; errPumpRunning until then
 
@@ -130,6 +138,8 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 	if ep.h2 != nil {
 		return e.roundTripH2(ep, req)
 	}
+	var watch *cancelWatch
+	defer func() { watch.end() }() // every way out: a late cancel touches nothing
 	for attempt := 0; ; attempt++ {
 		now := time.Now()
 		c, err := acquireLive(ep, now)
@@ -139,6 +149,10 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 		e.t.conn = c
 		// Both take effect lazily, at the next network read or write.
 		c.WriteTimeout, c.ReadTimeout = ep.s.IOTimeout, req.ResponseTimeout
+		if req.Context != nil {
+			watch.end()
+			watch = watchCancel(req.Context, c.Conn)
+		}
 
 		err = req.Header.Write(c.W)
 		started := false
@@ -160,6 +174,9 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 		}
 		if err != nil {
 			e.closeConn()
+			if e.t.canceled = watch.end(); e.t.canceled {
+				return ErrCanceled
+			}
 			if c.Reused && !started && attempt == 0 {
 				continue // a stale keep-alive connection: nothing was sent yet
 			}
@@ -171,6 +188,11 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 		e.Response.Header.SetNoDefaultContentType(true)
 		err = c.ReadResponse(&e.Response, e.interim)
 		e.awaiting.Store(false)
+		if e.t.canceled = watch.end(); e.t.canceled && err != nil {
+			e.abortPump()
+			e.closeConn()
+			return ErrCanceled
+		}
 		if e.t.pumped {
 			c.ForgetReadDeadline() // the pump may have moved it
 		}
@@ -194,6 +216,46 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 		}
 		return ReadError(err)
 	}
+}
+
+// cancelWatch ends a round trip when its sender's context is done: the
+// connection's deadlines move to now, so its reads and writes fail at
+// once. end stops the watch and reports whether it fired; after end a
+// late cancellation touches nothing (the connection may be pooled and
+// another request's by then).
+type cancelWatch struct {
+	mu          sync.Mutex
+	over, fired bool
+	stop        func() bool
+}
+
+func watchCancel(ctx context.Context, c net.Conn) *cancelWatch {
+	w := &cancelWatch{}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.stop = context.AfterFunc(ctx, func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if !w.over {
+			w.fired = true
+			_ = c.SetDeadline(time.Now())
+		}
+	})
+	return w
+}
+
+// end stops w (nil: no watch) and reports whether it fired.
+func (w *cancelWatch) end() bool {
+	if w == nil {
+		return false
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.over {
+		w.over = true
+		w.stop()
+	}
+	return w.fired
 }
 
 // acquireLive takes a connection to ep. Every pooled connection is looked
@@ -414,7 +476,7 @@ func (e *Exchange) Finish(clean bool) (sent int64, uploadErr error) {
 		// upstream that sent more than it framed (a body after a HEAD, 204
 		// or 304 answer, a second response) would desync the connection.
 		// Those arriving later are caught by the probe before reuse.
-		reusable := clean && e.t.bodyEOF && e.t.pumpErr == nil && !e.Response.ConnectionClose() &&
+		reusable := clean && e.t.bodyEOF && e.t.pumpErr == nil && !e.t.canceled && !e.Response.ConnectionClose() &&
 			e.Response.Header.ContentLength() != -2 && e.t.conn.R.Buffered() == 0
 		e.Response.CloseBodyStream() //nolint:errcheck
 		e.t.ep.Release(e.t.conn, reusable, time.Now())

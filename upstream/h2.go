@@ -135,7 +135,11 @@ func (e *Exchange) roundTripH2(ep *Endpoint, req *Request) error {
 	}
 	h := &e.t.h2
 	h.slot = true
-	ctx, cancel := context.WithCancel(context.Background())
+	parent := req.Context
+	if parent == nil {
+		parent = context.Background()
+	}
+	ctx, cancel := context.WithCancel(parent)
 	h.cancel = cancel
 	hreq, err := e.newH2Request(ctx, ep, req)
 	if err != nil {
@@ -251,6 +255,8 @@ func (e *Exchange) h2Error(err error) error {
 	switch {
 	case e.t.h2.timedOut.Load():
 		return errors.Join(ErrTimeout, err)
+	case e.t.req.Context != nil && e.t.req.Context.Err() != nil:
+		return errors.Join(ErrCanceled, err)
 	case errors.As(err, &oe) && oe.Op == "dial":
 		return dialError(err)
 	case errors.As(err, &cv), errors.As(err, &ae), errors.As(err, &rh), strings.Contains(err.Error(), "tls: "):

@@ -43,6 +43,10 @@ var (
 	ErrTimeout  = errors.New("upstream: no response in time")
 	ErrReset    = errors.New("upstream: the connection was closed")
 	ErrProtocol = errors.New("upstream: malformed response")
+
+	// ErrCanceled: the sender gave up on the request (Request.Context
+	// done) before the response head came; not the upstream's failure.
+	ErrCanceled = errors.New("upstream: the request was canceled by its sender")
 )
 
 // Settings configure an Upstream. It is comparable: two Settings that are
