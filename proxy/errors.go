@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"errors"
+	"os"
 
 	"github.com/valyala/fasthttp"
 
@@ -74,8 +75,17 @@ var errorAnswers = [...]errorAnswer{
 // kind.
 var otherError = errorAnswer{nil, fasthttp.StatusBadGateway, "upstream unavailable", "other", "error"}
 
+// clientBodyTimeout answers a request body that stopped coming: for
+// idle_timeout, or, while the upstream waited for it, for
+// response_timeout (an upload's progress extends that wait, so it ran out
+// only because the client sent nothing).
+var clientBodyTimeout = errorAnswer{ErrClientBody, fasthttp.StatusRequestTimeout, "request body timed out", "", ""}
+
 // answerFor returns err's row of the error table.
 func answerFor(err error) *errorAnswer {
+	if errors.Is(err, ErrClientBody) && errors.Is(err, os.ErrDeadlineExceeded) {
+		return &clientBodyTimeout
+	}
 	for i := range errorAnswers {
 		if errors.Is(err, errorAnswers[i].err) {
 			return &errorAnswers[i]

@@ -350,3 +350,28 @@ upstream = "files"
 		t.Errorf("the backend got %q, want %q", paths, want)
 	}
 }
+
+// A request body that stops coming is a 408, not a malformed body: a
+// small one (sent before the response is read) after idle_timeout, a
+// large one (pumped while the upstream waits) after response_timeout,
+// which the upload's progress would have extended.
+func TestStalledUploadIs408(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.Copy(io.Discard, r.Body) })
+	sc := startSidecar(t, "[server]\nidle_timeout = \"1s\"\n"+routeTo(be.url(), "response_timeout = \"500ms\"\n"))
+	for _, cl := range []int{100, 1 << 20} {
+		c, err := net.Dial("tcp", sc.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprintf(c, "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n0123456789", cl)
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		c.Close()
+		if err != nil {
+			t.Fatalf("Content-Length %d, 10 bytes sent, then nothing: %v", cl, err)
+		}
+		if resp.StatusCode != 408 {
+			t.Errorf("Content-Length %d, 10 bytes sent, then nothing: %d, want 408", cl, resp.StatusCode)
+		}
+	}
+}
