@@ -395,7 +395,7 @@ func (v *validator) loadKeys(path string, tiers map[string]*Tier) map[[32]byte]A
 	dec := toml.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&kf); err != nil {
-		for _, p := range decodeProblems(path, err) {
+		for _, p := range decodeProblems(path, data, err) {
 			v.problems = append(v.problems, p)
 		}
 		return nil

@@ -97,7 +97,7 @@ func parse(name string, data []byte, o Overrides) (*Snapshot, error) {
 		if p, ok := durationNotAString(name, data, err); ok {
 			return nil, &Error{Problems: []Problem{p}}
 		}
-		return nil, &Error{Problems: decodeProblems(name, err)}
+		return nil, &Error{Problems: decodeProblems(name, data, err)}
 	}
 	if p := o.apply(&f, name); p != nil {
 		return nil, &Error{Problems: []Problem{*p}}
@@ -114,7 +114,7 @@ func parse(name string, data []byte, o Overrides) (*Snapshot, error) {
 }
 
 // decodeProblems turns go-toml's errors into Problems with positions.
-func decodeProblems(name string, err error) []Problem {
+func decodeProblems(name string, data []byte, err error) []Problem {
 	var sme *toml.StrictMissingError
 	if errors.As(err, &sme) {
 		out := make([]Problem, 0, len(sme.Errors))
@@ -129,7 +129,18 @@ func decodeProblems(name string, err error) []Problem {
 	var de *toml.DecodeError
 	if errors.As(err, &de) {
 		line, col := de.Position()
-		return []Problem{{File: name, Line: line, Col: col, Key: strings.Join(de.Key(), "."), Msg: de.Error()}}
+		key := strings.Join(de.Key(), ".")
+		if len(de.Key()) == 1 && data != nil {
+			// A duplicate key comes with its own name only: the path is
+			// the key defined at that position.
+			walkKeyValues(data, func(k string, at unstable.Position, _ *unstable.Node) bool {
+				if at.Line == line && at.Column == col && (k == key || strings.HasSuffix(k, "."+key)) {
+					key = k
+				}
+				return true
+			})
+		}
+		return []Problem{{File: name, Line: line, Col: col, Key: key, Msg: de.Error()}}
 	}
 	return []Problem{{File: name, Msg: err.Error()}}
 }

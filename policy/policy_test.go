@@ -114,6 +114,8 @@ func TestProblems(t *testing.T) {
 	f("[server]\nlisten = \"127.0.0.1:9090\"\n"+minimal, "server.admin_listen", 1, "must differ")
 	f("[server]\nidle_timeout = \"0s\"\n"+minimal, "server.idle_timeout", 2, "greater than zero")
 	f("[server]\nidle_timeout = \"1 minute\"\n"+minimal, "server.idle_timeout", 2, "invalid duration")
+	// A duplicate key: go-toml names it without its table.
+	f("[server]\nh2c = true\nh2c = false\n"+minimal, "server.h2c", 3, "already defined")
 	// A number for a duration: go-toml gives no position for it.
 	f("[server]\nlimit = 5\nidle_timeout = 5\n"+minimal, "server.idle_timeout", 3, `such as "5s"`)
 	f(minimal+"[upstreams.app.breaker]\nsleep_window = 3.5\n", "upstreams.app.breaker.sleep_window", strings.Count(minimal, "\n")+2, "not 3.5")
