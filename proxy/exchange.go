@@ -278,11 +278,10 @@ func (x *exchange) prepare() error {
 	x.prepareRequest(h, cl)
 	x.r.send = upstream.Request{Header: h, Body: x.r.body, BodyLen: cl, Head: string(x.method) == "HEAD",
 		Idempotent: idempotent(x.method) || len(h.Peek("Idempotency-Key")) > 0, Sender: x}
-	if c, ok := x.r.ctx.Conn().(interface{ Context() context.Context }); ok {
-		// An HTTP/2 stream: when its client resets it, the upstream's
-		// work ends too (its slot, bulkhead place and connection freed).
-		x.r.send.Context = c.Context()
-	}
+	// An HTTP/2 stream's context: when its client resets it, the
+	// upstream's work ends too (its slot, bulkhead place and connection
+	// freed).
+	x.r.send.Context = x.clientContext()
 	return nil
 }
 
@@ -596,6 +595,9 @@ func (x *exchange) bufferBody() error {
 		if err == io.EOF {
 			return nil
 		}
+		if clientSide(err) {
+			return err // an HTTP/2 client reset its stream
+		}
 		if err != nil {
 			x.r.up.m.errorInc(ErrUpstreamReset)
 			x.r.upErr = nil // counted once, as the failure it caused
@@ -618,7 +620,7 @@ func (x *exchange) Read(p []byte) (int, error) {
 	switch {
 	case err == io.EOF:
 		x.r.upEnd = time.Now()
-	case err != nil:
+	case err != nil && !clientSide(err): // a reset stream is not the upstream's failure
 		x.r.upErr = err
 	}
 	return n, err
@@ -653,6 +655,14 @@ func (x *exchange) WriteTo(w io.Writer) (int64, error) {
 	return upstream.Copy(w, x, buf[:copyBufSize-chunkFraming])
 }
 
+// clientContext is the HTTP/2 stream's context, nil for HTTP/1.1.
+func (x *exchange) clientContext() context.Context {
+	if c, ok := x.r.ctx.Conn().(interface{ Context() context.Context }); ok {
+		return c.Context()
+	}
+	return nil
+}
+
 // CloseWithError is called by fasthttp once the response is written (or
 // failed: err is the client write error). It ends the exchange.
 func (x *exchange) CloseWithError(err error) error {
@@ -666,6 +676,11 @@ func (x *exchange) CloseWithError(err error) error {
 // The upstream exchange is not reused after it.
 func (x *exchange) answer(err error) {
 	x.r.failed = true
+	if clientSide(err) && x.clientContext() != nil && x.clientContext().Err() != nil {
+		// Whatever failed on the client's side (its body, a write), the
+		// stream was reset: 499, the same for every path.
+		err = ErrClientCanceled
+	}
 	x.r.ctx.Response.Reset()
 	var msg string
 	if errors.Is(err, errFallback) {

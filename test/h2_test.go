@@ -1120,3 +1120,126 @@ func TestH2ResetStreamEndsTheUpstreamRequest(t *testing.T) {
 		})
 	}
 }
+
+// A client that resets its stream mid-body is not an upstream failure,
+// whatever the upstream's protocol (an HTTP/2 upstream's stream context is
+// the client's: its cancellation counted as kind="protocol").
+func TestH2ResetMidBodyIsNotAnUpstreamError(t *testing.T) {
+	for _, up := range []string{"http1", "h2c"} {
+		t.Run(up, func(t *testing.T) {
+			h := func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "text/plain")
+				w.WriteHeader(200)
+				for range 200 {
+					if _, err := io.WriteString(w, strings.Repeat("x", 1024)); err != nil {
+						return
+					}
+					w.(http.Flusher).Flush()
+					select {
+					case <-r.Context().Done():
+						return
+					case <-time.After(20 * time.Millisecond):
+					}
+				}
+			}
+			var url, extra string
+			if up == "h2c" {
+				url, extra = h2cBackend(t, h), "protocol = \"h2c\"\n"
+			} else {
+				url = startBackend(t, h).url()
+			}
+			sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(url, extra))
+			ctx, cancel := context.WithCancel(context.Background())
+			req, _ := http.NewRequestWithContext(ctx, "GET", sc.url("/stream"), nil)
+			resp, err := h2cClient().Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadAtLeast(resp.Body, make([]byte, 4096), 2048); err != nil {
+				t.Fatal(err)
+			}
+			cancel() // RST_STREAM mid-body
+			resp.Body.Close()
+			deadline := time.Now().Add(5 * time.Second)
+			for sc.metric(`sidecar_requests_in_flight`) != 0 && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			for _, kind := range []string{"protocol", "reset", "timeout", "other"} {
+				if n := sc.metric(`sidecar_upstream_errors_total{upstream="app",kind="` + kind + `"}`); n > 0 {
+					t.Errorf("the client's mid-body reset counted as %v upstream errors of kind %s", n, kind)
+				}
+			}
+		})
+	}
+}
+
+// A stream reset during its upload is 499 in the access log, like one
+// reset while waiting for the head (it was a 400 "malformed request body").
+func TestH2ResetDuringUploadIs499(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.Copy(io.Discard, r.Body) })
+	sc := startSidecar(t, "[server]\nh2c = true\n[access_log]\nenabled = true\n"+routeTo(be.url(), ""), "-log-level", "error")
+	for i, size := range []int64{1000, 1 << 20} { // sent with the head, and pumped
+		pr, pw := io.Pipe()
+		ctx, cancel := context.WithCancel(context.Background())
+		req, _ := http.NewRequestWithContext(ctx, "POST", sc.url("/up"), pr)
+		req.ContentLength = size
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			if resp, err := h2cClient().Do(req); err == nil {
+				resp.Body.Close()
+			}
+		}()
+		pw.Write([]byte(strings.Repeat("a", 100)))
+		time.Sleep(300 * time.Millisecond)
+		cancel() // RST_STREAM
+		<-done
+		pw.Close()
+		var statuses []any
+		for deadline := time.Now().Add(3 * time.Second); len(statuses) <= i && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			statuses = statuses[:0]
+			for _, l := range strings.Split(sc.logs.String(), "\n") {
+				var m map[string]any
+				if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == "request" {
+					statuses = append(statuses, m["status"])
+				}
+			}
+		}
+		if len(statuses) <= i || statuses[i] != float64(499) {
+			t.Errorf("body of %d bytes: access log statuses %v for a stream reset before the response head, want 499", size, statuses)
+		}
+	}
+}
+
+// HEAD without a Content-Length from the upstream gets none, over either
+// client protocol and from either upstream protocol (an HTTP/2 upstream's
+// unknown length became 0).
+func TestHeadWithoutLength(t *testing.T) {
+	for _, up := range []string{"http1", "h2c"} {
+		t.Run(up, func(t *testing.T) {
+			h := func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "text/plain")
+				w.WriteHeader(200) // no Content-Length
+				w.(http.Flusher).Flush()
+			}
+			var url, extra string
+			if up == "h2c" {
+				url, extra = h2cBackend(t, h), "protocol = \"h2c\"\n"
+			} else {
+				url = startBackend(t, h).url()
+			}
+			sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(url, extra))
+			for _, cl := range []*http.Client{h2cClient(), h1Client(nil)} {
+				req, _ := http.NewRequest("HEAD", sc.url("/head"), nil)
+				resp, err := cl.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp.Body.Close()
+				if v, ok := resp.Header["Content-Length"]; ok {
+					t.Errorf("HEAD over HTTP/%d from a %s upstream that sent no Content-Length: Content-Length %q", resp.ProtoMajor, up, strings.Join(v, ","))
+				}
+			}
+		})
+	}
+}

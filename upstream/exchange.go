@@ -141,6 +141,11 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 	var watch *cancelWatch
 	defer func() { watch.end() }() // every way out: a late cancel touches nothing
 	for attempt := 0; ; attempt++ {
+		if e.senderGone() {
+			// Reset while queued (admission, the overload queue): nothing
+			// is sent.
+			return ErrCanceled
+		}
 		now := time.Now()
 		c, err := acquireLive(ep, now)
 		if err != nil {
@@ -164,7 +169,7 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 				started, e.t.taken = true, true
 				if err = e.sendBody(c); errors.Is(err, ErrRequestBody) {
 					e.closeConn()
-					return err
+					return e.senderFailed(err)
 				}
 			default:
 				started, e.t.taken = true, true
@@ -188,7 +193,9 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 		e.Response.Header.SetNoDefaultContentType(true)
 		err = c.ReadResponse(&e.Response, e.interim)
 		e.awaiting.Store(false)
-		if e.t.canceled = watch.end(); e.t.canceled && err != nil {
+		if e.t.canceled = watch.end(); e.t.canceled {
+			// Even with a head read: the watch closed the connection, so
+			// its body could not be.
 			e.abortPump()
 			e.closeConn()
 			return ErrCanceled
@@ -205,7 +212,7 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 		// large): stop it and report its error rather than the symptom.
 		if e.abortPump(); errors.Is(e.t.pumpErr, ErrRequestBody) {
 			e.closeConn()
-			return e.t.pumpErr
+			return e.senderFailed(e.t.pumpErr)
 		}
 		e.closeConn()
 		if e.t.interimErr != nil {
@@ -218,11 +225,26 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 	}
 }
 
-// cancelWatch ends a round trip when its sender's context is done: the
-// connection's deadlines move to now, so its reads and writes fail at
-// once. end stops the watch and reports whether it fired; after end a
-// late cancellation touches nothing (the connection may be pooled and
-// another request's by then).
+// senderGone reports whether the sender's context (Request.Context) is
+// done: an HTTP/2 client reset its stream or went away.
+func (e *Exchange) senderGone() bool {
+	return e.t.req.Context != nil && e.t.req.Context.Err() != nil
+}
+
+// senderFailed is err, a failure of the request body's side, or
+// ErrCanceled when the sender is gone: a reset stream, not a bad body.
+func (e *Exchange) senderFailed(err error) error {
+	if e.senderGone() {
+		return errors.Join(ErrCanceled, err)
+	}
+	return err
+}
+
+// cancelWatch ends a round trip when its sender's context is done: it
+// closes the connection (a deadline would not do: Conn re-arms its own),
+// so its reads and writes fail at once. end stops the watch and reports
+// whether it fired; after end a late cancellation touches nothing (the
+// connection may be pooled and another request's by then).
 type cancelWatch struct {
 	mu          sync.Mutex
 	over, fired bool
@@ -238,7 +260,7 @@ func watchCancel(ctx context.Context, c net.Conn) *cancelWatch {
 		defer w.mu.Unlock()
 		if !w.over {
 			w.fired = true
-			_ = c.SetDeadline(time.Now())
+			_ = c.Close()
 		}
 	})
 	return w

@@ -164,7 +164,11 @@ func (e *Exchange) roundTripH2(ep *Endpoint, req *Request) error {
 	}
 	switch {
 	case req.Head || resp.Body == http.NoBody || resp.StatusCode == 204 || resp.StatusCode == 304:
-		rh.SetContentLength(max(int(resp.ContentLength), 0))
+		if resp.ContentLength >= 0 {
+			rh.SetContentLength(int(resp.ContentLength))
+		} else {
+			rh.SetContentLength(-2) // none given: none passed on, as from an HTTP/1.1 upstream
+		}
 		e.t.bodyEOF = true
 	case resp.ContentLength >= 0:
 		rh.SetContentLength(int(resp.ContentLength))
@@ -242,6 +246,9 @@ func (e *Exchange) newH2Request(ctx context.Context, ep *Endpoint, req *Request)
 
 // h2Error maps a failed HTTP/2 round trip to the package's errors.
 func (e *Exchange) h2Error(err error) error {
+	if e.senderGone() {
+		return errors.Join(ErrCanceled, err)
+	}
 	if p := e.h2bodyErr.Load(); p != nil && errors.Is(*p, ErrRequestBody) {
 		return *p
 	}
@@ -255,8 +262,6 @@ func (e *Exchange) h2Error(err error) error {
 	switch {
 	case e.t.h2.timedOut.Load():
 		return errors.Join(ErrTimeout, err)
-	case e.t.req.Context != nil && e.t.req.Context.Err() != nil:
-		return errors.Join(ErrCanceled, err)
 	case errors.As(err, &oe) && oe.Op == "dial":
 		return dialError(err)
 	case errors.As(err, &cv), errors.As(err, &ae), errors.As(err, &rh), strings.Contains(err.Error(), "tls: "):
@@ -278,6 +283,8 @@ func (e *Exchange) readH2(p []byte) (int, error) {
 		h.watchdog.Stop()
 	case err != nil && h.timedOut.Load():
 		err = errors.Join(ErrTimeout, err)
+	case err != nil && e.senderGone():
+		err = errors.Join(ErrCanceled, err) // the stream's context is the client's
 	case err != nil:
 		err = ReadError(err)
 	}
