@@ -403,7 +403,10 @@ func validRequestID(v []byte) bool {
 }
 
 // tokenChars marks RFC 9110 token characters (field names, methods).
-var tokenChars = func() (t [256]bool) {
+var tokenChars = alnumAnd("!#$%&'*+-.^_`|~")
+
+// alnumAnd is the table of ASCII letters and digits and the bytes of extra.
+func alnumAnd(extra string) (t [256]bool) {
 	for c := '0'; c <= '9'; c++ {
 		t[c] = true
 	}
@@ -411,11 +414,11 @@ var tokenChars = func() (t [256]bool) {
 		t[c] = true
 		t[c-'a'+'A'] = true
 	}
-	for _, c := range "!#$%&'*+-.^_`|~" {
+	for _, c := range extra {
 		t[c] = true
 	}
 	return t
-}()
+}
 
 // checkRawHeaders rejects what fasthttp lets through but RFC 9112 forbids
 // and request smugglers use: a field name with spaces or control bytes,
@@ -513,16 +516,4 @@ func validHost(v []byte) bool {
 
 // hostChars are a reg-name's characters (RFC 3986 §3.2.2): unreserved,
 // '%' of percent-encoding, and sub-delims.
-var hostChars = func() (t [256]bool) {
-	for c := '0'; c <= '9'; c++ {
-		t[c] = true
-	}
-	for c := 'a'; c <= 'z'; c++ {
-		t[c] = true
-		t[c-'a'+'A'] = true
-	}
-	for _, c := range "-._~%!$&'()*+,;=" {
-		t[c] = true
-	}
-	return t
-}()
+var hostChars = alnumAnd("-._~%!$&'()*+,;=")

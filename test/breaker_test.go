@@ -406,21 +406,9 @@ upstream = "primary"
 // byte of its body, pauses until the reset has reached the sidecar, then
 // the rest, so the sidecar's first write upstream (head and body) fails.
 func TestRerouteNeverSendsAPartBody(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			_ = c.(*net.TCPConn).SetLinger(0) // close with a reset
-			c.Close()
-		}
-	}()
+	primary := rawBackend(t, func(c net.Conn) {
+		_ = c.(*net.TCPConn).SetLinger(0) // closed with a reset
+	})
 	bodies := make(chan string, 4)
 	readonly := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
 		b, err := io.ReadAll(r.Body)
@@ -432,7 +420,7 @@ func TestRerouteNeverSendsAPartBody(t *testing.T) {
 	})
 	sc := startSidecar(t, fmt.Sprintf(`
 [upstreams.primary]
-url = "http://%s"
+url = %q
 response_timeout = "2s"
 [upstreams.primary.fallback]
 upstream = "readonly"
@@ -441,7 +429,7 @@ url = %q
 response_timeout = "2s"
 [[routes]]
 upstream = "primary"
-`, ln.Addr(), readonly.url()))
+`, primary, readonly.url()))
 	// Whether the reset reaches the sidecar before it takes the body's
 	// first byte varies: a few tries hit the case.
 	for try := 0; try < 6; try++ {
