@@ -315,16 +315,7 @@ upstream = "files"
 host = "c.test"
 upstream = "files"
 `, be.url()))
-	send := func(req string) (int, string) {
-		resp := rawRequest(t, sc.Addr, strings.ReplaceAll(req, "\n", "\r\n"), 5*time.Second)
-		r, err := http.ReadResponse(bufio.NewReader(strings.NewReader(resp)), nil)
-		if err != nil {
-			t.Fatalf("%q: %v (%q)", req, err, resp)
-		}
-		b, _ := io.ReadAll(r.Body)
-		r.Body.Close()
-		return r.StatusCode, string(b)
-	}
+	send := func(req string) (int, string) { return rawStatus(t, sc.Addr, req) }
 	if status, body := send("GET /public/ok.txt HTTP/1.1\nHost: a.test\nConnection: close\n\n"); status != 200 || body != "ok\n" {
 		t.Fatalf("the route itself: %d %q", status, body)
 	}

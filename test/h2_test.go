@@ -56,6 +56,15 @@ func grpcBackendBin(t testing.TB) string {
 	return grpcBackend.bin
 }
 
+// backendSpeaking starts a backend serving h that speaks protocol
+// ("http1" or "h2c") and returns its URL and the upstream's protocol line.
+func backendSpeaking(t *testing.T, protocol string, h http.HandlerFunc) (url, extra string) {
+	if protocol == "h2c" {
+		return h2cBackend(t, h), "protocol = \"h2c\"\n"
+	}
+	return startBackend(t, h).url(), ""
+}
+
 // h2cClient speaks only prior-knowledge HTTP/2 (h2c) to http:// URLs.
 func h2cClient() *http.Client {
 	var p http.Protocols
@@ -1079,12 +1088,7 @@ func TestH2ResetStreamEndsTheUpstreamRequest(t *testing.T) {
 				case <-time.After(20 * time.Second):
 				}
 			}
-			var url, extra string
-			if up == "h2c" {
-				url, extra = h2cBackend(t, h), "protocol = \"h2c\"\n"
-			} else {
-				url = startBackend(t, h).url()
-			}
+			url, extra := backendSpeaking(t, up, h)
 			sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(url, extra+"[upstreams.app.breaker]\nmax_concurrent = 10\n"))
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
@@ -1142,12 +1146,7 @@ func TestH2ResetMidBodyIsNotAnUpstreamError(t *testing.T) {
 					}
 				}
 			}
-			var url, extra string
-			if up == "h2c" {
-				url, extra = h2cBackend(t, h), "protocol = \"h2c\"\n"
-			} else {
-				url = startBackend(t, h).url()
-			}
+			url, extra := backendSpeaking(t, up, h)
 			sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(url, extra))
 			ctx, cancel := context.WithCancel(context.Background())
 			req, _ := http.NewRequestWithContext(ctx, "GET", sc.url("/stream"), nil)
@@ -1222,12 +1221,7 @@ func TestHeadWithoutLength(t *testing.T) {
 				w.WriteHeader(200) // no Content-Length
 				w.(http.Flusher).Flush()
 			}
-			var url, extra string
-			if up == "h2c" {
-				url, extra = h2cBackend(t, h), "protocol = \"h2c\"\n"
-			} else {
-				url = startBackend(t, h).url()
-			}
+			url, extra := backendSpeaking(t, up, h)
 			sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(url, extra))
 			for _, cl := range []*http.Client{h2cClient(), h1Client(nil)} {
 				req, _ := http.NewRequest("HEAD", sc.url("/head"), nil)

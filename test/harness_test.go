@@ -269,6 +269,20 @@ func rawRequest(t testing.TB, addr, req string, d time.Duration) string {
 	return string(b)
 }
 
+// rawStatus sends req (lines ended by "\n", sent as CRLF) on a new
+// connection and returns the status and body of the answer.
+func rawStatus(t testing.TB, addr, req string) (int, string) {
+	t.Helper()
+	resp := rawRequest(t, addr, strings.ReplaceAll(req, "\n", "\r\n"), 5*time.Second)
+	r, err := http.ReadResponse(bufio.NewReader(strings.NewReader(resp)), nil)
+	if err != nil {
+		t.Fatalf("%q: %v (%q)", req, err, resp)
+	}
+	b, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	return r.StatusCode, string(b)
+}
+
 // backend is a real HTTP server on 127.0.0.1 that counts what it gets.
 type backend struct {
 	*http.Server

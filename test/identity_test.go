@@ -260,15 +260,7 @@ upstream = "public"
 host = "admin.local"
 upstream = "admin"
 `, public.url(), admin.url()))
-	send := func(req string) (int, string) {
-		resp := rawRequest(t, sc.Addr, strings.ReplaceAll(req, "\n", "\r\n"), 5*time.Second)
-		r, err := http.ReadResponse(bufio.NewReader(strings.NewReader(resp)), nil)
-		if err != nil {
-			t.Fatalf("%q: %v (%q)", req, err, resp)
-		}
-		b, _ := io.ReadAll(r.Body)
-		return r.StatusCode, string(b)
-	}
+	send := func(req string) (int, string) { return rawStatus(t, sc.Addr, req) }
 	if status, body := send("GET http://public.local/x?y=1 HTTP/1.1\nHost: admin.local\nConnection: close\n\n"); status != 200 ||
 		body != "public host=public.local xfh=public.local uri=/x?y=1" {
 		t.Errorf("absolute-form with another Host: %d %q", status, body)

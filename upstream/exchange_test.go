@@ -151,6 +151,15 @@ func TestEveryDeadPooledConnectionIsSkipped(t *testing.T) {
 	}
 }
 
+// canceledGet is a bodiless GET whose sender's context is ctx.
+func canceledGet(ctx context.Context) *Request {
+	var h fasthttp.RequestHeader
+	h.SetMethod("GET")
+	h.SetRequestURI("/")
+	h.SetHost("up")
+	return &Request{Header: &h, BodyLen: 0, Idempotent: true, ResponseTimeout: 3 * time.Second, Sender: nopSender{}, Context: ctx}
+}
+
 // A sender gone before the round trip (an HTTP/2 stream reset while the
 // request waited in admission or the overload queue) sends nothing, and
 // one gone during it is never undone: the connection is closed, not given
@@ -183,14 +192,9 @@ func TestCanceledBeforeTheReadIsNotLost(t *testing.T) {
 	const n = 20
 	lost := 0
 	for i := range n {
-		var h fasthttp.RequestHeader
-		h.SetMethod("GET")
-		h.SetRequestURI("/")
-		h.SetHost("up")
 		var e Exchange
 		start := time.Now()
-		err := e.RoundTrip(ep, &Request{Header: &h, BodyLen: 0, Idempotent: true, ResponseTimeout: 3 * time.Second,
-			Sender: nopSender{}, Context: ctx})
+		err := e.RoundTrip(ep, canceledGet(ctx))
 		if !errors.Is(err, ErrCanceled) || time.Since(start) > 500*time.Millisecond {
 			lost++
 			t.Logf("round trip %d: %v after %v", i, err, time.Since(start).Round(time.Millisecond))
@@ -205,14 +209,9 @@ func TestCanceledBeforeTheReadIsNotLost(t *testing.T) {
 	// Canceled while waiting for the head: cut at once.
 	ctx, cancel = context.WithCancel(context.Background())
 	time.AfterFunc(100*time.Millisecond, cancel)
-	var h fasthttp.RequestHeader
-	h.SetMethod("GET")
-	h.SetRequestURI("/")
-	h.SetHost("up")
 	var e Exchange
 	start := time.Now()
-	err = e.RoundTrip(ep, &Request{Header: &h, BodyLen: 0, Idempotent: true, ResponseTimeout: 3 * time.Second,
-		Sender: nopSender{}, Context: ctx})
+	err = e.RoundTrip(ep, canceledGet(ctx))
 	if !errors.Is(err, ErrCanceled) || time.Since(start) > time.Second {
 		t.Errorf("canceled while waiting: %v after %v, want ErrCanceled at once", err, time.Since(start))
 	}
