@@ -2,7 +2,10 @@ package upstream
 
 import (
 	"bufio"
+	"crypto/tls"
+	"errors"
 	"net"
+	"os"
 	"syscall"
 	"time"
 )
@@ -32,7 +35,8 @@ type Conn struct {
 	lastUsed      time.Time
 	readDeadline  time.Time // as last set on the socket; zero: unknown
 	writeDeadline time.Time
-	raw           syscall.RawConn       // nil if the conn has none (TLS): Alive peeks through it
+	raw           syscall.RawConn       // the TCP socket under the conn (TLS too), for peeking; nil if none
+	tls           *tls.Conn             // the TLS layer, if any
 	peek          func(fd uintptr) bool // peekQuiet, made once (a method value per call allocates)
 	quiet         bool
 	peekReady     func(fd uintptr) bool // peekReadable, made once
@@ -67,15 +71,22 @@ func (c *Conn) Write(p []byte) (int, error) {
 
 // Alive reports whether a pooled connection still looks open and quiet:
 // nothing to read yet means yes; EOF, a reset or unsolicited bytes mean the
-// upstream closed it while idle or is out of sync. It peeks (MSG_PEEK,
-// MSG_DONTWAIT) rather than reading under a past deadline, which Go
-// answers with a timeout before looking at the socket at all.
+// upstream closed it while idle or is out of sync. It peeks at the TCP
+// socket (MSG_PEEK, MSG_DONTWAIT) rather than reading under a past
+// deadline, which Go answers with a timeout before looking at the socket
+// at all. Under TLS both are needed: a read under a past deadline finds a
+// record the TLS layer already holds (decrypted or not) without touching
+// the socket, and the peek finds bytes still in the socket — either is a
+// response nobody asked for, or the upstream's close_notify.
 func (c *Conn) Alive() bool {
 	if c.R.Buffered() > 0 {
 		return false // unsolicited bytes: the connection is out of sync
 	}
 	if c.raw == nil {
-		return true // TLS: a timed-out read is not a probe to make on it
+		return true // not a socket (tests' pipes): nothing to look at
+	}
+	if c.tls != nil && !c.tlsQuiet() {
+		return false
 	}
 	if now := time.Now(); !c.readDeadline.After(now) { // unknown or expired: it would fail raw reads too
 		c.readDeadline = time.Time{} // Read re-arms
@@ -83,6 +94,18 @@ func (c *Conn) Alive() bool {
 	}
 	err := c.raw.Read(c.peek)
 	return err == nil && c.quiet
+}
+
+// tlsQuiet reads from the TLS layer under a deadline already past: a
+// record it holds is processed (a late session ticket is absorbed, data
+// or an alert means out of sync or closed), and the socket is not touched.
+// A timeout, which the TLS layer does not keep as its error, is quiet.
+func (c *Conn) tlsQuiet() bool {
+	_ = c.tls.SetReadDeadline(time.Unix(1, 0))
+	c.readDeadline = time.Time{} // the next Read sets it anew
+	var b [1]byte
+	_, err := c.tls.Read(b[:])
+	return errors.Is(err, os.ErrDeadlineExceeded)
 }
 
 // peekQuiet is Alive's look at the socket, made once per connection (a
@@ -102,8 +125,8 @@ func (c *Conn) Readable() bool {
 	if c.R.Buffered() > 0 {
 		return true
 	}
-	if c.raw == nil {
-		return false
+	if c.raw == nil || c.tls != nil {
+		return false // under TLS, bytes in the socket may be half a record
 	}
 	if err := c.raw.Read(c.peekReady); err != nil {
 		return false

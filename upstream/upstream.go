@@ -390,9 +390,10 @@ func (ep *Endpoint) dial() (*Conn, error) {
 			return nil, errors.Join(ErrTLS, err)
 		}
 		_ = tc.SetDeadline(time.Time{})
-		c.Conn = tc
-	} else if sc, ok := raw.(syscall.Conn); ok {
-		c.raw, _ = sc.SyscallConn() // plain TCP only: Alive peeks at the socket itself
+		c.Conn, c.tls = tc, tc
+	}
+	if sc, ok := raw.(syscall.Conn); ok {
+		c.raw, _ = sc.SyscallConn() // Alive peeks at the socket itself (under TLS too)
 		c.peek, c.peekReady = c.peekQuiet, c.peekReadable
 	}
 	c.R = bufio.NewReaderSize(c, 16<<10) // also the largest response head accepted

@@ -1,9 +1,12 @@
 package upstream
 
 import (
+	"crypto/tls"
+	"encoding/pem"
 	"errors"
 	"io"
 	"net"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -443,5 +446,73 @@ func TestConnReadable(t *testing.T) {
 	}
 	if c.Readable() {
 		t.Error("readable after everything sent was read")
+	}
+}
+
+// Under TLS too, Alive tells a quiet pooled connection from one the
+// upstream wrote to or closed while idle: bytes still in the socket
+// (peeked), and a record the TLS layer already read in (a response that
+// came right behind the last one). Without it, a stray response over TLS
+// was taken as the next request's answer.
+func TestAliveSeesStrayBytesUnderTLS(t *testing.T) {
+	srv := httptest.NewUnstartedServer(nil)
+	srv.StartTLS()
+	defer srv.Close()
+	cert := srv.TLS.Certificates[0]
+	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]})
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	mode := make(chan string, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn, m string) {
+				defer c.Close()
+				_ = c.(*tls.Conn).Handshake()
+				switch m {
+				case "stray":
+					io.WriteString(c, "hello")
+				case "two records": // two writes: two records, read in by one socket read
+					io.WriteString(c, "a")
+					io.WriteString(c, "b")
+				case "close":
+					return
+				}
+				time.Sleep(time.Second)
+			}(c, <-mode)
+		}
+	}()
+	s := settings("https://" + ln.Addr().String())
+	s.CAPEM, s.ServerName = string(ca), "example.com"
+	u, err := New(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := u.Endpoints()[0]
+	for _, m := range []string{"quiet", "stray", "two records", "close"} {
+		mode <- m
+		c, err := ep.Acquire(time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond) // the upstream has written or closed
+		if m == "two records" {
+			// The last response's read took the first record and, with it,
+			// the second into the TLS layer's buffer: the socket is empty.
+			var b [1]byte
+			if _, err := c.Read(b[:]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got, want := c.Alive(), m == "quiet"; got != want {
+			t.Errorf("%s connection: Alive %v, want %v", m, got, want)
+		}
+		ep.Release(c, false, time.Now())
 	}
 }
