@@ -31,6 +31,7 @@ var (
 	ErrClientCanceled  = upstream.ErrCanceled
 	ErrRateLimited     = admission.ErrRateLimited
 	ErrUpgradeRefused  = errors.New("proxy: protocol upgrade not allowed")
+	ErrConnectMethod   = errors.New("proxy: CONNECT is not served")
 )
 
 // errorAnswer is the row of the error table that answers for err.
@@ -53,6 +54,7 @@ var errorAnswers = [...]errorAnswer{
 	{policy.ErrAmbiguousCredentials, fasthttp.StatusBadRequest,
 		"ambiguous credentials: send one API key or one bearer token, in one field", "", ""},
 	{ErrUpgradeRefused, fasthttp.StatusNotImplemented, "protocol upgrade not supported", "", ""},
+	{ErrConnectMethod, fasthttp.StatusNotImplemented, "CONNECT not supported", "", ""},
 	{ErrRateLimited, fasthttp.StatusTooManyRequests, "rate limit exceeded", "", ""},
 	{ErrBadRequest, fasthttp.StatusBadRequest, "malformed request", "", ""},
 	{ErrBodyTooLarge, fasthttp.StatusRequestEntityTooLarge, "request body too large", "", ""},

@@ -214,6 +214,13 @@ func (x *exchange) admit() error {
 		x.p.m.badReqs.Inc()
 		return ErrBadRequest
 	}
+	if h.IsConnect() {
+		// A reverse proxy has no tunnel to open for CONNECT. Forwarded, a
+		// 2xx from a backend that does would turn the pooled connection
+		// into a tunnel (RFC 9110 §9.3.6) that later clients' requests went
+		// into.
+		return ErrConnectMethod
+	}
 	if x.r.rt == nil {
 		return ErrNoRoute
 	}

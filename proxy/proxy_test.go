@@ -323,7 +323,7 @@ func TestErrorStatuses(t *testing.T) {
 	for err, want := range map[error]int{
 		ErrNoRoute: 404, ErrBadRequest: 400, ErrBodyTooLarge: 413, ErrUpstreamBusy: 503,
 		ErrConnectRefused: 502, ErrConnectTimeout: 504, ErrResponseTimeout: 504, ErrUpstreamReset: 502,
-		ErrUpstreamProto: 502, ErrClientBody: 400, ErrRateLimited: 429, ErrUpgradeRefused: 501,
+		ErrUpstreamProto: 502, ErrClientBody: 400, ErrRateLimited: 429, ErrUpgradeRefused: 501, ErrConnectMethod: 501,
 		policy.ErrUnknownKey: 401, policy.ErrBadToken: 401, policy.ErrAmbiguousCredentials: 400,
 	} {
 		if got := answerFor(err).status; got != want {

@@ -366,3 +366,34 @@ func TestStalledUploadIs408(t *testing.T) {
 		}
 	}
 }
+
+// CONNECT is refused with 501 and never reaches the backend, over HTTP/1.1
+// and HTTP/2. Forwarded, a backend that tunnels (a forward proxy behind
+// the route) answered 200 and kept the pooled connection as a tunnel:
+// later clients' requests went into it (RFC 9110 §9.3.6).
+func TestConnectIsNotForwarded(t *testing.T) {
+	be := startBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%s %s", r.Method, r.RequestURI)
+	})
+	sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(be.url(), ""))
+	status, body := rawStatus(t, sc.Addr, "CONNECT internal.example:80 HTTP/1.1\nHost: internal.example:80\n\n")
+	if status != 501 {
+		t.Errorf("CONNECT over HTTP/1.1: %d %q, want 501", status, body)
+	}
+	req, _ := http.NewRequest(http.MethodConnect, "http://"+sc.Addr, nil)
+	req.Host = "internal.example:80"
+	if resp, err := h2cClient().Do(req); err != nil {
+		t.Errorf("CONNECT over h2c: %v", err)
+	} else {
+		resp.Body.Close()
+		if resp.StatusCode != 501 {
+			t.Errorf("CONNECT over h2c: %d, want 501", resp.StatusCode)
+		}
+	}
+	if status, body := rawStatus(t, sc.Addr, "GET /after HTTP/1.1\nHost: a\nConnection: close\n\n"); status != 200 || body != "GET /after" {
+		t.Errorf("a GET after: %d %q", status, body)
+	}
+	if n, _ := be.counts(); n != 1 {
+		t.Errorf("the backend got %d requests, want only the GET", n)
+	}
+}
