@@ -195,6 +195,9 @@ func hopIndex(k []byte) int {
 // upgradeType returns the protocol a request asks to switch to (RFC 9110
 // §7.8), or nil. Only a request whose Connection lists "upgrade" counts.
 func upgradeType(h *fasthttp.RequestHeader) []byte {
+	if !h.IsHTTP11() {
+		return nil // an HTTP/1.0 request's Upgrade is ignored (RFC 9110 §7.8)
+	}
 	for _, v := range h.PeekAll("Connection") { // every line: one list (RFC 9110 §5.3)
 		if connectionHas(v, "upgrade") {
 			return h.Peek("Upgrade")

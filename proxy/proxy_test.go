@@ -386,3 +386,15 @@ func TestFieldSetLongNames(t *testing.T) {
 		t.Error("an unconfigured name is found")
 	}
 }
+
+// An HTTP/1.0 request's Upgrade is ignored (RFC 9110 §7.8): no tunnel, and
+// the field, hop-by-hop, is not forwarded.
+func TestHTTP10UpgradeIsIgnored(t *testing.T) {
+	var h fasthttp.RequestHeader
+	if err := h.Read(bufioReader("GET /ws HTTP/1.0\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if up := upgradeType(&h); up != nil {
+		t.Errorf("HTTP/1.0 request: upgrade %q, want none", up)
+	}
+}
