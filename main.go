@@ -53,6 +53,9 @@ type options struct {
 	health   bool
 }
 
+// minWatchInterval is the shortest -watch-interval accepted.
+const minWatchInterval = 100 * time.Millisecond
+
 func parseFlags(args []string, stderr io.Writer) (options, error) {
 	var o options
 	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
@@ -71,8 +74,10 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if fs.NArg() > 0 {
 		return o, fmt.Errorf("unexpected argument %q (flags start with -)", fs.Arg(0))
 	}
-	if o.watch < 0 {
-		return o, fmt.Errorf("-watch-interval must not be negative, got %s", o.watch)
+	if o.watch < 0 || o.watch > 0 && o.watch < minWatchInterval {
+		// Each look reads and hashes the config and keys files: 1ns kept a
+		// core busy while idle.
+		return o, fmt.Errorf("-watch-interval must be 0 (off) or at least %s, got %s", minWatchInterval, o.watch)
 	}
 	return o, nil
 }
