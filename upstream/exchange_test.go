@@ -218,3 +218,31 @@ func TestCanceledBeforeTheReadIsNotLost(t *testing.T) {
 	e.Finish(false)
 	e.Reset()
 }
+
+// A status code outside 100-599 is a protocol error (RFC 9110 §15, RFC 9112
+// §4), and the connection is not reused: "000" was read as 200 (fasthttp's
+// StatusCode for 0) and "099" went to the client as a two-digit status.
+func TestStatusOutOfRangeIsAProtocolError(t *testing.T) {
+	status := make(chan string, 1)
+	addr := listen(t, func(c net.Conn) {
+		defer c.Close()
+		var h fasthttp.RequestHeader
+		if err := h.Read(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 "+<-status+" X\r\nContent-Length: 5\r\n\r\nhello")
+		time.Sleep(100 * time.Millisecond)
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{"000", "099", "600", "999", "200", "599"} {
+		status <- s
+		body, err := roundTrip(u.Endpoints()[0], "GET", "/", true)
+		want := s == "200" || s == "599"
+		if (err == nil) != want || !want && !errors.Is(ReadError(err), ErrProtocol) {
+			t.Errorf("status %s: %q %v, want ok=%v (else ErrProtocol)", s, body, err, want)
+		}
+	}
+}

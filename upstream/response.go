@@ -1,6 +1,8 @@
 package upstream
 
 import (
+	"bufio"
+	"bytes"
 	"errors"
 	"io"
 	"net"
@@ -28,7 +30,26 @@ func ReadError(err error) error {
 // MaxInterim bounds the interim responses read before the final one.
 const MaxInterim = 16
 
-var errTooManyInterim = errors.New("upstream: more than 16 interim (1xx) responses")
+var (
+	errTooManyInterim = errors.New("upstream: more than 16 interim (1xx) responses")
+	errBadStatus      = errors.New("upstream: status code not in 100-599")
+)
+
+// zeroStatus reports whether the status line at the head of r has a status
+// code starting with 0 ("000" to "099"). fasthttp reads "000" as 0, which
+// its StatusCode reports as 200. A head is longer than the 13 bytes
+// peeked, so the peek waits for nothing a head does not need.
+func zeroStatus(r *bufio.Reader) bool {
+	b, _ := r.Peek(13)
+	i := bytes.IndexByte(b, ' ')
+	if i < 0 {
+		return false
+	}
+	for i < len(b) && b[i] == ' ' {
+		i++
+	}
+	return i < len(b) && b[i] == '0'
+}
 
 // ReadResponse reads the response head into resp and sets up its body
 // stream (resp.StreamBody must be set; a HEAD answer sets resp.SkipBody).
@@ -39,10 +60,16 @@ var errTooManyInterim = errors.New("upstream: more than 16 interim (1xx) respons
 func (c *Conn) ReadResponse(resp *fasthttp.Response, interim func(*fasthttp.ResponseHeader) error) error {
 	resp.ResetBody()
 	for n := 0; ; n++ {
+		if zeroStatus(c.R) {
+			return errBadStatus
+		}
 		if err := resp.Header.Read(c.R); err != nil {
 			return err
 		}
 		status := resp.Header.StatusCode()
+		if status > 599 { // RFC 9110 §15: no class to read it by
+			return errBadStatus
+		}
 		if status < 100 || status > 199 || status == fasthttp.StatusSwitchingProtocols {
 			break
 		}
