@@ -519,7 +519,9 @@ func (x *exchange) respond() error {
 	r := &x.up.Response
 	x.r.status = r.StatusCode()
 	if x.r.status == fasthttp.StatusSwitchingProtocols {
-		if x.r.upgrade == nil {
+		if x.r.upgrade == nil || !offered(x.r.upgrade, r.Header.Peek("Upgrade")) {
+			// Unasked, or to a protocol the client did not list (RFC 9110
+			// §7.8): the client could not speak what follows.
 			x.r.up.m.errorInc(ErrUpstreamProto)
 			return ErrUpstreamProto
 		}

@@ -292,6 +292,30 @@ func originForm(req *fasthttp.Request) bool {
 	return true
 }
 
+// offered reports whether every protocol in an upstream's 101 Upgrade is
+// one of those the client asked for (asked: its Upgrade list), compared by
+// name and version, case-insensitively. An empty Upgrade is not an answer.
+func offered(asked, answered []byte) bool {
+	some := false
+	for tok := range bytes.SplitSeq(answered, []byte{','}) {
+		if tok = bytes.TrimSpace(tok); len(tok) == 0 {
+			continue
+		}
+		some = true
+		found := false
+		for a := range bytes.SplitSeq(asked, []byte{','}) {
+			if bytes.EqualFold(bytes.TrimSpace(a), tok) {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return some
+}
+
 func connectionHas(v []byte, token string) bool {
 	for tok := range bytes.SplitSeq(v, []byte{','}) {
 		if bytes.EqualFold(bytes.TrimSpace(tok), []byte(token)) {

@@ -8,15 +8,25 @@ import (
 )
 
 // tunnel completes a protocol upgrade (RFC 9110 §7.8, e.g. WebSocket): the
-// upstream's 101 head goes to the client as it came, then bytes are copied
-// both ways until either side closes, each direction under the idle
-// timeout. fasthttp hands the client connection over after the handler
-// returns (Hijack), without writing a response of its own.
+// upstream's 101 head goes to the client without its hop-by-hop fields,
+// with Connection: Upgrade, its Upgrade and the request id, then bytes are
+// copied both ways until either side closes, each direction under the
+// idle timeout. fasthttp hands the client connection over after the
+// handler returns (Hijack), without writing a response of its own.
 func (x *exchange) tunnel() {
 	// The upgrade is answered: a tunnel, which may last hours, holds no
 	// slot of the concurrency limit.
 	x.leaveOverload(time.Now())
-	head := append([]byte(nil), x.up.Response.Header.Header()...) // the response is reset before the hijack runs
+	rh := &x.up.Response.Header
+	x.scratch = append(x.scratch[:0], rh.Peek("Upgrade")...)
+	protocol := string(x.scratch) // one per upgrade: Del below reuses the storage it points into
+	x.scratch = stripResponseHop(rh, x.scratch)
+	rh.SetProtocol(http11) // an HTTP/1.0 upstream's 101 too: the client asked in HTTP/1.1
+	rh.ResetConnectionClose()
+	rh.Set("Connection", "Upgrade")
+	rh.Set("Upgrade", protocol)
+	rh.SetBytesV(x.r.srv.RequestIDHeader, x.reqID)
+	head := append([]byte(nil), rh.Header()...) // the response is reset before the hijack runs
 	x.hijack(head, func(client net.Conn, idle time.Duration) error {
 		up, down := x.up.Tunnel(client, idle)
 		x.r.sent += up // finish adds any request body sent before the 101

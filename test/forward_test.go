@@ -504,3 +504,56 @@ func openWebSocket(t *testing.T, addr string) (net.Conn, *bufio.Reader) {
 	}
 	return c, br
 }
+
+// The upstream's 101 reaches the client without its hop-by-hop fields
+// (those Connection names, Keep-Alive, Proxy-*, Trailer) and with the
+// request id, as every other response does; a 101 to a protocol the
+// client did not ask for is a 502 (RFC 9110 §7.8). The 101 head went out
+// as the upstream wrote it.
+func TestUpgradeResponseHeadIsFiltered(t *testing.T) {
+	answer := make(chan string, 1)
+	be := rawBackend(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		if _, err := readRequestHead(br); err != nil {
+			return
+		}
+		io.WriteString(c, <-answer)
+		io.Copy(c, br) // echo, until the client closes
+	})
+	sc := startSidecar(t, routeTo(be, ""))
+	answer <- "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Internal\r\nX-Internal: secret\r\n" +
+		"Proxy-Authenticate: Basic realm=x\r\nTrailer: X-T\r\nKeep-Alive: 9\r\nX-Request-Id: forged\r\nX-End: kept\r\n\r\n"
+	raw, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(raw, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(raw), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 101 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	for _, k := range []string{"X-Internal", "Proxy-Authenticate", "Trailer", "Keep-Alive"} {
+		if v := resp.Header.Get(k); v != "" {
+			t.Errorf("101 head: hop-by-hop %s: %q reached the client", k, v)
+		}
+	}
+	if got := resp.Header.Values("Connection"); len(got) != 1 || !strings.EqualFold(got[0], "upgrade") {
+		t.Errorf("101 head: Connection %q, want Upgrade", got)
+	}
+	if id := resp.Header.Get("X-Request-Id"); id == "" || id == "forged" {
+		t.Errorf("101 head: X-Request-Id %q, want the sidecar's", id)
+	}
+	if resp.Header.Get("X-End") != "kept" {
+		t.Error("101 head: an end-to-end field was dropped")
+	}
+
+	answer <- "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+	if status, _ := rawStatus(t, sc.Addr, "GET /ws HTTP/1.1\nHost: x\nConnection: Upgrade\nUpgrade: websocket\n\n"); status != 502 {
+		t.Errorf("101 to a protocol the client did not ask for: %d, want 502", status)
+	}
+}
