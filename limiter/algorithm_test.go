@@ -157,3 +157,31 @@ func TestMemoryIsBoundedWithAMillionClients(t *testing.T) {
 		t.Errorf("%d states left after every window expired", n)
 	}
 }
+
+// A reload that changes a tier's window carries its counts over. The
+// buckets counted in the old sub-window width: read in the new one, a
+// longer window's full count never aged out (a client locked out for
+// decades, its Retry-After 57 years) and a shorter window's vanished (the
+// limit admitted again at once).
+func TestMemoryWindowChangeCarriesTheCount(t *testing.T) {
+	for _, tc := range []struct{ from, to time.Duration }{{10 * time.Second, 20 * time.Second}, {20 * time.Second, 10 * time.Second}} {
+		m := NewMemory(0)
+		now := t0.Add(123 * time.Millisecond)
+		for i := range 3 {
+			if d := m.AllowAt("c", Rule{Limit: 3, Window: tc.from}, now, 1); !d.Allowed {
+				t.Fatalf("%s: request %d denied", tc.from, i)
+			}
+		}
+		to := Rule{Limit: 3, Window: tc.to}
+		d := m.AllowAt("c", to, now.Add(time.Second), 1)
+		if d.Allowed {
+			t.Errorf("%s → %s: a fourth request admitted within a second: the count was lost", tc.from, tc.to)
+		}
+		if d.RetryAfter > tc.to+tc.to/Subwindows { // counted to the end of its sub-window
+			t.Errorf("%s → %s: Retry-After %s, more than the window", tc.from, tc.to, d.RetryAfter)
+		}
+		if d := m.AllowAt("c", to, now.Add(tc.to+time.Second), 1); !d.Allowed {
+			t.Errorf("%s → %s: still denied a window later (Retry-After %s)", tc.from, tc.to, d.RetryAfter)
+		}
+	}
+}

@@ -292,8 +292,8 @@ func TestRedisCluster(t *testing.T) {
 		host, port, _ := strings.Cut(to, ":")
 		do(to, "CLUSTER", "SETSLOT", strconv.Itoa(slot), "IMPORTING", fromID)
 		do(from, "CLUSTER", "SETSLOT", strconv.Itoa(slot), "MIGRATING", toID)
-		do(from, "MIGRATE", host, port, store.key(a), "0", "5000")
-		if v, err := redistest.Do(from, "EVALSHA", windowBatchLua.Hash(), "2", store.key(a), store.key(b),
+		do(from, "MIGRATE", host, port, store.windowKey(a, rule.Window), "0", "5000")
+		if v, err := redistest.Do(from, "EVALSHA", windowBatchLua.Hash(), "2", store.windowKey(a, rule.Window), store.windowKey(b, rule.Window),
 			"0", strconv.Itoa(Subwindows), "0", "10", "60000", "1", "0", "10", "60000", "1"); err == nil || !strings.HasPrefix(err.Error(), "TRYAGAIN") {
 			t.Fatalf("a script call over both keys during the move: %v %v, want TRYAGAIN", v, err)
 		}
@@ -303,7 +303,7 @@ func TestRedisCluster(t *testing.T) {
 				t.Errorf("%s during the move: %+v %v, want %d remaining", c.key, c.d, c.err, want)
 			}
 		}
-		do(from, "MIGRATE", host, port, store.key(b), "0", "5000")
+		do(from, "MIGRATE", host, port, store.windowKey(b, rule.Window), "0", "5000")
 		for _, n := range cl.Primaries() {
 			do(n, "CLUSTER", "SETSLOT", strconv.Itoa(slot), "NODE", toID)
 		}

@@ -102,11 +102,11 @@ func TestLeaseScripts(t *testing.T) {
 	t.Run("give back into a live sub-window, never below zero", func(t *testing.T) {
 		key := "back"
 		c := grant(key, 8, now)
-		ttl, _ := redistest.Do(srv.Addr, "PTTL", store.key(key))
+		ttl, _ := redistest.Do(srv.Addr, "PTTL", store.windowKey(key, rule.Window))
 		if got := back(key, c.idx, 3, now+300); got != 3 {
 			t.Fatalf("gave back %d of 3", got)
 		}
-		if after, _ := redistest.Do(srv.Addr, "PTTL", store.key(key)); after.(int64) <= 0 || after.(int64) > ttl.(int64) {
+		if after, _ := redistest.Do(srv.Addr, "PTTL", store.windowKey(key, rule.Window)); after.(int64) <= 0 || after.(int64) > ttl.(int64) {
 			t.Errorf("TTL %v before the give-back, %v after", ttl, after)
 		}
 		// Redis counts 5: five more fit (in another sub-window), not six.
@@ -156,7 +156,7 @@ func TestLeaseScripts(t *testing.T) {
 	t.Run("give back after the key was lost and created afresh", func(t *testing.T) {
 		key := "lost"
 		c := grant(key, 10, now)
-		if _, err := redistest.Do(srv.Addr, "DEL", store.key(key)); err != nil { // as a failover can
+		if _, err := redistest.Do(srv.Addr, "DEL", store.windowKey(key, rule.Window)); err != nil { // as a failover can
 			t.Fatal(err)
 		}
 		if d := decide1(key, now+200); !d.Allowed || d.Remaining != 9 {

@@ -24,6 +24,7 @@ type Memory struct {
 
 type memEntry struct {
 	buckets   []bucket
+	width     int64 // the sub-window width (ms) buckets' idx counts in; 0 for none yet
 	tat       float64
 	expiresMs int64 // when this state no longer matters
 	seenMs    int64
@@ -52,6 +53,7 @@ func (m *Memory) AllowAt(key string, rule Rule, now time.Time, cost int) Decisio
 	if rule.Algorithm == GCRA {
 		e.tat, d = gcra(e.tat, rule, nowMs, int64(cost))
 	} else {
+		e.rescale(rule.Window)
 		e.buckets, d = slide(e.buckets, rule, nowMs, int64(cost))
 		if cap(e.buckets) > 2*len(e.buckets)+8 {
 			e.buckets = append([]bucket(nil), e.buckets...) // give back a burst's growth
@@ -94,4 +96,19 @@ func (m *Memory) evict(s *mapShard[*memEntry], nowMs int64) {
 func (m *Memory) Sweep(now time.Time) {
 	nowMs := now.UnixMilli()
 	m.states.sweep(func(_ string, e *memEntry) bool { return e.expiresMs > nowMs })
+}
+
+// rescale carries the buckets over to window's sub-window width when a
+// reload changed the tier's window: each bucket goes to the new sub-window
+// its start falls in. Left in the old width, their indexes meant other
+// times: a longer window kept a full count from ever ageing out (a client
+// locked out for decades), a shorter one dropped it at once.
+func (e *memEntry) rescale(window time.Duration) {
+	w, _ := geometry(window)
+	if e.width != w && e.width != 0 {
+		for i := range e.buckets {
+			e.buckets[i].idx = e.buckets[i].idx * e.width / w
+		}
+	}
+	e.width = w
 }

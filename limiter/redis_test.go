@@ -359,7 +359,7 @@ func TestRedisRefusedCredentialsAreTheError(t *testing.T) {
 func TestRedisBatchIsolatesAFailingKey(t *testing.T) {
 	srv := redistest.Start(t)
 	store := newRedisStore(client(t, srv.Addr), "test")
-	if _, err := redistest.Do(srv.Addr, "RPUSH", store.key("list"), "x"); err != nil {
+	if _, err := redistest.Do(srv.Addr, "RPUSH", store.windowKey("list", time.Minute), "x"); err != nil {
 		t.Fatal(err)
 	}
 	rule := Rule{Limit: 5, Window: time.Minute}
@@ -372,7 +372,7 @@ func TestRedisBatchIsolatesAFailingKey(t *testing.T) {
 	remaining := map[string]int{"a": 5, "b": 5}
 	for i, c := range calls {
 		if c.key == "list" {
-			if c.err == nil || !strings.Contains(c.err.Error(), "WRONGTYPE") || !strings.Contains(c.err.Error(), store.key("list")) {
+			if c.err == nil || !strings.Contains(c.err.Error(), "WRONGTYPE") || !strings.Contains(c.err.Error(), store.windowKey("list", time.Minute)) {
 				t.Errorf("call %d on a list: %v, want a WRONGTYPE error naming the key", i, c.err)
 			}
 			continue
@@ -460,4 +460,42 @@ func TestClusterSlot(t *testing.T) {
 			t.Errorf("clusterSlot(%q) = %d, want %d", c.key, got, c.slot)
 		}
 	}
+}
+
+// With Redis, a reload that changes a tier's window starts a fresh count
+// under a key of its own (the script's ring counts in sub-windows). Read
+// in the new width, a longer window's count never aged out: the client
+// was locked out for decades.
+func TestRedisWindowChangeStartsAfresh(t *testing.T) {
+	srv := redistest.Start(t)
+	store := newRedisStore(client(t, srv.Addr), "test")
+	decide := func(rule Rule, now int64) Decision {
+		c := &call{key: "c", rule: rule, cost: 1}
+		if store.slidingBatch(context.Background(), []*call{c}, now); c.err != nil {
+			t.Fatal(c.err)
+		}
+		return c.d
+	}
+	now := t0.UnixMilli() + 123
+	short, long := Rule{Limit: 3, Window: 10 * time.Second}, Rule{Limit: 3, Window: 20 * time.Second}
+	for range 3 {
+		decide(short, now)
+	}
+	if d := decide(short, now); d.Allowed {
+		t.Fatal("a fourth request in the window admitted")
+	}
+	for i := range 3 {
+		if d := decide(long, now+1000); !d.Allowed {
+			t.Fatalf("after the change to 20s, request %d denied (Retry-After %s)", i, d.RetryAfter)
+		}
+	}
+	if d := decide(long, now+1000); d.Allowed || d.RetryAfter > long.Window+long.Window/Subwindows {
+		t.Errorf("the new window's fourth request: %+v, want denied within the window", d)
+	}
+}
+
+// windowKey is the Redis key of client k's sliding-window count under a
+// window of that length.
+func (s *redisStore) windowKey(k string, window time.Duration) string {
+	return string(s.appendKey(nil, k, window))
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -244,12 +245,18 @@ func cmpBool(x, y bool) int {
 
 var batchPool = sync.Pool{New: func() any { return new(scriptBatch) }}
 
-// appendKey appends s.key(k) to b.
-func (s *redisStore) appendKey(b []byte, k string) []byte {
+// appendKey appends s.key(k) to b, then the sub-window width of window:
+// the script's ring counts in sub-windows, so a reload that changes a
+// tier's window starts a fresh count under a new key (in the same hash
+// slot). Read in another width, a longer window's count never aged out
+// (the client was locked out) and a shorter one's vanished.
+func (s *redisStore) appendKey(b []byte, k string, window time.Duration) []byte {
 	b = append(b, s.prefix...)
 	b = append(b, ":rl:{"...)
 	b = append(b, k...)
-	return append(b, '}')
+	b = append(b, "}:"...)
+	w, _ := geometry(window)
+	return strconv.AppendInt(b, w, 10)
 }
 
 // build makes the script calls for calls: on a cluster one per hash slot
@@ -266,7 +273,7 @@ func (b *scriptBatch) build(ctx context.Context, s *redisStore, calls []*call, n
 	n := len(calls)
 	b.keyBuf, b.keyEnds = b.keyBuf[:0], b.keyEnds[:0]
 	for _, c := range calls {
-		b.keyBuf = s.appendKey(b.keyBuf, c.key)
+		b.keyBuf = s.appendKey(b.keyBuf, c.key, c.rule.Window)
 		b.keyEnds = append(b.keyEnds, len(b.keyBuf))
 	}
 	all := string(b.keyBuf) // the batch's one copy of its keys

@@ -106,8 +106,8 @@ func (m *Memory) refund(key string, rule Rule, at, now time.Time) {
 		e.tat = max(e.tat-emission, float64(now.UnixMilli()))
 		return
 	}
-	w, _ := geometry(rule.Window)
-	idx := at.UnixMilli() / w
+	e.rescale(rule.Window)
+	idx := at.UnixMilli() / e.width
 	for i := range e.buckets {
 		if b := &e.buckets[i]; b.idx == idx && b.n > 0 {
 			b.n--
