@@ -32,6 +32,8 @@ type Conn struct {
 	ReadTimeout  time.Duration
 	WriteTimeout time.Duration
 
+	headWait bool // reading a response head: ReadTimeout is one deadline, set at the first read
+
 	lastUsed      time.Time
 	readDeadline  time.Time // as last set on the socket; zero: unknown
 	writeDeadline time.Time
@@ -54,6 +56,17 @@ func drifted(cur, want time.Time, d time.Duration) bool {
 }
 
 func (c *Conn) Read(p []byte) (int, error) {
+	if c.headWait {
+		// The wait for a response head is one timeout, not a progress
+		// timeout: a head that trickles in a byte at a time must not hold
+		// the request (and its slot) for hours. Only an upload's progress
+		// (sendBody) and each interim response move it.
+		if c.readDeadline.IsZero() {
+			c.readDeadline = time.Now().Add(c.ReadTimeout)
+			_ = c.Conn.SetReadDeadline(c.readDeadline)
+		}
+		return c.Conn.Read(p)
+	}
 	if now := time.Now(); drifted(c.readDeadline, now.Add(c.ReadTimeout), c.ReadTimeout) {
 		c.readDeadline = now.Add(c.ReadTimeout)
 		_ = c.Conn.SetReadDeadline(c.readDeadline)

@@ -191,7 +191,11 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 		e.Response.StreamBody = true
 		e.Response.SkipBody = req.Head
 		e.Response.Header.SetNoDefaultContentType(true)
+		c.headWait = true
+		c.ForgetReadDeadline() // the head's deadline starts at its first read
 		err = c.ReadResponse(&e.Response, e.interim)
+		c.headWait = false
+		c.ForgetReadDeadline()
 		e.awaiting.Store(false)
 		if e.t.canceled = watch.end(); e.t.canceled {
 			// Even with a head read: the watch closed the connection, so
@@ -299,6 +303,7 @@ func acquireLive(ep *Endpoint, now time.Time) (*Conn, error) {
 }
 
 func (e *Exchange) interim(h *fasthttp.ResponseHeader) error {
+	e.t.conn.ForgetReadDeadline() // an interim response is progress: the final head gets a full timeout
 	e.t.interimErr = e.t.req.Sender.Interim(h)
 	return e.t.interimErr
 }

@@ -246,3 +246,49 @@ func TestStatusOutOfRangeIsAProtocolError(t *testing.T) {
 		}
 	}
 }
+
+// The response head must come within ResponseTimeout: a head that trickles
+// in a byte at a time is not progress (it held a request for as long as
+// the upstream kept trickling), while each complete interim response is
+// (a 1xx every so often keeps a long request alive).
+func TestResponseTimeoutBoundsTheHead(t *testing.T) {
+	mode := make(chan string, 1)
+	addr := listen(t, func(c net.Conn) {
+		defer c.Close()
+		var h fasthttp.RequestHeader
+		if err := h.Read(bufio.NewReader(c)); err != nil {
+			return
+		}
+		switch <-mode {
+		case "trickle": // 33 bytes, one per 100 ms: 3.3 s against a 1 s timeout
+			for _, b := range []byte("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") {
+				if _, err := c.Write([]byte{b}); err != nil {
+					return
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		case "interim": // three 103s 600 ms apart, then the answer: 1.8 s
+			for range 3 {
+				time.Sleep(600 * time.Millisecond)
+				io.WriteString(c, "HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n")
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+		time.Sleep(time.Second)
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mode <- "trickle"
+	start := time.Now()
+	if body, err := roundTrip(u.Endpoints()[0], "GET", "/", true); !errors.Is(err, ErrTimeout) {
+		t.Errorf("a trickling head: %q %v after %s, want ErrTimeout", body, err, time.Since(start).Round(time.Millisecond))
+	} else {
+		t.Logf("a trickling head timed out after %s (response timeout 1s)", time.Since(start).Round(time.Millisecond))
+	}
+	mode <- "interim"
+	if body, err := roundTrip(u.Endpoints()[0], "GET", "/", true); err != nil || body != "ok" {
+		t.Errorf("interim responses 600 ms apart: %q %v, want the answer", body, err)
+	}
+}
