@@ -339,11 +339,40 @@ func (st *state) match(ctx *fasthttp.RequestCtx, req *admission.Request) (*route
 		u.SetPathBytes(alt)
 		req.Paths = append(req.Paths, alt, u.Path())
 	}
+	if alt := withoutPathParams(raw); alt != nil {
+		// Tomcat, Jetty and Spring drop each segment's ";parameters"
+		// before they resolve dot segments: "/healthz/..;/x" is /x to them.
+		var u fasthttp.URI
+		u.SetPathBytes(alt)
+		req.Paths = append(req.Paths, alt, u.Path())
+	}
 	r, err := st.adm.Route(req)
 	if err != nil {
 		return nil, err
 	}
 	return &st.routes[r.Index], nil
+}
+
+// withoutPathParams returns path with each segment's parameters (from a
+// ';', or its encoding "%3B", to the segment's end) removed, or nil when
+// it has none (the common case, without allocating).
+func withoutPathParams(path []byte) []byte {
+	if bytes.IndexByte(path, ';') < 0 && !bytes.Contains(path, []byte("%3b")) && !bytes.Contains(path, []byte("%3B")) {
+		return nil
+	}
+	out := make([]byte, 0, len(path))
+	for i := 0; i < len(path); i++ {
+		param := path[i] == ';' || path[i] == '%' && i+2 < len(path) && path[i+1] == '3' && (path[i+2] == 'b' || path[i+2] == 'B')
+		if !param {
+			out = append(out, path[i])
+			continue
+		}
+		for i < len(path) && path[i] != '/' {
+			i++
+		}
+		i-- // the '/' (or the end) is the next segment's
+	}
+	return out
 }
 
 // backslashesAsSlashes returns path with every '\\' and "%5C" as '/', or

@@ -705,6 +705,41 @@ upstream = "b"
 	}
 }
 
+// Tomcat, Jetty and Spring drop ";parameters" from each path segment
+// before they resolve dot segments, so "/healthz/..;/api" is /api to them:
+// a target that picks another route when read that way is refused. It
+// went to the exempt route, unlimited, while the backend served /api.
+func TestPathParameterPathsRefused(t *testing.T) {
+	a := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "a "+r.RequestURI) })
+	b := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "b "+r.RequestURI) })
+	sc := startSidecar(t, fmt.Sprintf(`
+[upstreams.a]
+url = %q
+[upstreams.b]
+url = %q
+[[routes]]
+path_prefix = "/healthz"
+rate_limit_exempt = true
+upstream = "a"
+[[routes]]
+path_prefix = "/"
+upstream = "b"
+`, a.url(), b.url()))
+	for _, c := range []struct{ target, want string }{
+		{"/healthz/..;/api/secret", "400"},
+		{"/healthz/%2e%2e;/api/x", "400"},
+		{"/healthz/.;/../api/x", "400"},
+		{"/healthz/..%3b/api/x", "400"},
+		{"/healthz/..;x=1/api/x", "400"},
+		{"/healthz;v=1", "a /healthz;v=1"},
+		{"/api;jsessionid=42/x", "b /api;jsessionid=42/x"},
+	} {
+		if got := statusOrBody(t, sc.Addr, c.target); got != c.want {
+			t.Errorf("GET %s: %q, want %q", c.target, got, c.want)
+		}
+	}
+}
+
 // statusOrBody sends GET target on a new connection and returns the body
 // of a 200, or the status code as text.
 func statusOrBody(t *testing.T, addr, target string) string {
