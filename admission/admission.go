@@ -41,13 +41,38 @@ type Admitter struct {
 	snap    *policy.Snapshot
 	lim     *limiter.Limiter
 	circuit func(*policy.Route) *breaker.Breaker
+	fail    *policy.Tier // the limit of an address's failed identifications (failureTier)
+}
+
+// DefaultFailureLimit is the limit of an address's failed identifications
+// per minute when the anonymous tier is unlimited.
+const DefaultFailureLimit = 100
+
+// failureTier is the limit of an address's failed identifications: the
+// anonymous tier's, enforced even while that tier is in shadow mode (a
+// dark launch of the anonymous limit is no licence to guess keys), or
+// DefaultFailureLimit per minute when it is unlimited. Before, either
+// left key and token guessing unlimited.
+func failureTier(snap *policy.Snapshot) *policy.Tier {
+	anon := snap.Tiers[snap.Identity.AnonymousTier]
+	switch {
+	case anon == nil:
+		return nil
+	case anon.Unlimited:
+		return &policy.Tier{Name: anon.Name, Limit: DefaultFailureLimit, Window: time.Minute}
+	case anon.Shadow:
+		enforced := *anon
+		enforced.Shadow = false
+		return &enforced
+	}
+	return anon
 }
 
 // New returns the Admitter of snap, limiting with lim. circuit returns the
 // circuit a route's requests go through (the route's own, or its
 // upstream's), nil for none; a nil circuit func means no circuits.
 func New(snap *policy.Snapshot, lim *limiter.Limiter, circuit func(*policy.Route) *breaker.Breaker) *Admitter {
-	return &Admitter{snap: snap, lim: lim, circuit: circuit}
+	return &Admitter{snap: snap, lim: lim, circuit: circuit, fail: failureTier(snap)}
 }
 
 // Circuit takes a place in the route's circuit and bulkhead: a Ticket to
@@ -131,8 +156,8 @@ func (a *Admitter) Limit(r *Request, route *policy.Route, d *Decision) error {
 	// An address that keeps failing identification is refused before its
 	// next key lookup or signature check: see failureKey.
 	var failKey string
-	anon := snap.Tiers[snap.Identity.AnonymousTier]
-	if anon != nil && !anon.Unlimited && !anon.Shadow && snap.Verifies(c) {
+	anon := a.fail
+	if anon != nil && snap.Verifies(c) {
 		failKey = a.failureKey(c, d)
 		if ld, denied := a.lim.Denied(failKey, TierRule(anon, nil)); denied {
 			d.refused(anon, ld)

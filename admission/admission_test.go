@@ -112,3 +112,35 @@ func TestLimit(t *testing.T) {
 		}
 	}
 }
+
+// Failed identification is limited even when the anonymous tier's own
+// limit is not enforced: in shadow mode its limit still bounds failures,
+// and an unlimited anonymous tier leaves DefaultFailureLimit per minute.
+// Either left key and token guessing unlimited.
+func TestFailureLimitWithoutAnEnforcedAnonymousLimit(t *testing.T) {
+	t.Setenv("ADMISSION_TEST_SECRET", "0123456789abcdef0123456789abcdef")
+	jwt := "[identity.jwt]\nalgorithm = \"HS256\"\nsecret_env = \"ADMISSION_TEST_SECRET\"\n[tiers.authenticated]\nlimit = 5\nwindow = \"1m\"\n"
+	for _, tc := range []struct {
+		name, anon string
+		allowed    int
+	}{
+		{"shadow", "[tiers.anonymous]\nlimit = 3\nwindow = \"1m\"\nmode = \"shadow\"\n", 3},
+		{"unlimited", "[tiers.anonymous]\nunlimited = true\n", 100}, // DefaultFailureLimit
+	} {
+		a := admitter(t, jwt+tc.anon)
+		api, _ := a.Route(request("/api"))
+		var d Decision
+		bad := request("/api")
+		bad.Credentials.Authorization = [][]byte{[]byte("Bearer not.a.token")}
+		limited := -1
+		for i := range tc.allowed + 2 {
+			if err := a.Limit(bad, api, &d); errors.Is(err, ErrFailureLimited) {
+				limited = i
+				break
+			}
+		}
+		if limited != tc.allowed {
+			t.Errorf("%s anonymous tier: the failure limit refused the %dth bad token, want the %dth", tc.name, limited+1, tc.allowed+1)
+		}
+	}
+}
