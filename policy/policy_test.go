@@ -125,6 +125,13 @@ func TestProblems(t *testing.T) {
 	f("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"bogus\"]\n"+minimal, "server.trusted_proxies[1]", 2, "CIDR")
 	f("[server]\nrequest_id_header = \"X Id\"\n"+minimal, "server.request_id_header", 2, "header name")
 	f("[server]\nlisen = \"x\"\n"+minimal, "server.lisen", 2, "unknown key")
+	// Header roles: distinct, and none a field the sidecar reads or rewrites.
+	f("[server]\nrequest_id_header = \"x_api_key\"\n"+minimal, "server.request_id_header", 2, "also identity.api_key_header")
+	f("[identity]\nclient_header = \"Host\"\n"+minimal, "identity.client_header", 2, "reads or rewrites")
+	f("[identity]\ntier_header = \"x_forwarded_for\"\n"+minimal, "identity.tier_header", 2, "reads or rewrites")
+	t.Setenv("POLICY_TEST_SECRET", "0123456789abcdef0123456789abcdef")
+	f("[identity]\napi_key_header = \"Authorization\"\n[identity.jwt]\nalgorithm = \"HS256\"\nsecret_env = \"POLICY_TEST_SECRET\"\n"+minimal,
+		"identity.api_key_header", 2, "reads or rewrites")
 	f("[upstreams.app]\nurl = \"http://a:1\"\nurls = [\"http://b:1\"]\n[[routes]]\nupstream = \"app\"\n", "upstreams.app.urls", 3, "not both")
 	f("[upstreams.app]\nconnect_timeout = \"1s\"\n[[routes]]\nupstream = \"app\"\n", "upstreams.app", 1, "url (or urls) is required")
 	f("[upstreams.app]\nurl = \"ftp://a\"\n[[routes]]\nupstream = \"app\"\n", "upstreams.app.url", 2, "scheme must be http or https")

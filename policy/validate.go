@@ -137,6 +137,7 @@ func (v *validator) compile(f *File) *Snapshot {
 	}
 	s.Files = append(s.Files, v.files...) // certificates and CA bundles
 	v.identity(&f.Identity, &s.Identity, s.Tiers, s)
+	v.headerRoles(s)
 	if len(f.Routes) == 0 {
 		v.addf("routes", "at least one [[routes]] entry is required")
 	}
@@ -894,5 +895,45 @@ func (v *validator) accessLog(f *AccessLogFile, a *AccessLog) {
 			v.addf("access_log.fingerprint_secret_env", "environment variable %s must hold at least 16 bytes", *f.FingerprintSecretEnv)
 		}
 		a.Secret = []byte(secret)
+	}
+}
+
+// reservedFields are request fields that carry framing, routing,
+// forwarding or credentials: none can be a header the sidecar writes or
+// reads identity from (compared as the sidecar matches names: case
+// ignored, '_' read as '-').
+var reservedFields = []string{"Host", "Authorization", "Cookie", "Content-Length", "Transfer-Encoding", "Connection",
+	"Keep-Alive", "Proxy-Connection", "Proxy-Authorization", "TE", "Trailer", "Upgrade", "Expect",
+	"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Forwarded", "X-Real-IP"}
+
+// headerRoles checks that the headers given roles (the request id, the
+// API key, the client id and tier written for the upstream) are distinct
+// and none is a reserved field. request_id_header = "X-API-Key" echoed
+// each client's key in its responses and wrote it to the access log;
+// client_header = "Host" replaced the authority the upstream saw.
+func (v *validator) headerRoles(s *Snapshot) {
+	roles := []struct{ key, name string }{
+		{"server.request_id_header", s.Server.RequestIDHeader},
+		{"identity.api_key_header", s.Identity.APIKeyHeader},
+		{"identity.client_header", s.Identity.ClientHeader},
+		{"identity.tier_header", s.Identity.TierHeader},
+	}
+	fold := func(n string) string { return strings.ToLower(strings.ReplaceAll(n, "_", "-")) }
+	for i, r := range roles {
+		for _, f := range reservedFields {
+			if fold(r.name) != fold(f) {
+				continue
+			}
+			if f == "Authorization" && r.key == "identity.api_key_header" && s.Identity.JWT == nil {
+				continue // keys sent as "Authorization: <key>", with no bearer tokens to tell apart
+			}
+			v.addf(r.key, "%q is a field the sidecar reads or rewrites itself (framing, routing, forwarding or credentials): choose another name", r.name)
+		}
+		for _, o := range roles[:i] {
+			if fold(r.name) == fold(o.name) { // named at both: either may be the one set
+				v.addf(o.key, "%q is also %s: each role needs a field of its own", o.name, r.key)
+				v.addf(r.key, "%q is also %s: each role needs a field of its own", r.name, o.key)
+			}
+		}
 	}
 }
