@@ -292,3 +292,41 @@ func TestResponseTimeoutBoundsTheHead(t *testing.T) {
 		t.Errorf("interim responses 600 ms apart: %q %v, want the answer", body, err)
 	}
 }
+
+// Response heads whose framing or field names are faulty are protocol
+// errors: an HTTP/1.0 response with Transfer-Encoding (RFC 9112 §6.1; it
+// was framed by Content-Length, its chunks passed on as the body, and the
+// connection reused) and a field name with a space (RFC 9110 §5.1; it was
+// relayed).
+func TestFaultyResponseHeadsAreProtocolErrors(t *testing.T) {
+	head := make(chan string, 1)
+	addr := listen(t, func(c net.Conn) {
+		defer c.Close()
+		var h fasthttp.RequestHeader
+		if err := h.Read(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, <-head)
+		time.Sleep(100 * time.Millisecond)
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		head string
+		ok   bool
+	}{
+		{"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\nContent-Length: 13\r\n\r\n3\r\nabc\r\n0\r\n\r\n", false},
+		{"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", false},
+		{"HTTP/1.1 200 OK\r\nX Foo: bar\r\nContent-Length: 3\r\n\r\nabc", false},
+		{"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc", true},
+		{"HTTP/1.1 200 OK\r\nX-Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc", true},
+	} {
+		head <- tc.head
+		body, err := roundTrip(u.Endpoints()[0], "GET", "/", true)
+		if tc.ok && (err != nil || body != "abc") || !tc.ok && (err == nil || !errors.Is(ReadError(err), ErrProtocol)) {
+			t.Errorf("%q: %q %v, want ok=%v (else ErrProtocol)", tc.head, body, err, tc.ok)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strings"
 	"syscall"
 
 	"github.com/valyala/fasthttp"
@@ -33,7 +34,52 @@ const MaxInterim = 16
 var (
 	errTooManyInterim = errors.New("upstream: more than 16 interim (1xx) responses")
 	errBadStatus      = errors.New("upstream: status code not in 100-599")
+	errHTTP10Coding   = errors.New("upstream: an HTTP/1.0 response with Transfer-Encoding")
+	errFieldName      = errors.New("upstream: a response field name that is not a token")
 )
+
+// http10Coding reports whether the response head at the start of r is an
+// HTTP/1.0 one with a Transfer-Encoding field: its framing is faulty (RFC
+// 9112 §6.1), and fasthttp would frame it by Content-Length, dropping the
+// field unseen. Only a head already in r's buffer is looked at (the first
+// read brings a whole head but for huge ones).
+func http10Coding(r *bufio.Reader) bool {
+	b, _ := r.Peek(r.Buffered())
+	if !bytes.HasPrefix(b, []byte("HTTP/1.0 ")) {
+		return false
+	}
+	if end := bytes.Index(b, []byte("\r\n\r\n")); end >= 0 {
+		b = b[:end]
+	}
+	for {
+		i := bytes.IndexByte(b, '\n')
+		if i < 0 {
+			return false
+		}
+		b = b[i+1:]
+		if len(b) >= 18 && bytes.EqualFold(b[:18], []byte("transfer-encoding:")) {
+			return true
+		}
+	}
+}
+
+// tokenFieldNames reports whether every field name of h is a token (RFC
+// 9110 §5.1): "X Foo: bar" is not, and strict clients (Go's) refuse the
+// whole response; a request with one gets a 400.
+func tokenFieldNames(h *fasthttp.ResponseHeader) bool {
+	for k := range h.All() {
+		for _, c := range k {
+			if !isTokenChar(c) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func isTokenChar(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
+}
 
 // zeroStatus reports whether the status line at the head of r has a status
 // code starting with 0 ("000" to "099"). fasthttp reads "000" as 0, which
@@ -63,8 +109,14 @@ func (c *Conn) ReadResponse(resp *fasthttp.Response, interim func(*fasthttp.Resp
 		if zeroStatus(c.R) {
 			return errBadStatus
 		}
+		if http10Coding(c.R) {
+			return errHTTP10Coding
+		}
 		if err := resp.Header.Read(c.R); err != nil {
 			return err
+		}
+		if !tokenFieldNames(&resp.Header) {
+			return errFieldName
 		}
 		status := resp.Header.StatusCode()
 		if status > 599 { // RFC 9110 §15: no class to read it by
