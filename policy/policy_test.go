@@ -113,6 +113,7 @@ func TestProblems(t *testing.T) {
 	f("[server]\nlisten = \"nope\"\n"+minimal, "server.listen", 2, "want host:port")
 	f("[server]\nlisten = \"127.0.0.1:9090\"\n"+minimal, "server.admin_listen", 1, "must differ")
 	f("[server]\nidle_timeout = \"0s\"\n"+minimal, "server.idle_timeout", 2, "greater than zero")
+	f("[server]\ndrain_delay = \"-1s\"\n"+minimal, "server.drain_delay", 2, "must not be negative (0 is allowed)")
 	f("[server]\nidle_timeout = \"1 minute\"\n"+minimal, "server.idle_timeout", 2, "invalid duration")
 	// A duplicate key: go-toml names it without its table.
 	f("[server]\nh2c = true\nh2c = false\n"+minimal, "server.h2c", 3, "already defined")

@@ -58,6 +58,10 @@ func (v *validator) duration(key string, d *Duration, def time.Duration, allowZe
 	if d == nil {
 		return def
 	}
+	if d.Duration < 0 && allowZero {
+		v.addf(key, "must not be negative (0 is allowed), got %q", d.String())
+		return def
+	}
 	if d.Duration < 0 || (!allowZero && d.Duration == 0) {
 		v.addf(key, "must be greater than zero, got %q", d.String())
 		return def
