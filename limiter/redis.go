@@ -159,6 +159,40 @@ func (s *redisStore) gcraAllow(ctx context.Context, key string, rule Rule, cost 
 	return d, err
 }
 
+// gcraRefundLua gives one unit back to a GCRA key in redis_rate's format
+// (the TAT in seconds since 2017, under "rate:"): the TAT moves back one
+// emission interval, never behind now, and a TAT no longer ahead of now is
+// deleted, which is what a key with nothing charged is. redis_rate's own
+// script with cost -1 stores only a TAT still in the future, so the last
+// unit a client had charged was never given back.
+var gcraRefundLua = redis.NewScript(`
+redis.replicate_commands()
+local tat = redis.call("GET", KEYS[1])
+if not tat then
+  return 0
+end
+local now = redis.call("TIME")
+now = (now[1] - 1483228800) + (now[2] / 1000000)
+local new_tat = math.max(tonumber(tat), now) - tonumber(ARGV[1])
+if new_tat > now then
+  redis.call("SET", KEYS[1], new_tat, "EX", math.ceil(new_tat - now))
+else
+  redis.call("DEL", KEYS[1])
+end
+return 1
+`)
+
+// gcraRefund gives one unit of rule back to key (gcraRefundLua).
+func (s *redisStore) gcraRefund(ctx context.Context, key string, rule Rule) error {
+	emission := rule.Window.Seconds() / float64(rule.Limit)
+	return s.onceMoreIfLost(ctx, func() error {
+		return gcraRefundLua.Run(ctx, s.rdb, []string{gcraKeyPrefix + s.key(key)}, emission).Err()
+	})
+}
+
+// gcraKeyPrefix is redis_rate's prefix of its keys.
+const gcraKeyPrefix = "rate:"
+
 // gcraLease takes up to n units of a GCRA rule at once with redis_rate's
 // AllowAtMost: the bucket is charged at once for what is granted, so
 // units cannot be given back. When fewer than n are left the script

@@ -59,7 +59,7 @@ const maxGCRARefunds = 64
 // the sub-window the admission was recorded in (at's by the local clock;
 // a skew of a sub-window takes it from a neighbour, which only moves when
 // it expires), with the lease-return script; for GCRA, as a decision of
-// cost −1, which moves the client's TAT back by one emission interval.
+// gcraRefundLua, which moves the client's TAT back by one emission interval.
 func (l *Limiter) refundToStore(key string, rule Rule, at time.Time) {
 	if rule.Algorithm == GCRA {
 		// Refunds come in bursts (an overload sheds many at once): at
@@ -73,7 +73,7 @@ func (l *Limiter) refundToStore(key string, rule Rule, at time.Time) {
 			ctx, cancel := context.WithTimeout(context.Background(), l.s.StoreTimeout)
 			defer cancel()
 			l.m.commands.Inc()
-			if _, err := l.store.gcraAllow(ctx, key, rule, -1); err != nil {
+			if err := l.store.gcraRefund(ctx, key, rule); err != nil {
 				l.m.storeErrors.Inc()
 			}
 		}()

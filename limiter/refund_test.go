@@ -84,3 +84,30 @@ func TestRefundRedis(t *testing.T) {
 		}
 	})
 }
+
+// A GCRA refund of a client's only charged unit gives it back: the full
+// burst is there again. redis_rate's script with cost -1 stores only a TAT
+// still ahead of now, so that unit stayed charged (a shed request cost
+// its client one of four places).
+func TestRefundRedisGCRALastUnit(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb := client(t, srv.Addr)
+	l := New(Settings{Redis: rdb, KeyPrefix: "refund", Heartbeat: time.Hour})
+	defer l.Close()
+	rule := Rule{Limit: 4, Window: 30 * time.Second, Algorithm: GCRA}
+	if d, _ := l.Allow("one", rule); !d.Allowed {
+		t.Fatal("the first request was denied")
+	}
+	key := "rate:" + l.store.key("one")
+	l.Refund("one", rule, FromStore, time.Now())
+	for deadline := time.Now().Add(5 * time.Second); rdb.Exists(t.Context(), key).Val() == 1; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the refund of the only charged unit left %s = %s", key, rdb.Get(t.Context(), key).Val())
+		}
+	}
+	for i := range 4 {
+		if d, _ := l.Allow("one", rule); !d.Allowed {
+			t.Fatalf("after the refund, request %d of the burst of 4 denied", i+1)
+		}
+	}
+}
