@@ -330,3 +330,36 @@ func TestFaultyResponseHeadsAreProtocolErrors(t *testing.T) {
 		}
 	}
 }
+
+// An HTTP/1.0 head that comes in pieces cannot be checked for
+// Transfer-Encoding before fasthttp drops the field: its connection is
+// not reused, so bytes it framed wrongly cannot reach the next request.
+func TestSplitHTTP10HeadIsNotReused(t *testing.T) {
+	var conns atomic.Int64
+	addr := listen(t, func(c net.Conn) {
+		defer c.Close()
+		conns.Add(1)
+		br := bufio.NewReader(c)
+		for {
+			var h fasthttp.RequestHeader
+			if err := h.Read(br); err != nil {
+				return
+			}
+			io.WriteString(c, "HTTP/1.0 200 OK\r\n")
+			time.Sleep(50 * time.Millisecond)
+			io.WriteString(c, "Connection: keep-alive\r\nTransfer-Encoding: chunked\r\nContent-Length: 13\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+		}
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := roundTrip(u.Endpoints()[0], "GET", "/", true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := conns.Load(); n != 2 {
+		t.Errorf("two requests on %d connection(s): one whose HTTP/1.0 head came in pieces was reused", n)
+	}
+}

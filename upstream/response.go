@@ -38,27 +38,30 @@ var (
 	errFieldName      = errors.New("upstream: a response field name that is not a token")
 )
 
-// http10Coding reports whether the response head at the start of r is an
-// HTTP/1.0 one with a Transfer-Encoding field: its framing is faulty (RFC
+// http10Coding looks at the response head at the start of r, if it is an
+// HTTP/1.0 one, for a Transfer-Encoding field: its framing is faulty (RFC
 // 9112 §6.1), and fasthttp would frame it by Content-Length, dropping the
-// field unseen. Only a head already in r's buffer is looked at (the first
-// read brings a whole head but for huge ones).
-func http10Coding(r *bufio.Reader) bool {
+// field unseen. Only what is in r's buffer is looked at: when the head's
+// end is not there yet (it came in pieces), unsure says so, and the
+// connection is not reused after it.
+func http10Coding(r *bufio.Reader) (coding, unsure bool) {
 	b, _ := r.Peek(r.Buffered())
 	if !bytes.HasPrefix(b, []byte("HTTP/1.0 ")) {
-		return false
+		return false, false
 	}
 	if end := bytes.Index(b, []byte("\r\n\r\n")); end >= 0 {
 		b = b[:end]
+	} else {
+		unsure = true
 	}
 	for {
 		i := bytes.IndexByte(b, '\n')
 		if i < 0 {
-			return false
+			return false, unsure
 		}
 		b = b[i+1:]
 		if len(b) >= 18 && bytes.EqualFold(b[:18], []byte("transfer-encoding:")) {
-			return true
+			return true, false
 		}
 	}
 }
@@ -109,11 +112,15 @@ func (c *Conn) ReadResponse(resp *fasthttp.Response, interim func(*fasthttp.Resp
 		if zeroStatus(c.R) {
 			return errBadStatus
 		}
-		if http10Coding(c.R) {
+		coding, unsure := http10Coding(c.R)
+		if coding {
 			return errHTTP10Coding
 		}
 		if err := resp.Header.Read(c.R); err != nil {
 			return err
+		}
+		if unsure {
+			resp.Header.SetConnectionClose() // a Transfer-Encoding may have gone unseen: not reused
 		}
 		if !tokenFieldNames(&resp.Header) {
 			return errFieldName
