@@ -129,6 +129,7 @@ func TestProblems(t *testing.T) {
 	// Header roles: distinct, and none a field the sidecar reads or rewrites.
 	f("[server]\nrequest_id_header = \"x_api_key\"\n"+minimal, "server.request_id_header", 2, "also identity.api_key_header")
 	f("[identity]\nclient_header = \"Host\"\n"+minimal, "identity.client_header", 2, "reads or rewrites")
+	f("[server]\nrequest_id_header = \"Retry-After\"\n"+minimal, "server.request_id_header", 2, "reads or rewrites")
 	f("[identity]\ntier_header = \"x_forwarded_for\"\n"+minimal, "identity.tier_header", 2, "reads or rewrites")
 	t.Setenv("POLICY_TEST_SECRET", "0123456789abcdef0123456789abcdef")
 	f("[identity]\napi_key_header = \"Authorization\"\n[identity.jwt]\nalgorithm = \"HS256\"\nsecret_env = \"POLICY_TEST_SECRET\"\n"+minimal,

@@ -908,7 +908,10 @@ func (v *validator) accessLog(f *AccessLogFile, a *AccessLog) {
 // ignored, '_' read as '-').
 var reservedFields = []string{"Host", "Authorization", "Cookie", "Content-Length", "Transfer-Encoding", "Connection",
 	"Keep-Alive", "Proxy-Connection", "Proxy-Authorization", "TE", "Trailer", "Upgrade", "Expect",
-	"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Forwarded", "X-Real-IP"}
+	"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Forwarded", "X-Real-IP",
+	// and those it writes in its own answers (the request id is echoed in every one)
+	"Content-Type", "Retry-After", "RateLimit", "RateLimit-Policy", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+	"X-RateLimit-Reset", "X-Sidecar-Fallback"}
 
 // headerRoles checks that the headers given roles (the request id, the
 // API key, the client id and tier written for the upstream) are distinct
