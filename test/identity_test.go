@@ -676,21 +676,7 @@ upstream = "b"
 // and IIS, not to fasthttp on Linux: a target that picks another route
 // when read that way is refused too.
 func TestBackslashPathsRefused(t *testing.T) {
-	a := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "a "+r.RequestURI) })
-	b := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "b "+r.RequestURI) })
-	sc := startSidecar(t, fmt.Sprintf(`
-[upstreams.a]
-url = %q
-[upstreams.b]
-url = %q
-[[routes]]
-path_prefix = "/healthz"
-rate_limit_exempt = true
-upstream = "a"
-[[routes]]
-path_prefix = "/"
-upstream = "b"
-`, a.url(), b.url()))
+	sc := exemptHealthzBeforeAll(t)
 	for _, c := range []struct{ target, want string }{
 		{`/healthz/..\api/secret`, "400"},
 		{`/healthz\..\api\secret`, "400"},
@@ -710,6 +696,26 @@ upstream = "b"
 // a target that picks another route when read that way is refused. It
 // went to the exempt route, unlimited, while the backend served /api.
 func TestPathParameterPathsRefused(t *testing.T) {
+	sc := exemptHealthzBeforeAll(t)
+	for _, c := range []struct{ target, want string }{
+		{"/healthz/..;/api/secret", "400"},
+		{"/healthz/%2e%2e;/api/x", "400"},
+		{"/healthz/.;/../api/x", "400"},
+		{"/healthz/..%3b/api/x", "400"},
+		{"/healthz/..;x=1/api/x", "400"},
+		{"/healthz;v=1", "a /healthz;v=1"},
+		{"/api;jsessionid=42/x", "b /api;jsessionid=42/x"},
+	} {
+		if got := statusOrBody(t, sc.Addr, c.target); got != c.want {
+			t.Errorf("GET %s: %q, want %q", c.target, got, c.want)
+		}
+	}
+}
+
+// exemptHealthzBeforeAll runs a sidecar with a rate-limit-exempt route
+// for /healthz to backend "a" before a route for everything to backend
+// "b"; each backend answers its letter and the target it got.
+func exemptHealthzBeforeAll(t *testing.T) *sidecar {
 	a := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "a "+r.RequestURI) })
 	b := startBackend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "b "+r.RequestURI) })
 	sc := startSidecar(t, fmt.Sprintf(`
@@ -725,19 +731,7 @@ upstream = "a"
 path_prefix = "/"
 upstream = "b"
 `, a.url(), b.url()))
-	for _, c := range []struct{ target, want string }{
-		{"/healthz/..;/api/secret", "400"},
-		{"/healthz/%2e%2e;/api/x", "400"},
-		{"/healthz/.;/../api/x", "400"},
-		{"/healthz/..%3b/api/x", "400"},
-		{"/healthz/..;x=1/api/x", "400"},
-		{"/healthz;v=1", "a /healthz;v=1"},
-		{"/api;jsessionid=42/x", "b /api;jsessionid=42/x"},
-	} {
-		if got := statusOrBody(t, sc.Addr, c.target); got != c.want {
-			t.Errorf("GET %s: %q, want %q", c.target, got, c.want)
-		}
-	}
+	return sc
 }
 
 // statusOrBody sends GET target on a new connection and returns the body

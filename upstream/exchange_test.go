@@ -223,23 +223,10 @@ func TestCanceledBeforeTheReadIsNotLost(t *testing.T) {
 // §4), and the connection is not reused: "000" was read as 200 (fasthttp's
 // StatusCode for 0) and "099" went to the client as a two-digit status.
 func TestStatusOutOfRangeIsAProtocolError(t *testing.T) {
-	status := make(chan string, 1)
-	addr := listen(t, func(c net.Conn) {
-		defer c.Close()
-		var h fasthttp.RequestHeader
-		if err := h.Read(bufio.NewReader(c)); err != nil {
-			return
-		}
-		io.WriteString(c, "HTTP/1.1 "+<-status+" X\r\nContent-Length: 5\r\n\r\nhello")
-		time.Sleep(100 * time.Millisecond)
-	})
-	u, err := New(settings(addr))
-	if err != nil {
-		t.Fatal(err)
-	}
+	ep, answer := answering(t)
 	for _, s := range []string{"000", "099", "600", "999", "200", "599"} {
-		status <- s
-		body, err := roundTrip(u.Endpoints()[0], "GET", "/", true)
+		answer <- "HTTP/1.1 " + s + " X\r\nContent-Length: 5\r\n\r\nhello"
+		body, err := roundTrip(ep, "GET", "/", true)
 		want := s == "200" || s == "599"
 		if (err == nil) != want || !want && !errors.Is(ReadError(err), ErrProtocol) {
 			t.Errorf("status %s: %q %v, want ok=%v (else ErrProtocol)", s, body, err, want)
@@ -299,20 +286,7 @@ func TestResponseTimeoutBoundsTheHead(t *testing.T) {
 // connection reused) and a field name with a space (RFC 9110 §5.1; it was
 // relayed).
 func TestFaultyResponseHeadsAreProtocolErrors(t *testing.T) {
-	head := make(chan string, 1)
-	addr := listen(t, func(c net.Conn) {
-		defer c.Close()
-		var h fasthttp.RequestHeader
-		if err := h.Read(bufio.NewReader(c)); err != nil {
-			return
-		}
-		io.WriteString(c, <-head)
-		time.Sleep(100 * time.Millisecond)
-	})
-	u, err := New(settings(addr))
-	if err != nil {
-		t.Fatal(err)
-	}
+	ep, answer := answering(t)
 	for _, tc := range []struct {
 		head string
 		ok   bool
@@ -323,8 +297,8 @@ func TestFaultyResponseHeadsAreProtocolErrors(t *testing.T) {
 		{"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc", true},
 		{"HTTP/1.1 200 OK\r\nX-Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc", true},
 	} {
-		head <- tc.head
-		body, err := roundTrip(u.Endpoints()[0], "GET", "/", true)
+		answer <- tc.head
+		body, err := roundTrip(ep, "GET", "/", true)
 		if tc.ok && (err != nil || body != "abc") || !tc.ok && (err == nil || !errors.Is(ReadError(err), ErrProtocol)) {
 			t.Errorf("%q: %q %v, want ok=%v (else ErrProtocol)", tc.head, body, err, tc.ok)
 		}
@@ -362,4 +336,24 @@ func TestSplitHTTP10HeadIsNotReused(t *testing.T) {
 	if n := conns.Load(); n != 2 {
 		t.Errorf("two requests on %d connection(s): one whose HTTP/1.0 head came in pieces was reused", n)
 	}
+}
+
+// answering is an endpoint whose upstream reads one request per
+// connection and writes, raw, the next response sent on answer.
+func answering(t *testing.T) (*Endpoint, chan<- string) {
+	answer := make(chan string, 1)
+	addr := listen(t, func(c net.Conn) {
+		defer c.Close()
+		var h fasthttp.RequestHeader
+		if err := h.Read(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, <-answer)
+		time.Sleep(100 * time.Millisecond)
+	})
+	u, err := New(settings(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u.Endpoints()[0], answer
 }
