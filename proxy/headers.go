@@ -12,6 +12,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/sidecar-proxy/sidecar/internal/httpsyntax"
 	"github.com/sidecar-proxy/sidecar/policy"
 )
 
@@ -430,22 +431,7 @@ func validRequestID(v []byte) bool {
 }
 
 // tokenChars marks RFC 9110 token characters (field names, methods).
-var tokenChars = alnumAnd("!#$%&'*+-.^_`|~")
-
-// alnumAnd is the table of ASCII letters and digits and the bytes of extra.
-func alnumAnd(extra string) (t [256]bool) {
-	for c := '0'; c <= '9'; c++ {
-		t[c] = true
-	}
-	for c := 'a'; c <= 'z'; c++ {
-		t[c] = true
-		t[c-'a'+'A'] = true
-	}
-	for _, c := range extra {
-		t[c] = true
-	}
-	return t
-}
+var tokenChars = httpsyntax.Token
 
 // checkRawHeaders rejects what fasthttp lets through but RFC 9112 forbids
 // and request smugglers use: a field name with spaces or control bytes,
@@ -543,4 +529,4 @@ func validHost(v []byte) bool {
 
 // hostChars are a reg-name's characters (RFC 3986 §3.2.2): unreserved,
 // '%' of percent-encoding, and sub-delims.
-var hostChars = alnumAnd("-._~%!$&'()*+,;=")
+var hostChars = httpsyntax.AlnumAnd("-._~%!$&'()*+,;=")

@@ -7,10 +7,11 @@ import (
 	"io"
 	"net"
 	"os"
-	"strings"
 	"syscall"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/sidecar-proxy/sidecar/internal/httpsyntax"
 )
 
 // ReadError maps a failure while reading a response (or its body) to
@@ -71,17 +72,11 @@ func http10Coding(r *bufio.Reader) (coding, unsure bool) {
 // whole response; a request with one gets a 400.
 func tokenFieldNames(h *fasthttp.ResponseHeader) bool {
 	for k := range h.All() {
-		for _, c := range k {
-			if !isTokenChar(c) {
-				return false
-			}
+		if !httpsyntax.IsToken(k) {
+			return false
 		}
 	}
 	return true
-}
-
-func isTokenChar(c byte) bool {
-	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
 }
 
 // zeroStatus reports whether the status line at the head of r has a status
