@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"runtime/debug"
 	"strconv"
@@ -91,7 +92,8 @@ type request struct {
 
 	// Response.
 	status     int
-	direct     bool // WriteTo writes to the client socket itself (see respond)
+	direct     bool        // WriteTo writes to the client socket itself (see respond)
+	holder     writeHolder // the client connection, holding the head for the first body write
 	writeArmed time.Time
 	sent       int64 // request body bytes that went upstream
 	bytesOut   int64
@@ -575,6 +577,15 @@ func (x *exchange) respond() error {
 		// now and write the body to the socket as it comes.
 		x.r.direct = true
 		ctx.Response.ImmediateHeaderFlush = true
+		if x.up.Buffered() > 0 {
+			// Body bytes came with the head: the first body write will
+			// not wait for the upstream, so the head can wait for it and
+			// leave in the same system call.
+			if h := clientHolder(ctx.Conn()); h != nil {
+				h.HoldNextWrite()
+				x.r.holder = h
+			}
+		}
 	}
 	// The upstream has answered: the stream that follows is the client's
 	// pace, not the upstream's, and a slow reader must not hold a slot of
@@ -664,6 +675,29 @@ func (x *exchange) WriteTo(w io.Writer) (int64, error) {
 	return upstream.Copy(w, x, buf[:copyBufSize-chunkFraming])
 }
 
+// writeHolder is a client connection that can hold its next write back to
+// send it with the one after (frontend/listen.Conn).
+type writeHolder interface {
+	HoldNextWrite()
+	Flush() error
+}
+
+// clientHolder finds the writeHolder under an HTTP/1.1 client connection
+// (beneath TLS and the replay of sniffed bytes), or nil: an HTTP/2 stream
+// shares its connection with other streams and has none.
+func clientHolder(c net.Conn) writeHolder {
+	for {
+		switch v := c.(type) {
+		case writeHolder:
+			return v
+		case interface{ NetConn() net.Conn }:
+			c = v.NetConn()
+		default:
+			return nil
+		}
+	}
+}
+
 // clientContext is the HTTP/2 stream's context, nil for HTTP/1.1.
 func (x *exchange) clientContext() context.Context {
 	if c, ok := x.r.ctx.Conn().(interface{ Context() context.Context }); ok {
@@ -675,6 +709,11 @@ func (x *exchange) clientContext() context.Context {
 // CloseWithError is called by fasthttp once the response is written (or
 // failed: err is the client write error). It ends the exchange.
 func (x *exchange) CloseWithError(err error) error {
+	if x.r.holder != nil {
+		// A head held for a body write that never came (the upstream
+		// failed first) goes now, as it would have without the hold.
+		_ = x.r.holder.Flush()
+	}
 	x.finish(err)
 	x.release()
 	return nil

@@ -82,7 +82,7 @@ func resetConn(c net.Conn) {
 	if t, ok := raw.(interface{ NetConn() net.Conn }); ok { // TLS
 		raw = t.NetConn()
 	}
-	if tc, ok := raw.(*net.TCPConn); ok {
+	if tc, ok := raw.(interface{ SetLinger(sec int) error }); ok { // *net.TCPConn, frontend/listen.Conn
 		_ = tc.SetLinger(0)
 	}
 	_ = c.Close()

@@ -11,11 +11,12 @@ import (
 // read while sniffing. Everything else, deadlines and addresses included, is
 // the underlying conn's.
 //
-// What a wrapper costs, against handing fasthttp the *net.TCPConn itself:
-// fasthttp's single-writev response path (vectorWriter) and its
-// SetKeepAlive call (Server.TCPKeepalive) look for *net.TCPConn and
-// keepAliveConn, so they do not apply; net.Listen's conns have keep-alive on
-// already. Kept: RemoteAddr stays a *net.TCPAddr (fasthttp's per-IP limits and
+// What a wrapper costs (this one, and Conn under it), against handing
+// fasthttp the *net.TCPConn itself: fasthttp's single-writev response path
+// (vectorWriter, for a body it holds that is larger than its write buffer;
+// the proxy's buffered bodies are smaller) and its SetKeepAlive call
+// (Server.TCPKeepalive) look for *net.TCPConn and keepAliveConn, so they do
+// not apply; net.Listen's conns have keep-alive on already. Kept: RemoteAddr stays a *net.TCPAddr (fasthttp's per-IP limits and
 // RemoteIP), ReadFrom reaches the socket's (sendfile and splice), NetConn
 // unwraps as tls.Conn's does, and CloseWrite exists when the underlying conn
 // has it (replayConnCW).

@@ -17,7 +17,11 @@
 //     than it has sent. A full preface goes to HTTP2 (prior-knowledge h2c),
 //     anything else to HTTP1. Either way the conn replays the bytes it read.
 //   - Plaintext without H2C: HTTP1's Accept is the underlying Accept, with no
-//     goroutine and no wrapper, and HTTP2 never yields a conn.
+//     goroutine, and HTTP2 never yields a conn.
+//
+// Every TCP connection is a *Conn at the bottom (under TLS and the replay
+// of sniffed bytes too): the proxy holds a streamed response's head back to
+// send it with the first body bytes (Conn.HoldNextWrite).
 //
 // Use it like this:
 //
@@ -240,6 +244,7 @@ func (sp *Splitter) acceptLoop() {
 		}
 		backoff = 0
 		sp.accepted.Add(1)
+		c = wrap(c)
 		if !sp.track(c) {
 			_ = c.Close()
 			return
@@ -407,7 +412,7 @@ func (c *child) acceptDirect() (net.Conn, error) {
 	}
 	c.sp.accepted.Add(1)
 	c.handedOff.Add(1)
-	return conn, nil
+	return wrap(conn), nil
 }
 
 // Close stops this listener; conns classified for it from now on are

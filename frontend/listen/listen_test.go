@@ -444,8 +444,10 @@ func TestReplayConn(t *testing.T) {
 	}
 	if nc, ok := c.(interface{ NetConn() net.Conn }); !ok {
 		t.Error("no NetConn")
-	} else if _, ok := nc.NetConn().(*net.TCPConn); !ok {
-		t.Errorf("NetConn is %T, want *net.TCPConn", nc.NetConn())
+	} else if hc, ok := nc.NetConn().(*Conn); !ok {
+		t.Errorf("NetConn is %T, want *Conn", nc.NetConn())
+	} else if _, ok := hc.NetConn().(*net.TCPConn); !ok {
+		t.Errorf("the Conn's NetConn is %T, want *net.TCPConn", hc.NetConn())
 	}
 	if _, ok := c.(io.ReaderFrom); !ok {
 		t.Error("no ReadFrom")

@@ -1,0 +1,78 @@
+package test
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// A streamed Content-Length response whose first body bytes came with its
+// head leaves in one write: head and body reach the client in one TCP
+// segment (on loopback, whose segments hold 64 KiB), not the head alone
+// and then the body. The client counts the data segments it received
+// (TCP_INFO's tcpi_data_segs_in), which does not depend on when it reads.
+func TestStreamedHeadLeavesWithTheFirstBodyBytes(t *testing.T) {
+	const size = 20 << 10 // above the upstream reader's 16 KiB: streamed, not buffered
+	body := strings.Repeat("b", size)
+	upstream := rawBackend(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		for {
+			if _, err := readRequestHead(br); err != nil {
+				return
+			}
+			// Head and body in one write: all of it is there when the
+			// sidecar reads the head.
+			io.WriteString(c, fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", size, body))
+		}
+	})
+	sc := startSidecar(t, routeTo(upstream, ""))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for i := range 3 { // the first over a new upstream connection, then pooled ones
+		before := dataSegmentsIn(t, c)
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(resp.Body)
+		if err != nil || string(got) != body {
+			t.Fatalf("request %d: %d bytes, %v", i, len(got), err)
+		}
+		if segs := dataSegmentsIn(t, c) - before; segs != 1 {
+			t.Errorf("request %d: the response came in %d data segments, want 1 (the head went alone)", i, segs)
+		}
+	}
+}
+
+// dataSegmentsIn is the number of segments with data c has received.
+func dataSegmentsIn(t *testing.T, c net.Conn) uint32 {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info *unix.TCPInfo
+	var ierr error
+	if err := rc.Control(func(fd uintptr) { info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
+		t.Fatal(err)
+	}
+	if ierr != nil {
+		t.Fatal(ierr)
+	}
+	return info.Data_segs_in
+}
