@@ -29,6 +29,7 @@ var (
 	ErrClientBody      = upstream.ErrRequestBody
 	ErrClientGone      = errors.New("proxy: writing to the client failed")
 	ErrClientCanceled  = upstream.ErrCanceled
+	ErrClientDeadline  = errors.New("proxy: the client's deadline passed before the upstream answered")
 	ErrRateLimited     = admission.ErrRateLimited
 	ErrUpgradeRefused  = errors.New("proxy: protocol upgrade not allowed")
 	ErrConnectMethod   = errors.New("proxy: CONNECT is not served")
@@ -62,6 +63,9 @@ var errorAnswers = [...]errorAnswer{
 	{ErrClientGone, fasthttp.StatusBadGateway, "upstream unavailable", "", ""},
 	// NGINX's 499: nobody reads it, the access log and metrics do.
 	{ErrClientCanceled, 499, "client closed request", "", ""},
+	// A gRPC client's own deadline (grpc-timeout): DEADLINE_EXCEEDED, as
+	// the upstream's timeout is, but not the upstream's failure.
+	{ErrClientDeadline, fasthttp.StatusGatewayTimeout, "deadline exceeded", "", ""},
 	{breaker.ErrOpen, fasthttp.StatusServiceUnavailable, "upstream circuit open", "", "open"},
 	{breaker.ErrSaturated, fasthttp.StatusServiceUnavailable, "upstream saturated", "", "saturated"},
 	{ErrUpstreamBusy, fasthttp.StatusServiceUnavailable, "upstream saturated", "pool_exhausted", "saturated"},
@@ -100,7 +104,7 @@ func answerFor(err error) *errorAnswer {
 // connection), not the upstream's.
 func clientSide(err error) bool {
 	return errors.Is(err, ErrClientBody) || errors.Is(err, ErrBodyTooLarge) || errors.Is(err, ErrClientGone) ||
-		errors.Is(err, ErrClientCanceled)
+		errors.Is(err, ErrClientCanceled) || errors.Is(err, ErrClientDeadline)
 }
 
 // writeError replaces whatever response was being built with a short JSON

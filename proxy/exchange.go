@@ -329,9 +329,12 @@ func (x *exchange) send() error {
 		tried = time.Now() // the fallback upstream's first attempt
 	}
 	x.r.send.ResponseTimeout = x.r.up.spec.ResponseTimeout
+	clientBound := false // the client's deadline, not response_timeout, bounds the wait
 	if !x.r.deadline.IsZero() {
 		// A gRPC client's deadline (grpc-timeout) bounds the wait too.
-		x.r.send.ResponseTimeout = max(min(x.r.send.ResponseTimeout, time.Until(x.r.deadline)), time.Millisecond)
+		if left := time.Until(x.r.deadline); left < x.r.send.ResponseTimeout {
+			x.r.send.ResponseTimeout, clientBound = max(left, time.Millisecond), true
+		}
 	}
 	x.r.ep = pool.Pick(nil, time.Now())
 	for attempt := 0; ; attempt++ {
@@ -340,6 +343,14 @@ func (x *exchange) send() error {
 		}
 		err := x.up.RoundTrip(x.r.ep, &x.r.send)
 		now := time.Now()
+		if clientBound && errors.Is(err, ErrResponseTimeout) {
+			// The client gave the upstream less time than response_timeout
+			// does: its deadline passing says nothing of the upstream's
+			// health, so neither the circuit nor passive health (nor
+			// overload's latency) hears of it, and a client cannot open
+			// the circuit for everyone with short deadlines.
+			err = ErrClientDeadline
+		}
 		if err == nil {
 			if x.sampled() {
 				x.r.upLatency, x.r.upDropped = now.Sub(tried), false
@@ -452,6 +463,10 @@ func (x *exchange) Interim(h *fasthttp.ResponseHeader) error {
 	if h.StatusCode() == fasthttp.StatusContinue || !x.r.http11 {
 		return nil
 	}
+	// Connection-specific fields go on neither hop (RFC 9110 §7.6.1); in
+	// HTTP/2 they make the response malformed (RFC 9113 §8.2.2), and
+	// clients reset the stream.
+	x.scratch = stripResponseHop(h, x.scratch)
 	if s := clientStream(x.r.ctx); s != nil {
 		s.writeInterim(h)
 		return nil
@@ -462,12 +477,11 @@ func (x *exchange) Interim(h *fasthttp.ResponseHeader) error {
 	return nil
 }
 
-// relayInterim writes the interim response h to the client, without its
-// hop-by-hop fields. fasthttp has no interim-response writer beyond Early
+// relayInterim writes the interim response h (its hop-by-hop fields
+// gone) to the client. fasthttp has no interim-response writer beyond Early
 // Hints' Link fields, so this writes to the connection the way its
 // EarlyHints does: nothing of this request's response is buffered yet.
 func (x *exchange) relayInterim(h *fasthttp.ResponseHeader) error {
-	x.scratch = stripResponseHop(h, x.scratch)
 	b := append(x.scratch[:0], "HTTP/1.1 "...)
 	b = strconv.AppendInt(b, int64(h.StatusCode()), 10)
 	b = append(b, ' ')

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"encoding/base64"
+	"math"
 	"strconv"
 	"time"
 
@@ -132,6 +133,12 @@ func grpcTimeout(v []byte) (d time.Duration, ok bool) {
 	unit := map[byte]time.Duration{'H': time.Hour, 'M': time.Minute, 'S': time.Second,
 		'm': time.Millisecond, 'u': time.Microsecond, 'n': time.Nanosecond}[v[len(v)-1]]
 	if unit == 0 {
+		return 0, false
+	}
+	if n > uint64(math.MaxInt64/unit) {
+		// Valid (8 digits of hours is ~11,000 years), but beyond what a
+		// Duration holds: no deadline that could ever pass, as grpc-go
+		// clamps it.
 		return 0, false
 	}
 	return time.Duration(n) * unit, true

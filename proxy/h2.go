@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -44,6 +45,9 @@ func (p *Proxy) NewHTTP2Server(srv *policy.Server, http1Conns func() int32) *htt
 		MaxHeaderBytes:    srv.MaxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
 		ConnState:         p.h2ConnState(srv.MaxConnections, http1Conns),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, h2ConnKey{}, &h2Conn{c: c})
+		},
 		HTTP2: &http.HTTP2Config{
 			MaxConcurrentStreams: 250,
 			// The protocol's default frame size, not net/http's 1 MiB: what
@@ -70,6 +74,44 @@ func (p *Proxy) h2ConnState(max int, http1Conns func() int32) func(net.Conn, htt
 		case http.StateClosed, http.StateHijacked:
 			p.h2Conns.Add(-1)
 		}
+	}
+}
+
+// h2Conn is what the proxy keeps of an HTTP/2 client connection: the
+// streams it opened and how many of them its client reset before they
+// were answered.
+type h2Conn struct {
+	c       net.Conn
+	streams atomic.Int64
+	resets  atomic.Int64
+	closed  atomic.Bool
+}
+
+type h2ConnKey struct{}
+
+// Rapid reset (CVE-2023-44487): a client that opens streams and resets
+// them at once makes each one cost a request upstream (the reset often
+// arrives after the request has gone), while the connection stays open
+// for more. As Envoy does, a connection whose client reset more than half
+// of its streams within prematureReset of their start, at least
+// prematureResets times, is closed.
+const (
+	prematureReset  = time.Second
+	prematureResets = 100
+)
+
+// streamEnded counts a stream of c that ran from start; reset says its
+// client reset it before the answer. It closes c once its resets are
+// past the budget.
+func (p *Proxy) streamEnded(c *h2Conn, start time.Time, reset bool) {
+	if !reset || time.Since(start) >= prematureReset {
+		return
+	}
+	if n := c.resets.Add(1); n >= prematureResets && 2*n > c.streams.Load() && c.closed.CompareAndSwap(false, true) {
+		p.m.rapidResets.Inc()
+		p.log.Warn("HTTP/2 connection closed: its client reset most of its streams at once (rapid reset)",
+			"remote", c.c.RemoteAddr().String(), "streams", c.streams.Load(), "resets", n)
+		_ = c.c.Close()
 	}
 }
 
@@ -117,6 +159,29 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, `{"error":"malformed request: :path is not a path"}`, http.StatusBadRequest)
 		return
 	}
+	if !validPath(r.RequestURI) {
+		// A space or a control byte in :path would split or end the
+		// HTTP/1.1 request line upstream differently for each backend
+		// ("GET /x HTTP/1.0 HTTP/1.1"); the HTTP/1.1 front-end refuses
+		// the same targets.
+		p.m.badReqs.Inc()
+		http.Error(w, `{"error":"malformed request: :path has a space or a control byte"}`, http.StatusBadRequest)
+		return
+	}
+	if !consistentLength(r) {
+		// RFC 9113 §8.1.1: a content-length that is repeated, or differs
+		// from the DATA the stream carries (a HEADERS frame that ends the
+		// stream carries none), makes the request malformed; the
+		// HTTP/1.1 front-end refuses repeated ones too.
+		p.m.badReqs.Inc()
+		http.Error(w, `{"error":"malformed request: content-length"}`, http.StatusBadRequest)
+		return
+	}
+	hc, _ := r.Context().Value(h2ConnKey{}).(*h2Conn)
+	if hc != nil {
+		hc.streams.Add(1)
+	}
+	start := time.Now()
 	s := h2StreamPool.Get().(*h2Stream)
 	s.w, s.r, s.rc, s.err = w, r, http.NewResponseController(w), nil
 	s.remote, _ = net.ResolveTCPAddr("tcp", r.RemoteAddr)
@@ -137,23 +202,38 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.SetProtocol("HTTP/1.1")
 	h.SetHost(r.Host)
 	for k, vs := range r.Header {
-		if k == "Host" {
+		switch k {
+		case "Host":
 			continue // :authority is the authority (r.Host); a second one is not taken from a field
+		case "Content-Length":
+			continue // the framing is r.ContentLength's, set below
 		}
 		for _, v := range vs {
 			h.Add(k, v)
 		}
 	}
 	switch {
-	case r.Body == nil || r.Body == http.NoBody:
-	case r.ContentLength >= 0:
+	case r.ContentLength > 0:
 		ctx.Request.SetBodyStream(r.Body, int(r.ContentLength))
-	default:
+	case r.ContentLength < 0:
 		ctx.Request.SetBodyStream(r.Body, -1)
+	case len(r.Header["Content-Length"]) > 0:
+		h.SetContentLength(0) // "content-length: 0" goes on, as over HTTP/1.1
+	default:
+		// No content and no length (a GET): no framing field upstream
+		// either (RFC 9110 §8.6), as for an HTTP/1.1 request without
+		// one. fasthttp's "no body" length is -2, which only its parser
+		// sets; SetContentLength(-2) adds a chunked Transfer-Encoding,
+		// removed again here.
+		h.SetContentLength(-2)
+		h.Del(fasthttp.HeaderTransferEncoding)
 	}
 
 	p.Handler(ctx)
 	cut := s.respond()
+	if hc != nil {
+		p.streamEnded(hc, start, r.Context().Err() != nil)
+	}
 
 	s.w, s.r, s.rc, s.remote, s.local = nil, nil, nil, nil, nil
 	ctx.Request.Reset()
@@ -165,6 +245,32 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// client gets no last chunk.
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// validPath reports whether :path can be an HTTP/1.1 request-target: no
+// space, no control byte (RFC 9112 §3.2).
+func validPath(p string) bool {
+	for i := 0; i < len(p); i++ {
+		if c := p[i]; c <= ' ' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// consistentLength reports whether a request's content-length, if it has
+// one, is a single value that agrees with its body: net/http takes the
+// first of several, and ignores one on a stream its HEADERS frame ended.
+func consistentLength(r *http.Request) bool {
+	vs := r.Header["Content-Length"]
+	switch {
+	case len(vs) == 0:
+		return true
+	case len(vs) > 1:
+		return false
+	}
+	n, err := strconv.ParseUint(vs[0], 10, 63)
+	return err == nil && int64(n) == r.ContentLength
 }
 
 // respond writes the response the request path made to the stream: the
@@ -243,8 +349,8 @@ func (s *h2Stream) Write(b []byte) (int, error) {
 func (s *h2Stream) writeInterim(h *fasthttp.ResponseHeader) {
 	wh := s.w.Header()
 	var names []string
-	for k, v := range h.All() {
-		if string(k) == fasthttp.HeaderContentLength || string(k) == fasthttp.HeaderConnection {
+	for k, v := range h.All() { // hop-by-hop fields are gone (Interim)
+		if string(k) == fasthttp.HeaderContentLength {
 			continue
 		}
 		names = append(names, string(k))

@@ -51,7 +51,10 @@ type proxyMetrics struct {
 	badReqs  *metrics.Counter
 	// connsRefused counts HTTP/2 connections closed past max_connections.
 	connsRefused *metrics.Counter
-	protocols    [len(protocolNames)]*metrics.Counter
+	// rapidResets counts HTTP/2 connections closed for resetting most of
+	// their streams at once (streamEnded).
+	rapidResets *metrics.Counter
+	protocols   [len(protocolNames)]*metrics.Counter
 	// identity counts identification problems by reason.
 	identity [identityReasons]*metrics.Counter
 }
@@ -77,6 +80,7 @@ func newProxyMetrics(set *metrics.Set) *proxyMetrics {
 	m.panics = set.GetOrCreateCounter(`sidecar_panics_recovered_total`)
 	m.badReqs = set.GetOrCreateCounter(`sidecar_requests_rejected_total{reason="malformed"}`)
 	m.connsRefused = set.GetOrCreateCounter(`sidecar_connections_refused_total{protocol="h2"}`)
+	m.rapidResets = set.GetOrCreateCounter(`sidecar_http2_rapid_reset_closes_total`)
 	for i, name := range protocolNames {
 		m.protocols[i] = set.GetOrCreateCounter(fmt.Sprintf(`sidecar_requests_by_protocol_total{protocol=%q}`, name))
 	}

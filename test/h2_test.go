@@ -637,6 +637,65 @@ upstream = "app"
 		t.Logf("DEADLINE_EXCEEDED after %v: %q", took.Round(time.Millisecond), h.Get("Grpc-Message"))
 	})
 
+	t.Run("a client's deadline is not the upstream's failure", func(t *testing.T) {
+		// Calls whose grpc-timeout (10 ms) is shorter than the backend's
+		// answer (200 ms), more of them than the breaker's volume (20):
+		// each is DEADLINE_EXCEEDED, and the circuit, the endpoint's
+		// health and the upstream's error count hear nothing of it.
+		slow := h2cBackend(t, func(w http.ResponseWriter, r *http.Request) {
+			select {
+			case <-r.Context().Done():
+			case <-time.After(200 * time.Millisecond):
+			}
+			w.Header().Set("Content-Type", "application/grpc")
+			w.Header().Set("Trailer", "Grpc-Status")
+			w.WriteHeader(200)
+			w.Header().Set("Grpc-Status", "0")
+		})
+		sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(slow, `protocol = "h2c"`))
+		call := func(timeout string) (string, string) {
+			req, _ := http.NewRequest("POST", sc.url("/grpc.testing.TestService/UnaryCall"), bytes.NewReader([]byte{0, 0, 0, 0, 0}))
+			req.Header.Set("Content-Type", "application/grpc")
+			req.Header.Set("Te", "trailers")
+			if timeout != "" {
+				req.Header.Set("Grpc-Timeout", timeout)
+			}
+			resp, err := h2cClient().Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			st := resp.Header.Get("Grpc-Status")
+			if st == "" {
+				st = resp.Trailer.Get("Grpc-Status")
+			}
+			return st, resp.Header.Get("Grpc-Message")
+		}
+		for i := range 30 {
+			if st, msg := call("10m"); st != "4" {
+				t.Fatalf("call %d with a 10 ms deadline: grpc-status %q %q, want 4", i, st, msg)
+			}
+		}
+		if v := sc.metric(`sidecar_breaker_state{circuit="upstream:app"}`); v != 0 {
+			t.Errorf("breaker state %v after 30 client deadlines, want 0 (closed)", v)
+		}
+		if v := sc.metric(`sidecar_upstream_healthy_endpoints{upstream="app"}`); v != 1 {
+			t.Errorf("%v healthy endpoints after 30 client deadlines, want 1", v)
+		}
+		if v := sc.metric(`sidecar_upstream_errors_total{upstream="app",kind="timeout"}`); v > 0 { // -1: no such series
+			t.Errorf("%v upstream timeouts counted for client deadlines", v)
+		}
+		if st, msg := call(""); st != "0" {
+			t.Errorf("a call without a deadline after them: grpc-status %q %q, want 0 from the backend", st, msg)
+		}
+		// Eight digits of hours is a valid grpc-timeout beyond what a
+		// Duration holds: no deadline, not one already past.
+		if st, msg := call("99999999H"); st != "0" {
+			t.Errorf("grpc-timeout 99999999H: grpc-status %q %q, want 0 from the backend", st, msg)
+		}
+	})
+
 	t.Run("shed", func(t *testing.T) {
 		// One slot, no queue: a request the backend holds takes it, and
 		// a gRPC call then is shed with UNAVAILABLE, not an HTTP 503.
