@@ -92,8 +92,8 @@ type request struct {
 
 	// Response.
 	status     int
-	direct     bool        // WriteTo writes to the client socket itself (see respond)
-	holder     writeHolder // the client connection, holding the head for the first body write
+	direct     bool   // WriteTo writes to the client socket itself (see respond)
+	holder     socket // the client connection, holding the head for the first body write
 	writeArmed time.Time
 	sent       int64 // request body bytes that went upstream
 	bytesOut   int64
@@ -595,7 +595,7 @@ func (x *exchange) respond() error {
 			// Body bytes came with the head: the first body write will
 			// not wait for the upstream, so the head can wait for it and
 			// leave in the same system call.
-			if h := clientHolder(ctx.Conn()); h != nil {
+			if h := clientSocket(ctx.Conn()); h != nil {
 				h.HoldNextWrite()
 				x.r.holder = h
 			}
@@ -611,7 +611,8 @@ func (x *exchange) respond() error {
 }
 
 // bufferBodyLimit is the largest Content-Length body read whole before the
-// response goes out, as NGINX's proxy_buffering does: the upstream
+// response goes out (and only one already in the upstream connection's
+// read buffer, which is smaller: see respond), as NGINX's proxy_buffering does: the upstream
 // connection is free again at once (a slow client no longer holds it), head
 // and body leave in one write, and a body cut short becomes a 502 instead
 // of a truncated 200. Larger bodies stream.
@@ -689,20 +690,22 @@ func (x *exchange) WriteTo(w io.Writer) (int64, error) {
 	return upstream.Copy(w, x, buf[:copyBufSize-chunkFraming])
 }
 
-// writeHolder is a client connection that can hold its next write back to
-// send it with the one after (frontend/listen.Conn).
-type writeHolder interface {
+// socket is an HTTP/1.1 client's TCP connection as frontend/listen.Conn
+// has it: it can hold its next write back to send it with the one after,
+// and close lingering.
+type socket interface {
 	HoldNextWrite()
 	Flush() error
+	LingerOnClose()
 }
 
-// clientHolder finds the writeHolder under an HTTP/1.1 client connection
+// clientSocket finds the socket under an HTTP/1.1 client connection
 // (beneath TLS and the replay of sniffed bytes), or nil: an HTTP/2 stream
 // shares its connection with other streams and has none.
-func clientHolder(c net.Conn) writeHolder {
+func clientSocket(c net.Conn) socket {
 	for {
 		switch v := c.(type) {
-		case writeHolder:
+		case socket:
 			return v
 		case interface{ NetConn() net.Conn }:
 			c = v.NetConn()
@@ -774,6 +777,12 @@ func (x *exchange) finish(clientErr error) {
 	x.r.sent += sent
 	if uploadErr != nil {
 		x.r.ctx.SetConnectionClose() // the client's body is partly read
+		if c := clientSocket(x.r.ctx.Conn()); c != nil {
+			// The client may still be sending it: closing at once would
+			// reset the connection, and the reset can drop the end of the
+			// answer before the client reads it (an early 413).
+			c.LingerOnClose()
+		}
 	}
 	if x.r.upErr != nil {
 		x.r.up.m.errorInc(x.r.upErr)

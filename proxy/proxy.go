@@ -448,15 +448,18 @@ func (p *Proxy) NewServer(srv *policy.Server) *fasthttp.Server {
 // over the limit, an unknown client or one over its rate limit gets its
 // final status without 100 Continue, and its body is never read.
 func (p *Proxy) expect(ctx *fasthttp.RequestCtx) int {
-	limit := p.state.Load().snap.Server.MaxBodyBytes
-	if limit > 0 && int64(ctx.Request.Header.ContentLength()) > limit {
-		writeError(ctx, fasthttp.StatusRequestEntityTooLarge, "request body too large", nil, "")
-		return fasthttp.StatusRequestEntityTooLarge
-	}
 	p.m.inFlight.Add(1)
 	x := exchangePool.Get().(*exchange)
 	x.p, x.r.ctx, x.r.start = p, ctx, ctx.Time()
 	x.begin()
+	if limit := x.r.srv.MaxBodyBytes; limit > 0 && int64(ctx.Request.Header.ContentLength()) > limit {
+		// Answered as every 413 is: with the request id, in the access
+		// log and the metrics.
+		x.answer(ErrBodyTooLarge)
+		x.finish(nil)
+		x.release()
+		return fasthttp.StatusRequestEntityTooLarge
+	}
 	if x.r.rt == nil || !checkRawHeaders(&ctx.Request.Header) {
 		p.m.inFlight.Add(-1)
 		x.release() // the handler answers these

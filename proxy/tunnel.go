@@ -73,17 +73,25 @@ func (x *exchange) hijack(head []byte, run func(client net.Conn, idle time.Durat
 	})
 }
 
-// resetConn closes c with a TCP reset (SO_LINGER 0) rather than a FIN.
+// resetConn closes c with a TCP reset (SO_LINGER 0) rather than a FIN. The
+// TCP connection itself is closed, beneath TLS: tls.Conn's Close sends a
+// close_notify first, which says "complete" as a FIN does (RFC 9112 §9.8).
 func resetConn(c net.Conn) {
 	raw := c
 	if h, ok := raw.(interface{ UnsafeConn() net.Conn }); ok { // fasthttp's hijacked connection
 		raw = h.UnsafeConn()
 	}
-	if t, ok := raw.(interface{ NetConn() net.Conn }); ok { // TLS
-		raw = t.NetConn()
+	for {
+		if tc, ok := raw.(interface{ SetLinger(sec int) error }); ok { // frontend/listen.Conn, *net.TCPConn
+			_ = tc.SetLinger(0)
+			_ = raw.Close()
+			break
+		}
+		u, ok := raw.(interface{ NetConn() net.Conn }) // TLS, the replay of sniffed bytes
+		if !ok {
+			break
+		}
+		raw = u.NetConn()
 	}
-	if tc, ok := raw.(interface{ SetLinger(sec int) error }); ok { // *net.TCPConn, frontend/listen.Conn
-		_ = tc.SetLinger(0)
-	}
-	_ = c.Close()
+	_ = c.Close() // the wrappers' own state; the socket is gone already
 }

@@ -2,6 +2,7 @@ package test
 
 import (
 	"bufio"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -224,6 +225,114 @@ func TestCutBodyToHTTP10ClientIsAReset(t *testing.T) {
 	out, err := io.ReadAll(c)
 	if err == nil {
 		t.Errorf("the cut body ended like a complete one (FIN), after %q", out)
+	}
+}
+
+// The same over TLS: tls.Conn's Close would send a close_notify, which
+// says "complete" as a FIN does.
+func TestCutBodyToHTTP10ClientOverTLSIsAReset(t *testing.T) {
+	upstream := rawBackend(t, func(c net.Conn) {
+		if _, err := readRequestHead(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n10\r\nabc")
+		c.(*net.TCPConn).SetLinger(0)
+	})
+	pk := newPKI(t)
+	pk.issue("server", "localhost", 10, false)
+	sc := startSidecar(t, fmt.Sprintf("[server.tls]\ncert_file = %q\nkey_file = %q\n",
+		filepath.Join(pk.dir, "server.pem"), filepath.Join(pk.dir, "server.key"))+routeTo(upstream, "[upstreams.app.breaker]\nenabled = false"))
+	c, err := tls.Dial("tcp", sc.Addr, &tls.Config{RootCAs: pk.pool, ServerName: "localhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	out, err := io.ReadAll(c)
+	if err == nil {
+		t.Errorf("the cut body ended like a complete one (close_notify), after %q", out)
+	}
+}
+
+// An upstream's early answer to a large upload reaches the client whole:
+// the upstream answers 413 with a 200 KB body without reading the upload,
+// the client reads the answer only after a pause, still uploading. Closing
+// with the upload unread made the kernel reset the connection, and the
+// reset dropped the answer's unread end at the client (found by a hostile
+// review); the sidecar now closes lingering (RFC 9112 §9.6).
+func TestEarlyAnswerToALargeUploadArrivesWhole(t *testing.T) {
+	const size = 200 << 10
+	answer := strings.Repeat("n", size)
+	upstream := rawBackend(t, func(c net.Conn) {
+		if _, err := readRequestHead(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, fmt.Sprintf("HTTP/1.1 413 Payload Too Large\r\nContent-Length: %d\r\n\r\n%s", size, answer))
+		time.Sleep(3 * time.Second) // never reads the upload
+	})
+	sc := startSidecar(t, "[server]\nmax_body_bytes = 0\n"+routeTo(upstream, ""))
+	c, err := net.Dial("tcp", sc.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	const upload = 8 << 20
+	go func() {
+		io.WriteString(c, fmt.Sprintf("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", upload))
+		chunk := make([]byte, 64<<10)
+		for sent := 0; sent < upload; sent += len(chunk) {
+			if _, err := c.Write(chunk); err != nil {
+				return // the sidecar stopped reading: fine, it answered
+			}
+		}
+	}()
+	time.Sleep(500 * time.Millisecond) // the answer is written and the connection closed by now
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer: %v", err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if resp.StatusCode != 413 || len(body) != size || err != nil {
+		t.Fatalf("answer %d with %d of %d body bytes, %v", resp.StatusCode, len(body), size, err)
+	}
+}
+
+// An upstream that answers a request with a body with an error without
+// reading the body, and then takes the body for a request of its own,
+// answers that one later than the probe before reuse can see: its answer
+// must not become the next client's (a hostile review smuggled a GET in a
+// POST's body and got its answer to another client). The connection is
+// not reused after an error answer to a request with a body.
+func TestErrorAnswerToABodyEndsTheUpstreamConnection(t *testing.T) {
+	upstream := rawBackend(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		for {
+			head, err := readRequestHead(br)
+			if err != nil {
+				return
+			}
+			switch {
+			case strings.HasPrefix(head, "POST"):
+				// Unread: the body is this loop's next request.
+				io.WriteString(c, "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+			case strings.HasPrefix(head, "GET /smuggled"):
+				time.Sleep(300 * time.Millisecond) // after the probe before reuse
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled")
+			default:
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nvictim")
+			}
+		}
+	})
+	sc := startSidecar(t, routeTo(upstream, ""))
+	smuggled := "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+	out := rawRequest(t, sc.Addr, fmt.Sprintf("POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(smuggled), smuggled), 5*time.Second)
+	if !strings.HasPrefix(out, "HTTP/1.1 401") {
+		t.Fatalf("POST answered %q", out)
+	}
+	if resp, body := get(t, sc.url("/victim"), nil); resp.StatusCode != 200 || body != "victim" {
+		t.Errorf("the next client got %d %q: another request's answer", resp.StatusCode, body)
 	}
 }
 

@@ -218,8 +218,8 @@ func TestBodyOverLimitIs413(t *testing.T) {
 	}
 	// A client that waits for 100 Continue is refused without sending.
 	out = rawRequest(t, sc.Addr, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\nExpect: 100-continue\r\n\r\n", 3*time.Second)
-	if !strings.HasPrefix(out, "HTTP/1.1 413 ") {
-		t.Errorf("Expect: 100-continue over limit: %q", out)
+	if !strings.HasPrefix(out, "HTTP/1.1 413 ") || !strings.Contains(out, "\r\nX-Request-Id: ") || strings.Contains(out, `"request_id":""`) {
+		t.Errorf("Expect: 100-continue over limit: %q, want a 413 with its request id", out)
 	}
 	if reqs, conns := be.counts(); reqs != 0 || conns != 0 {
 		t.Errorf("an over-limit Content-Length reached the backend")

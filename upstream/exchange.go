@@ -503,8 +503,14 @@ func (e *Exchange) Finish(clean bool) (sent int64, uploadErr error) {
 		// upstream that sent more than it framed (a body after a HEAD, 204
 		// or 304 answer, a second response) would desync the connection.
 		// Those arriving later are caught by the probe before reuse.
+		// Nor is a connection whose request had a body that was answered
+		// with an error: an upstream that answers 401 or 413 without
+		// reading the body may take the body for its next request, and
+		// its answer, arriving later than the probe before reuse looks,
+		// would be the next client's.
 		reusable := clean && e.t.bodyEOF && e.t.pumpErr == nil && !e.t.canceled && !e.Response.ConnectionClose() &&
-			e.Response.Header.ContentLength() != -2 && e.t.conn.R.Buffered() == 0
+			e.Response.Header.ContentLength() != -2 && e.t.conn.R.Buffered() == 0 &&
+			!(e.t.taken && e.Response.StatusCode() >= 400)
 		e.Response.CloseBodyStream() //nolint:errcheck
 		e.t.ep.Release(e.t.conn, reusable, time.Now())
 		e.t.conn = nil

@@ -232,6 +232,20 @@ func TestStatusOutOfRangeIsAProtocolError(t *testing.T) {
 			t.Errorf("status %s: %q %v, want ok=%v (else ErrProtocol)", s, body, err, want)
 		}
 	}
+	// Lines fasthttp read as 200 that are not one (a hostile review):
+	// a sign, two spaces, four digits, no space after the code; and the
+	// valid forms beside them.
+	for line, want := range map[string]bool{
+		"HTTP/1.1 +200 X": false, "HTTP/1.1  200 X": false, "HTTP/1.1 2000 X": false, "HTTP/1.1 200X": false,
+		"HTTP/1.1 20 X": false, "HTTP/2.0 200 X": false, "http/1.1 200 X": false,
+		"HTTP/1.1 200 OK": true, "HTTP/1.0 200 OK": true, "HTTP/1.1 200 ": true, "HTTP/1.1 200": true,
+	} {
+		answer <- line + "\r\nContent-Length: 5\r\n\r\nhello"
+		body, err := roundTrip(ep, "GET", "/", true)
+		if (err == nil) != want || !want && !errors.Is(ReadError(err), ErrProtocol) {
+			t.Errorf("%q: %q %v, want ok=%v (else ErrProtocol)", line, body, err, want)
+		}
+	}
 }
 
 // The response head must come within ResponseTimeout: a head that trickles

@@ -79,20 +79,22 @@ func tokenFieldNames(h *fasthttp.ResponseHeader) bool {
 	return true
 }
 
-// zeroStatus reports whether the status line at the head of r has a status
-// code starting with 0 ("000" to "099"). fasthttp reads "000" as 0, which
-// its StatusCode reports as 200. A head is longer than the 13 bytes
-// peeked, so the peek waits for nothing a head does not need.
-func zeroStatus(r *bufio.Reader) bool {
+// badStatusLine reports whether the status line at the head of r is not
+// "HTTP/1.x", one space, a three-digit status code from 100 to 599, then a
+// space or the line's end (RFC 9112 §4). fasthttp reads "000" as 0, which
+// its StatusCode reports as 200, and takes "+200" and " 200" for 200: a
+// backend and the clients behind the sidecar may read such a line
+// differently. A head is longer than the 13 bytes peeked, so the peek
+// waits for nothing a head does not need.
+func badStatusLine(r *bufio.Reader) bool {
 	b, _ := r.Peek(13)
-	i := bytes.IndexByte(b, ' ')
-	if i < 0 {
-		return false
+	if len(b) < 13 {
+		return false // shorter than any head: fasthttp's own error
 	}
-	for i < len(b) && b[i] == ' ' {
-		i++
-	}
-	return i < len(b) && b[i] == '0'
+	digit := func(c byte) bool { return c >= '0' && c <= '9' }
+	return string(b[:7]) != "HTTP/1." || !digit(b[7]) || b[8] != ' ' ||
+		b[9] < '1' || b[9] > '5' || !digit(b[10]) || !digit(b[11]) ||
+		b[12] != ' ' && b[12] != '\r' && b[12] != '\n'
 }
 
 // ReadResponse reads the response head into resp and sets up its body
@@ -104,7 +106,7 @@ func zeroStatus(r *bufio.Reader) bool {
 func (c *Conn) ReadResponse(resp *fasthttp.Response, interim func(*fasthttp.ResponseHeader) error) error {
 	resp.ResetBody()
 	for n := 0; ; n++ {
-		if zeroStatus(c.R) {
+		if badStatusLine(c.R) {
 			return errBadStatus
 		}
 		coding, unsure := http10Coding(c.R)

@@ -3,6 +3,8 @@ package listen
 import (
 	"io"
 	"net"
+	"syscall"
+	"time"
 )
 
 // Conn is a client TCP connection that can hold one write back and send
@@ -21,10 +23,12 @@ import (
 type Conn struct {
 	*net.TCPConn
 
-	hold bool
-	held []byte      // a held write, sent with the next
-	vec  [2][]byte   // held and the next write, for bufs
-	bufs net.Buffers // one writev; kept here so that writing allocates nothing
+	hold   bool
+	abort  bool        // SetLinger(0): Close resets the connection, without lingering
+	linger bool        // LingerOnClose: the client may still be sending
+	held   []byte      // a held write, sent with the next
+	vec    [2][]byte   // held and the next write, for bufs
+	bufs   net.Buffers // one writev; kept here so that writing allocates nothing
 }
 
 // maxHeldCap is the largest held buffer a Conn keeps between responses;
@@ -111,3 +115,67 @@ func (c *Conn) CloseWrite() error {
 // NetConn returns the TCP connection, as tls.Conn.NetConn does. Writing to
 // it directly skips a held write.
 func (c *Conn) NetConn() net.Conn { return c.TCPConn }
+
+// SetLinger is the socket's; SetLinger(0) also makes Close reset the
+// connection at once, without lingering (see Close).
+func (c *Conn) SetLinger(sec int) error {
+	c.abort = sec == 0
+	return c.TCPConn.SetLinger(sec)
+}
+
+// Lingering close (RFC 9112 §9.6): closing a socket that still has unread
+// bytes from the client makes the kernel send a reset, and the reset makes
+// the client's kernel drop what it has not read yet: the end of the
+// response. That is the case of an upstream's early answer (a 413 or 401
+// before it read a large upload), after which fasthttp closes the
+// connection with the rest of the upload unread. So Close first ends the
+// writing side (FIN after the response) and reads on, discarding, until
+// the client closes too, for at most lingerTime and lingerBytes.
+const (
+	lingerTime  = 2 * time.Second
+	lingerBytes = 64 << 20
+)
+
+// LingerOnClose says the client may still be sending (a request body the
+// server did not read to its end): Close lingers even if none of it has
+// arrived at that moment.
+func (c *Conn) LingerOnClose() { c.linger = true }
+
+// Close closes the connection; with client bytes unread, or after
+// LingerOnClose, after a lingering close.
+func (c *Conn) Close() error {
+	if c.abort || !c.linger && !c.unread() {
+		return c.TCPConn.Close()
+	}
+	// A Read waiting in another goroutine, if any, has until the same
+	// deadline: this one waits for it at most that long.
+	if c.TCPConn.CloseWrite() == nil && c.TCPConn.SetReadDeadline(time.Now().Add(lingerTime)) == nil {
+		var buf [4 << 10]byte
+		for n := 0; n < lingerBytes; {
+			m, err := c.TCPConn.Read(buf[:])
+			n += m
+			if err != nil {
+				break // the client closed too, or lingerTime passed
+			}
+		}
+	}
+	return c.TCPConn.Close()
+}
+
+// unread reports whether the client has sent bytes not read yet. It
+// looks with Control, not Read: Close may be called while another
+// goroutine waits in a Read (fasthttp closing idle connections at
+// shutdown), which holds the socket's read lock.
+func (c *Conn) unread() bool {
+	rc, err := c.TCPConn.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var readable bool
+	_ = rc.Control(func(fd uintptr) {
+		var b [1]byte
+		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		readable = err == nil && n > 0
+	})
+	return readable
+}

@@ -238,3 +238,64 @@ func TestHTTP1ConnsCanHold(t *testing.T) {
 		})
 	}
 }
+
+// Closing with client bytes unread is a lingering close: a FIN after what
+// was written, the client's bytes read on until it closes, and no reset
+// that would drop the written bytes the client has not read yet.
+func TestConnLingeringClose(t *testing.T) {
+	c, peer := tcpPair(t)
+	if _, err := peer.Write(bytes.Repeat([]byte("u"), 64<<10)); err != nil { // an upload nobody reads
+		t.Fatal(err)
+	}
+	answer := bytes.Repeat([]byte("a"), 200<<10)
+	go func() {
+		c.Write(answer)
+		c.Close()
+	}()
+	time.Sleep(200 * time.Millisecond) // the close has happened; the client reads only now
+	_ = peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(peer)
+	if err != nil || len(got) != len(answer) {
+		t.Fatalf("read %d of %d bytes, %v: want all, then EOF", len(got), len(answer), err)
+	}
+}
+
+// After SetLinger(0), Close resets at once.
+func TestConnAbortCloseResets(t *testing.T) {
+	c, peer := tcpPair(t)
+	peer.Write([]byte("unread"))
+	time.Sleep(20 * time.Millisecond)
+	c.SetLinger(0)
+	start := time.Now()
+	c.Close()
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("Close after SetLinger(0) took %v", d)
+	}
+	_ = peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadAll(peer); err == nil {
+		t.Error("the peer saw a clean end, want a reset")
+	}
+}
+
+// Close from another goroutine while a Read waits (fasthttp closing idle
+// connections at shutdown) returns at once and ends the Read.
+func TestConnCloseDuringARead(t *testing.T) {
+	c, _ := tcpPair(t)
+	done := make(chan error, 1)
+	go func() {
+		var b [1]byte
+		_, err := c.Read(b[:])
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // the Read waits
+	closed := make(chan struct{})
+	go func() { c.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(time.Second):
+		t.Fatal("Close waited for the Read")
+	}
+	if err := <-done; err == nil {
+		t.Error("the Read did not end with the Close")
+	}
+}
