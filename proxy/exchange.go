@@ -337,6 +337,9 @@ func (x *exchange) send() error {
 		}
 	}
 	x.r.ep = pool.Pick(nil, time.Now())
+	if s := clientStream(x.r.ctx); s != nil {
+		s.forwarded = true // for the rapid-reset budget (streamEnded)
+	}
 	for attempt := 0; ; attempt++ {
 		if x.r.up.spec.RewriteHost || len(h.Host()) == 0 {
 			h.SetHost(x.r.ep.Addr()) // HTTP/1.1 upstreams require a Host; HTTP/1.0 clients may omit it
@@ -344,16 +347,25 @@ func (x *exchange) send() error {
 		err := x.up.RoundTrip(x.r.ep, &x.r.send)
 		now := time.Now()
 		if clientBound && errors.Is(err, ErrResponseTimeout) {
-			// The client gave the upstream less time than response_timeout
-			// does: its deadline passing says nothing of the upstream's
-			// health, so neither the circuit nor passive health (nor
-			// overload's latency) hears of it, and a client cannot open
-			// the circuit for everyone with short deadlines.
+			if s := clientStream(x.r.ctx); s != nil {
+				s.abandoned = true // for the rapid-reset budget (streamEnded), judged or not
+			}
+		}
+		if clientBound && errors.Is(err, ErrResponseTimeout) && !x.r.up.judges(x.r.send.ResponseTimeout) {
+			// The client's deadline (shorter than response_timeout) gave
+			// the upstream less than judgedDeadline times its typical
+			// latency: its passing says nothing of the upstream's health,
+			// so neither the circuit nor passive health (nor overload's
+			// latency) hears of it, and a client cannot open the circuit
+			// for everyone with short deadlines. A longer one that passes
+			// is the upstream's timeout: a hung upstream behind clients
+			// that all send deadlines is still cut off.
 			err = ErrClientDeadline
 		}
 		if err == nil {
 			if x.sampled() {
 				x.r.upLatency, x.r.upDropped = now.Sub(tried), false
+				x.r.up.noteLatency(x.r.upLatency)
 			}
 			failed := failureStatus(x.r.up.spec, x.up.Response.StatusCode())
 			x.r.up.outcome(x.r.ep, failed, now, x.p.log.Warn)

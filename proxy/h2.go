@@ -77,14 +77,14 @@ func (p *Proxy) h2ConnState(max int, http1Conns func() int32) func(net.Conn, htt
 	}
 }
 
-// h2Conn is what the proxy keeps of an HTTP/2 client connection: the
-// streams it opened and how many of them its client reset before they
-// were answered.
+// h2Conn is what the proxy keeps of an HTTP/2 client connection: how many
+// of its streams went upstream or ended early, and how many of those its
+// client gave up on before the answer (premature).
 type h2Conn struct {
-	c       net.Conn
-	streams atomic.Int64
-	resets  atomic.Int64
-	closed  atomic.Bool
+	c         net.Conn
+	ended     atomic.Int64
+	premature atomic.Int64
+	closed    atomic.Bool
 }
 
 type h2ConnKey struct{}
@@ -92,26 +92,36 @@ type h2ConnKey struct{}
 // Rapid reset (CVE-2023-44487): a client that opens streams and resets
 // them at once makes each one cost a request upstream (the reset often
 // arrives after the request has gone), while the connection stays open
-// for more. As Envoy does, a connection whose client reset more than half
-// of its streams within prematureReset of their start, at least
-// prematureResets times, is closed.
+// for more. As Envoy does, a stream whose client gave up on it within
+// prematureReset of its start, before its answer's head (it reset the
+// stream, or its grpc-timeout passed, which costs as much and needs no
+// reset), is premature; once prematureJudged of a connection's streams
+// have ended, a connection whose premature streams are more than half of
+// them is closed. Streams answered by the sidecar itself (a 404, a 429)
+// count for neither side: they cost the upstream nothing, and mixed in
+// they would dilute the share.
 const (
 	prematureReset  = time.Second
-	prematureResets = 100
+	prematureJudged = 200
 )
 
-// streamEnded counts a stream of c that ran from start; reset says its
-// client reset it before the answer. It closes c once its resets are
-// past the budget.
-func (p *Proxy) streamEnded(c *h2Conn, start time.Time, reset bool) {
-	if !reset || time.Since(start) >= prematureReset {
+// streamEnded counts a stream of c that ran from start: forwarded says it
+// went upstream, premature that its client gave up on it before the
+// answer. It closes c once its premature streams are past the budget.
+func (p *Proxy) streamEnded(c *h2Conn, start time.Time, forwarded, premature bool) {
+	premature = premature && time.Since(start) < prematureReset
+	if !forwarded && !premature {
 		return
 	}
-	if n := c.resets.Add(1); n >= prematureResets && 2*n > c.streams.Load() && c.closed.CompareAndSwap(false, true) {
+	n := c.ended.Add(1)
+	if !premature {
+		return
+	}
+	if r := c.premature.Add(1); n >= prematureJudged && 2*r > n && c.closed.CompareAndSwap(false, true) {
 		p.m.rapidResets.Inc()
-		p.log.Warn("HTTP/2 connection closed: its client reset most of its streams at once (rapid reset)",
-			"remote", c.c.RemoteAddr().String(), "streams", c.streams.Load(), "resets", n)
-		_ = c.c.Close()
+		p.log.Warn("HTTP/2 connection closed: its client gave up on most of its streams at once (rapid reset)",
+			"remote", c.c.RemoteAddr().String(), "streams", n, "premature", r)
+		_ = c.c.Close() // net/http has no GOAWAY for one connection
 	}
 }
 
@@ -127,6 +137,9 @@ type h2Stream struct {
 	remote net.Addr
 	local  net.Addr
 	err    error // the first write error: the client reset the stream or went away
+
+	forwarded bool // the request went upstream (exchange.send)
+	abandoned bool // its grpc-timeout passed before the upstream answered (exchange.answer)
 }
 
 // h2TLSStream is an h2Stream over TLS: it also has the TLS state, which
@@ -178,12 +191,10 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	hc, _ := r.Context().Value(h2ConnKey{}).(*h2Conn)
-	if hc != nil {
-		hc.streams.Add(1)
-	}
 	start := time.Now()
 	s := h2StreamPool.Get().(*h2Stream)
 	s.w, s.r, s.rc, s.err = w, r, http.NewResponseController(w), nil
+	s.forwarded, s.abandoned = false, false
 	s.remote, _ = net.ResolveTCPAddr("tcp", r.RemoteAddr)
 	s.local, _ = r.Context().Value(http.LocalAddrContextKey).(net.Addr)
 	ctx := &s.ctx
@@ -217,8 +228,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ctx.Request.SetBodyStream(r.Body, int(r.ContentLength))
 	case r.ContentLength < 0:
 		ctx.Request.SetBodyStream(r.Body, -1)
-	case len(r.Header["Content-Length"]) > 0:
-		h.SetContentLength(0) // "content-length: 0" goes on, as over HTTP/1.1
+	case len(r.Header["Content-Length"]) > 0 || r.Method == http.MethodPost || r.Method == http.MethodPut || r.Method == http.MethodPatch:
+		// "content-length: 0" goes on, as over HTTP/1.1; and a method
+		// whose content means something says it has none (RFC 9110 §8.6:
+		// a user agent SHOULD send Content-Length then).
+		h.SetContentLength(0)
 	default:
 		// No content and no length (a GET): no framing field upstream
 		// either (RFC 9110 §8.6), as for an HTTP/1.1 request without
@@ -230,9 +244,12 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	p.Handler(ctx)
+	// The answer's head goes out in respond: a stream reset by now was
+	// given up on before it.
+	premature := r.Context().Err() != nil || s.abandoned
 	cut := s.respond()
 	if hc != nil {
-		p.streamEnded(hc, start, r.Context().Err() != nil)
+		p.streamEnded(hc, start, s.forwarded, premature)
 	}
 
 	s.w, s.r, s.rc, s.remote, s.local = nil, nil, nil, nil, nil

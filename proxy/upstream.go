@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -22,6 +23,36 @@ type upstreamRuntime struct {
 	brk      *breaker.Breaker // nil: no circuit breaker
 	rejected *metrics.Counter // bulkhead rejections
 	checker  *health.Checker
+
+	// headLatency is the typical time the upstream takes to answer (an
+	// EWMA of the response-head latency of answered requests, ns; 0: none
+	// yet): what tells a gRPC client's too-short deadline from an upstream
+	// that does not answer (judgedDeadline).
+	headLatency atomic.Int64
+}
+
+// noteLatency adds an answered request's response-head latency to the
+// upstream's typical one. Concurrent updates may lose one: an estimate.
+func (u *upstreamRuntime) noteLatency(d time.Duration) {
+	if old := u.headLatency.Load(); old == 0 {
+		u.headLatency.Store(int64(d))
+	} else {
+		u.headLatency.Store(old + (int64(d)-old)/8)
+	}
+}
+
+// judgedDeadline is how many times its typical latency an upstream must
+// have had, within a gRPC client's deadline, for the deadline passing to
+// count as the upstream's timeout: less, and it is the client's own.
+const judgedDeadline = 4
+
+// judges reports whether a wait of given that ended without an answer
+// says something of the upstream's health: it was given at least
+// judgedDeadline times its typical latency, or it has answered nothing
+// yet (a new upstream that hangs is a hung upstream).
+func (u *upstreamRuntime) judges(given time.Duration) bool {
+	typical := time.Duration(u.headLatency.Load())
+	return typical == 0 || given >= judgedDeadline*typical
 }
 
 // poolSettings are the upstream package's settings for spec: everything of

@@ -637,10 +637,34 @@ upstream = "app"
 		t.Logf("DEADLINE_EXCEEDED after %v: %q", took.Round(time.Millisecond), h.Get("Grpc-Message"))
 	})
 
-	t.Run("a client's deadline is not the upstream's failure", func(t *testing.T) {
-		// Calls whose grpc-timeout (10 ms) is shorter than the backend's
-		// answer (200 ms), more of them than the breaker's volume (20):
-		// each is DEADLINE_EXCEEDED, and the circuit, the endpoint's
+	// rawCall makes one raw gRPC call to sc (a plain HTTP/2 client that
+	// never cancels: what ends the call early is the sidecar's doing) and
+	// returns its grpc-status and grpc-message.
+	rawCall := func(t *testing.T, sc *sidecar, timeout string) (string, string) {
+		req, _ := http.NewRequest("POST", sc.url("/grpc.testing.TestService/UnaryCall"), bytes.NewReader([]byte{0, 0, 0, 0, 0}))
+		req.Header.Set("Content-Type", "application/grpc")
+		req.Header.Set("Te", "trailers")
+		if timeout != "" {
+			req.Header.Set("Grpc-Timeout", timeout)
+		}
+		resp, err := h2cClient().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		st := resp.Header.Get("Grpc-Status")
+		if st == "" {
+			st = resp.Trailer.Get("Grpc-Status")
+		}
+		return st, resp.Header.Get("Grpc-Message")
+	}
+
+	t.Run("a client's too-short deadline is not the upstream's failure", func(t *testing.T) {
+		// Calls whose grpc-timeout (10 ms) is far below the time the
+		// backend takes to answer (200 ms, learnt from three calls
+		// without a deadline), more of them than the breaker's volume
+		// (20): each is DEADLINE_EXCEEDED, and the circuit, the endpoint's
 		// health and the upstream's error count hear nothing of it.
 		slow := h2cBackend(t, func(w http.ResponseWriter, r *http.Request) {
 			select {
@@ -653,27 +677,13 @@ upstream = "app"
 			w.Header().Set("Grpc-Status", "0")
 		})
 		sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(slow, `protocol = "h2c"`))
-		call := func(timeout string) (string, string) {
-			req, _ := http.NewRequest("POST", sc.url("/grpc.testing.TestService/UnaryCall"), bytes.NewReader([]byte{0, 0, 0, 0, 0}))
-			req.Header.Set("Content-Type", "application/grpc")
-			req.Header.Set("Te", "trailers")
-			if timeout != "" {
-				req.Header.Set("Grpc-Timeout", timeout)
+		for range 3 {
+			if st, msg := rawCall(t, sc, ""); st != "0" {
+				t.Fatalf("a call without a deadline: grpc-status %q %q", st, msg)
 			}
-			resp, err := h2cClient().Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			st := resp.Header.Get("Grpc-Status")
-			if st == "" {
-				st = resp.Trailer.Get("Grpc-Status")
-			}
-			return st, resp.Header.Get("Grpc-Message")
 		}
 		for i := range 30 {
-			if st, msg := call("10m"); st != "4" {
+			if st, msg := rawCall(t, sc, "10m"); st != "4" {
 				t.Fatalf("call %d with a 10 ms deadline: grpc-status %q %q, want 4", i, st, msg)
 			}
 		}
@@ -686,13 +696,39 @@ upstream = "app"
 		if v := sc.metric(`sidecar_upstream_errors_total{upstream="app",kind="timeout"}`); v > 0 { // -1: no such series
 			t.Errorf("%v upstream timeouts counted for client deadlines", v)
 		}
-		if st, msg := call(""); st != "0" {
+		if st, msg := rawCall(t, sc, ""); st != "0" {
 			t.Errorf("a call without a deadline after them: grpc-status %q %q, want 0 from the backend", st, msg)
 		}
 		// Eight digits of hours is a valid grpc-timeout beyond what a
 		// Duration holds: no deadline, not one already past.
-		if st, msg := call("99999999H"); st != "0" {
+		if st, msg := rawCall(t, sc, "99999999H"); st != "0" {
 			t.Errorf("grpc-timeout 99999999H: grpc-status %q %q, want 0 from the backend", st, msg)
+		}
+	})
+
+	t.Run("a hung upstream behind deadlines is cut off", func(t *testing.T) {
+		// Every client sends a deadline (300 ms, under response_timeout):
+		// an upstream that answers nothing is still the upstream's
+		// failure, and the circuit opens (a review found the rule above,
+		// applied to every deadline, hid a hung upstream for good).
+		hung := h2cBackend(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+		sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(hung, `protocol = "h2c"`))
+		var wg sync.WaitGroup
+		for range 5 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for range 5 {
+					rawCall(t, sc, "300m")
+				}
+			}()
+		}
+		wg.Wait()
+		if v := sc.metric(`sidecar_breaker_state{circuit="upstream:app"}`); v != 1 {
+			t.Errorf("breaker state %v after 25 calls the hung upstream never answered, want 1 (open)", v)
+		}
+		if st, msg := rawCall(t, sc, "300m"); st != "14" {
+			t.Errorf("a call to the open circuit: grpc-status %q %q, want 14 at once", st, msg)
 		}
 	})
 

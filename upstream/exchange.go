@@ -95,8 +95,14 @@ type trip struct {
 	sent     int64   // body bytes written upstream (a pump's: read after joining it)
 	taken    bool    // the body's sending began: bytes taken from the sender may be gone
 	canceled bool    // Request.Context ended the round trip: the connection is not pooled
-	pumped   bool    // a pump started: body bytes may have gone upstream
-	pumpErr  error   // the pump's result once joined; errPumpRunning until then
+
+	// bodyWatch ends the response body's reads when Request.Context is
+	// done (an HTTP/2 client reset its stream mid-body): without it a
+	// body that pauses (server-sent events) held the upstream connection
+	// and the stream's handler until idle_timeout.
+	bodyWatch *cancelWatch
+	pumped    bool  // a pump started: body bytes may have gone upstream
+	pumpErr   error // the pump's result once joined; errPumpRunning until then
 
 	interimErr error
 
@@ -210,6 +216,9 @@ func (e *Exchange) RoundTrip(ep *Endpoint, req *Request) error {
 		if err == nil {
 			e.t.stream = e.Response.BodyStream()
 			e.t.bodyEOF = e.t.stream == nil // HEAD, 1xx, 204, 304: no body
+			if e.t.stream != nil && req.Context != nil {
+				e.t.bodyWatch = watchCancel(req.Context, c.Conn)
+			}
 			return nil
 		}
 		// The pump may be what failed (the sender gone, its body too
@@ -467,6 +476,8 @@ func (e *Exchange) Read(p []byte) (int, error) {
 	switch {
 	case err == io.EOF:
 		e.t.bodyEOF = true
+	case err != nil && e.senderGone():
+		err = errors.Join(ErrCanceled, err) // the body watch closed the connection
 	case err != nil:
 		err = ReadError(err)
 	}
@@ -498,6 +509,10 @@ func (e *Exchange) Finish(clean bool) (sent int64, uploadErr error) {
 	} else {
 		e.abortPump()
 	}
+	if e.t.bodyWatch.end() {
+		e.t.canceled = true // it closed the connection
+	}
+	e.t.bodyWatch = nil
 	if e.t.conn != nil {
 		// Bytes left unread after the response are not the next one's: an
 		// upstream that sent more than it framed (a body after a HEAD, 204

@@ -148,7 +148,17 @@ func (e *Exchange) roundTripH2(ep *Endpoint, req *Request) error {
 	}
 	h.watchdog = time.AfterFunc(req.ResponseTimeout, func() { h.timedOut.Store(true); cancel() })
 	resp, err := ep.h2.RoundTrip(hreq)
-	h.watchdog.Stop()
+	if !h.watchdog.Stop() && err == nil {
+		// The response timeout fired as the head arrived: the request's
+		// context is canceled (or about to be), so its body cannot be
+		// read. A timeout, as if the head had come a moment later, not
+		// the protocol error the body's first read would report (a
+		// gRPC backend that honours the same grpc-timeout answers at that
+		// very moment).
+		resp.Body.Close()
+		h.timedOut.Store(true)
+		err = context.DeadlineExceeded
+	}
 	if err != nil {
 		defer e.finishH2()
 		return e.h2Error(err)
