@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/sidecar-proxy/sidecar/internal/tcpinfo"
 )
 
 // A streamed Content-Length response whose first body bytes came with its
@@ -62,17 +62,9 @@ func TestStreamedHeadLeavesWithTheFirstBodyBytes(t *testing.T) {
 // dataSegmentsIn is the number of segments with data c has received.
 func dataSegmentsIn(t *testing.T, c net.Conn) uint32 {
 	t.Helper()
-	rc, err := c.(*net.TCPConn).SyscallConn()
+	n, err := tcpinfo.DataSegmentsIn(c.(*net.TCPConn))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var info *unix.TCPInfo
-	var ierr error
-	if err := rc.Control(func(fd uintptr) { info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
-		t.Fatal(err)
-	}
-	if ierr != nil {
-		t.Fatal(ierr)
-	}
-	return info.Data_segs_in
+	return n
 }

@@ -205,32 +205,10 @@ func TestLaterStrayBytesNeverReachTheNextClient(t *testing.T) {
 }
 
 // An HTTP/1.0 client's body ends when the connection closes, so a body the
-// upstream cut ends with a reset, never with a FIN that says "complete".
+// upstream cut ends with a reset, never with a FIN that says "complete";
+// over TLS, never with a close_notify either, which says the same (tls.Conn's
+// Close sends one).
 func TestCutBodyToHTTP10ClientIsAReset(t *testing.T) {
-	upstream := rawBackend(t, func(c net.Conn) {
-		if _, err := readRequestHead(bufio.NewReader(c)); err != nil {
-			return
-		}
-		io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n10\r\nabc")
-		c.(*net.TCPConn).SetLinger(0)
-	})
-	sc := startSidecar(t, routeTo(upstream, "[upstreams.app.breaker]\nenabled = false"))
-	c, err := net.Dial("tcp", sc.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	io.WriteString(c, "GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	out, err := io.ReadAll(c)
-	if err == nil {
-		t.Errorf("the cut body ended like a complete one (FIN), after %q", out)
-	}
-}
-
-// The same over TLS: tls.Conn's Close would send a close_notify, which
-// says "complete" as a FIN does.
-func TestCutBodyToHTTP10ClientOverTLSIsAReset(t *testing.T) {
 	upstream := rawBackend(t, func(c net.Conn) {
 		if _, err := readRequestHead(bufio.NewReader(c)); err != nil {
 			return
@@ -240,18 +218,30 @@ func TestCutBodyToHTTP10ClientOverTLSIsAReset(t *testing.T) {
 	})
 	pk := newPKI(t)
 	pk.issue("server", "localhost", 10, false)
-	sc := startSidecar(t, fmt.Sprintf("[server.tls]\ncert_file = %q\nkey_file = %q\n",
-		filepath.Join(pk.dir, "server.pem"), filepath.Join(pk.dir, "server.key"))+routeTo(upstream, "[upstreams.app.breaker]\nenabled = false"))
-	c, err := tls.Dial("tcp", sc.Addr, &tls.Config{RootCAs: pk.pool, ServerName: "localhost"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	io.WriteString(c, "GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	out, err := io.ReadAll(c)
-	if err == nil {
-		t.Errorf("the cut body ended like a complete one (close_notify), after %q", out)
+	for _, tc := range []struct {
+		name, server string
+		dial         func(addr string) (net.Conn, error)
+	}{
+		{"plaintext", "", func(a string) (net.Conn, error) { return net.Dial("tcp", a) }},
+		{"TLS", fmt.Sprintf("[server.tls]\ncert_file = %q\nkey_file = %q\n", filepath.Join(pk.dir, "server.pem"), filepath.Join(pk.dir, "server.key")),
+			func(a string) (net.Conn, error) {
+				return tls.Dial("tcp", a, &tls.Config{RootCAs: pk.pool, ServerName: "localhost"})
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sc := startSidecar(t, tc.server+routeTo(upstream, "[upstreams.app.breaker]\nenabled = false"))
+			c, err := tc.dial(sc.Addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			io.WriteString(c, "GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+			_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			out, err := io.ReadAll(c)
+			if err == nil {
+				t.Errorf("the cut body ended like a complete one, after %q", out)
+			}
+		})
 	}
 }
 

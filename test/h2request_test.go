@@ -20,29 +20,43 @@ import (
 	"golang.org/x/net/http2/hpack"
 )
 
-// h2Raw sends one request on a new prior-knowledge h2c connection to addr
-// with a raw framer (Go's client refuses to send malformed ones): the
-// fields as given, then data (none: the HEADERS frame ends the stream). It
-// returns the response's :status, or "RST" for a reset stream.
-func h2Raw(t *testing.T, addr string, fields [][2]string, data []byte) string {
+// h2Open opens a prior-knowledge h2c connection to addr with a raw framer
+// (Go's client refuses to send malformed requests), its preface and
+// SETTINGS sent, under a deadline of d; the connection closes with t.
+func h2Open(t *testing.T, addr string, d time.Duration) (net.Conn, *http2.Framer) {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(d))
 	io.WriteString(c, http2.ClientPreface)
 	fr := http2.NewFramer(c, c)
 	if err := fr.WriteSettings(); err != nil {
 		t.Fatal(err)
 	}
+	return c, fr
+}
+
+// h2Block is fields as one HPACK header block.
+func h2Block(fields [][2]string) []byte {
 	var block bytes.Buffer
 	enc := hpack.NewEncoder(&block)
 	for _, f := range fields {
 		_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
 	}
-	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndStream: data == nil, EndHeaders: true}); err != nil {
+	return block.Bytes()
+}
+
+// h2Raw sends one request on a new connection (h2Open): the fields as
+// given, then data (none: the HEADERS frame ends the stream). It returns
+// the response's :status, or "RST" for a reset stream.
+func h2Raw(t *testing.T, addr string, fields [][2]string, data []byte) string {
+	t.Helper()
+	c, fr := h2Open(t, addr, 10*time.Second)
+	defer c.Close()
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: h2Block(fields), EndStream: data == nil, EndHeaders: true}); err != nil {
 		t.Fatal(err)
 	}
 	if data != nil {
@@ -230,27 +244,13 @@ func TestH2RapidResetClosesTheConnection(t *testing.T) {
 		}
 	})
 	sc := startSidecar(t, "[server]\nh2c = true\n"+routeTo(be.url(), ""))
-	c, err := net.Dial("tcp", sc.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, http2.ClientPreface)
-	fr := http2.NewFramer(c, c)
-	if err := fr.WriteSettings(); err != nil {
-		t.Fatal(err)
-	}
-	var block bytes.Buffer
-	enc := hpack.NewEncoder(&block)
-	for _, f := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", "a.example"}, {":path", "/slow"}} {
-		_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
-	}
+	_, fr := h2Open(t, sc.Addr, 5*time.Second)
+	block := h2Block([][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", "a.example"}, {":path", "/slow"}})
 	const streams = 1000
 	sent := 0
 	for ; sent < streams; sent++ {
 		id := uint32(2*sent + 1)
-		if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block.Bytes(), EndStream: true, EndHeaders: true}) != nil ||
+		if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block, EndStream: true, EndHeaders: true}) != nil ||
 			fr.WriteRSTStream(id, http2.ErrCodeCancel) != nil {
 			break // closed under us
 		}

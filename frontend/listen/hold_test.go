@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/sidecar-proxy/sidecar/internal/tcpinfo"
 )
 
 // tcpPair returns a *Conn over the server side of a loopback TCP
@@ -33,24 +33,14 @@ func tcpPair(t *testing.T) (*Conn, *net.TCPConn) {
 	return NewConn(server.(*net.TCPConn)), client.(*net.TCPConn)
 }
 
-// dataSegmentsIn is the number of segments with data c has received
-// (TCP_INFO's tcpi_data_segs_in): how many writes of the peer's reached it
-// apart, whenever it reads them.
+// dataSegmentsIn is the number of segments with data c has received.
 func dataSegmentsIn(t *testing.T, c *net.TCPConn) uint32 {
 	t.Helper()
-	rc, err := c.SyscallConn()
+	n, err := tcpinfo.DataSegmentsIn(c)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var info *unix.TCPInfo
-	var ierr error
-	if err := rc.Control(func(fd uintptr) { info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
-		t.Fatal(err)
-	}
-	if ierr != nil {
-		t.Fatal(ierr)
-	}
-	return info.Data_segs_in
+	return n
 }
 
 // readExactly reads len(want) bytes from c and compares them.
