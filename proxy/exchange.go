@@ -27,6 +27,10 @@ const copyBufSize = 32 << 10
 
 var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
 
+// wholeBufPool holds buffers of bufferBodyLimit for streamed bodies no
+// larger than that (see WriteTo).
+var wholeBufPool = sync.Pool{New: func() any { b := make([]byte, bufferBodyLimit); return &b }}
+
 // exchange is one request's trip through the proxy. It is pooled, and it
 // is the response body stream fasthttp reads after the handler returns:
 // its CloseWithError ends the exchange (connection back to the pool,
@@ -684,18 +688,27 @@ func (x *exchange) SupportsBodyWriteTo() bool { return true }
 // WriteTo copies the body to w through a pooled buffer, or, for a
 // Content-Length body still arriving, straight to the client socket.
 func (x *exchange) WriteTo(w io.Writer) (int64, error) {
-	bufp := copyBufPool.Get().(*[]byte)
-	defer copyBufPool.Put(bufp)
-	buf := *bufp
 	if x.r.direct {
-		// The head was flushed (ImmediateHeaderFlush): order is kept. Each
-		// write carries what has arrived by then (never waiting for more):
-		// a 64 KiB body that came at once leaves in two writes, not three.
+		// The head was flushed (ImmediateHeaderFlush; held for the first
+		// write when body bytes came with it): order is kept. Each write
+		// carries what has arrived by then, never waiting for more. A body
+		// of up to bufferBodyLimit gets a buffer that holds it whole, for
+		// the time it takes: one that came at once leaves in one write
+		// with the head, not two; larger ones stream through copyBufSize.
+		pool := &copyBufPool
+		if cl := x.up.Response.Header.ContentLength(); cl > copyBufSize && cl <= bufferBodyLimit {
+			pool = &wholeBufPool
+		}
+		bufp := pool.Get().(*[]byte)
+		defer pool.Put(bufp)
 		if x.upReadable == nil {
 			x.upReadable = x.up.Readable // once per pooled exchange: a method value allocates
 		}
-		return upstream.CopyGathered(x.r.ctx.Conn(), x, buf, x.upReadable)
+		return upstream.CopyGathered(x.r.ctx.Conn(), x, *bufp, x.upReadable)
 	}
+	bufp := copyBufPool.Get().(*[]byte)
+	defer copyBufPool.Put(bufp)
+	buf := *bufp
 	// fasthttp frames each write as a chunk (size line, data, CRLF) in its
 	// write buffer, which is copyBufSize too: leave room for the framing,
 	// or every full read costs a second write of 8 bytes.
