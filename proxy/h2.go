@@ -45,6 +45,9 @@ func (p *Proxy) NewHTTP2Server(srv *policy.Server, http1Conns func() int32) *htt
 		MaxHeaderBytes:    srv.MaxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
 		ConnState:         p.h2ConnState(srv.MaxConnections, http1Conns),
+		// "OPTIONS *" goes upstream as over HTTP/1.1, not to net/http's
+		// own answer (200, never forwarded, never logged).
+		DisableGeneralOptionsHandler: true,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, h2ConnKey{}, &h2Conn{c: c})
 		},
